@@ -1,0 +1,36 @@
+# One-command entry points. Every target that runs code depends on `setup`, so a fresh
+# clone needs nothing but `make demo` or `make test`.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint format demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 2; }
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,plot]"
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/ruff check edge_runtime export tests tools
+	$(BIN)/ruff format --check edge_runtime export tests tools
+	$(BIN)/python tools/run_pytest.py
+
+lint: setup
+	$(BIN)/ruff check edge_runtime export tests tools
+	$(BIN)/ruff format --check edge_runtime export tests tools
+
+format: setup
+	$(BIN)/ruff format edge_runtime export tests tools
+	$(BIN)/ruff check --fix edge_runtime export tests tools
+
+demo: setup
+	$(BIN)/python tools/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info reports .pytest_cache

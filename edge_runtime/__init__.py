@@ -1,0 +1,3 @@
+"""minicpmv-edge reference runtime: models, checkpoints, preprocessing, generation, bundles."""
+
+__version__ = "0.1.0"

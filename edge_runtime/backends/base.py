@@ -1,0 +1,78 @@
+"""The backend interface every runtime implements: the three graphs of DESIGN.md, in numpy.
+
+The torch reference and every bundle backend (onnxruntime, executorch, coreml) expose the same
+calls, so one generation loop and one parity harness serve them all. Arrays cross the interface
+as numpy: float32 activations, int64 ids. Decoder state is opaque to callers: a backend hands
+out a fresh one and returns an updated one from every decoder call.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+DOWNSAMPLE_MODES = ("16x", "4x")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the host loop needs to know about the model behind a backend."""
+
+    family: str
+    hidden_size: int  # LLM embedding width
+    vocab_size: int
+    max_context: int  # prompt + generated tokens must fit
+    chunk_size: int  # prefill chunk length C
+    patch_size: int
+    image_token_id: int
+    video_token_id: int
+
+
+class DecoderState:
+    """Opaque per-sequence decoder state (KV cache, conv state, recurrent state)."""
+
+    def __init__(self, tensors: dict[str, Any]):
+        self.tensors = tensors
+
+    def copy(self) -> DecoderState:
+        return DecoderState(
+            {k: v.copy() if hasattr(v, "copy") else v.clone() for k, v in self.tensors.items()}
+        )
+
+
+class Backend(ABC):
+    """One loaded model (reference or bundle) behind the three-graph contract."""
+
+    name: str = "backend"
+    info: ModelInfo
+
+    @abstractmethod
+    def vision_encoder(self, patches: np.ndarray, position_ids: np.ndarray, mode: str) -> np.ndarray:
+        """One slice: patches [L, 3*P*P] and position ids [L] in window-major order -> [L/16 or L/4, D]."""
+
+    @abstractmethod
+    def token_embedding(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [T] (int64) -> embeddings [T, D] float32."""
+
+    @abstractmethod
+    def new_state(self) -> DecoderState:
+        """An empty decoder state for a new sequence."""
+
+    @abstractmethod
+    def prefill_chunk(
+        self, embeds: np.ndarray, n_valid: int, start_pos: int, state: DecoderState
+    ) -> tuple[np.ndarray, DecoderState]:
+        """Embeddings [C, D] (rows past n_valid are padding) at positions start_pos.. -> logits of
+        the last valid position [V] and the updated state."""
+
+    @abstractmethod
+    def decode_step(
+        self, embed: np.ndarray, pos: int, state: DecoderState
+    ) -> tuple[np.ndarray, DecoderState]:
+        """One token's embedding [1, D] at position pos -> logits [V] and the updated state."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (sessions, memory maps)."""

@@ -1,0 +1,23 @@
+"""User-facing errors: the CLI prints them as one line and exits with their code, never a traceback."""
+
+
+class EdgeError(Exception):
+    """A problem the user can fix (bad input, bad checkpoint, bad bundle). Exit code 2."""
+
+    exit_code = 2
+
+
+class CheckpointError(EdgeError):
+    """A checkpoint directory that cannot be read: missing files, missing or mis-shaped tensors."""
+
+
+class InputError(EdgeError):
+    """A bad image, prompt, flag value or file path."""
+
+
+class ContextOverflowError(InputError):
+    """Prompt plus requested new tokens do not fit the model's context."""
+
+
+class BundleError(EdgeError):
+    """A bundle whose manifest, schema version or checksums are wrong."""

@@ -1,0 +1,1 @@
+"""minicpmv-edge exporters: checkpoint -> on-device bundle."""
