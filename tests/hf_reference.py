@@ -1,0 +1,51 @@
+"""transformers-side references for tests: the MiniCPM-V 4.6 processor built from its parts.
+
+`AutoProcessor` wants torchvision only for the video processor, which is not installable here,
+so tests assemble `MiniCPMV4_6Processor` from the tokenizer, the PIL image processor and a video
+processor stand-in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
+from transformers.models.minicpmv4_6.processing_minicpmv4_6 import MiniCPMV4_6Processor
+from transformers.video_processing_utils import VideoProcessorMixin
+
+from edge_runtime.processing.prompt import load_chat_template
+
+
+class FakeVideoProcessor(VideoProcessorMixin):
+    """The real video processor needs torchvision; this one returns whatever `output` holds."""
+
+    slice_mode = True
+
+    def __init__(self, downsample_mode: str) -> None:
+        self.downsample_mode = downsample_mode
+        self.output: dict = {}
+
+    def __call__(self, videos, **kwargs):
+        return BatchFeature(self.output)
+
+
+class Processor(MiniCPMV4_6Processor):
+    """Without torchvision, transformers cannot resolve the video processor base class by name."""
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor":
+            return type(argument)
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+
+def build_processor(checkpoint_dir: str | Path, downsample_mode: str = "16x", **image_kwargs) -> Processor:
+    """The upstream processor for a checkpoint directory (tokenizer + preprocessor_config + template)."""
+    image_processor = AutoImageProcessor.from_pretrained(
+        str(checkpoint_dir), backend="pil", downsample_mode=downsample_mode, **image_kwargs
+    )
+    return Processor(
+        image_processor=image_processor,
+        video_processor=FakeVideoProcessor(downsample_mode),
+        tokenizer=AutoTokenizer.from_pretrained(str(checkpoint_dir)),
+        chat_template=load_chat_template(checkpoint_dir),
+    )
