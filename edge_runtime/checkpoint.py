@@ -1,0 +1,308 @@
+"""Read and write Hugging Face-format MiniCPM-V checkpoints.
+
+One loader for every source: a checkpoint transformers wrote, one this project wrote, or a real
+downloaded one. Tensors are matched by name (current and legacy prefixes), checked for missing,
+unexpected and mis-shaped entries, and reported in one readable error. Writing is streamed
+tensor by tensor through our own safetensors writer, so the 1.3 B `full` preset is never held
+twice in memory, and the output directory appears atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError
+from .models.minicpm_v46 import (
+    MiniCPMV46,
+    MiniCPMV46Config,
+    checkpoint_key_to_module,
+    module_key_to_checkpoint,
+)
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its directory, parsed config, raw config.json and the reference model."""
+
+    path: Path
+    config: MiniCPMV46Config
+    raw_config: dict[str, Any]
+    model: MiniCPMV46
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent}: {what} {path.name} is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+
+
+def read_config(path: str | Path) -> tuple[MiniCPMV46Config, dict[str, Any]]:
+    """Parse `config.json` of a checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    raw = read_json(path / "config.json", "config file")
+    try:
+        return MiniCPMV46Config.from_hf(raw), raw
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint: one file, or the shards a sharded index names."""
+    if (path / INDEX_FILE).exists():
+        index = read_json(path / INDEX_FILE, "index")
+        names = sorted(set((index.get("weight_map") or {}).values()))
+        if not names:
+            raise CheckpointError(f"{path / INDEX_FILE}: weight_map is empty")
+        missing = [n for n in names if not (path / n).exists()]
+        if missing:
+            raise CheckpointError(f"{path}: shards named in {INDEX_FILE} are missing: {', '.join(missing)}")
+        return [path / n for n in names]
+    if (path / WEIGHTS_FILE).exists():
+        return [path / WEIGHTS_FILE]
+    raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE}")
+
+
+def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (checkpoint name, tensor) from every weight file, memory-mapped."""
+    for file in weight_files(path):
+        _check_safetensors_size(file)
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
+                    yield name, handle.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from None
+
+
+def _check_safetensors_size(file: Path) -> None:
+    """Catch a truncated file up front: the header says how many bytes the data must have."""
+    size = file.stat().st_size
+    try:
+        with file.open("rb") as fh:
+            header_len = struct.unpack("<Q", fh.read(8))[0]
+            if header_len > size - 8:
+                raise ValueError("header longer than file")
+            header = json.loads(fh.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: not a safetensors file or truncated ({exc})") from None
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    need = 8 + header_len + max(ends, default=0)
+    if size < need:
+        raise CheckpointError(f"{file}: truncated ({size} bytes, header promises {need})")
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    """Load a checkpoint directory into the reference model (eval mode, `dtype` weights)."""
+    path = Path(path)
+    cfg, raw = read_config(path)
+    with torch.device("meta"):
+        model = MiniCPMV46(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    tied = cfg.tie_word_embeddings
+    if tied:
+        expected.pop("lm_head.weight", None)
+
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    misshaped: list[str] = []
+    for name, tensor in iter_checkpoint_tensors(path):
+        key = checkpoint_key_to_module(name)
+        if key is None or (tied and key == "lm_head.weight"):
+            continue
+        if key not in expected:
+            unexpected.append(name)
+        elif tuple(tensor.shape) != expected[key]:
+            misshaped.append(f"{name} {list(tensor.shape)} != {list(expected[key])}")
+        else:
+            loaded[key] = tensor.to(dtype)
+    missing = [module_key_to_checkpoint(k) for k in expected if k not in loaded]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)}: {_short_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)}: {_short_list(unexpected)}")
+    if misshaped:
+        problems.append(f"mis-shaped {len(misshaped)}: {_short_list(misshaped)}")
+    if problems:
+        raise CheckpointError(f"{path}: tensors do not match the config: " + "; ".join(problems))
+
+    model.load_state_dict(loaded, strict=False, assign=True)
+    _materialize_buffers(model, cfg)
+    if tied:
+        model.lm_head.weight = model.language_model.embed_tokens.weight
+    return Checkpoint(path=path, config=cfg, raw_config=raw, model=model.eval())
+
+
+def _materialize_buffers(model: MiniCPMV46, cfg: MiniCPMV46Config) -> None:
+    """Non-persistent buffers (RoPE inverse frequencies) are not in checkpoints: rebuild them."""
+    lm = model.language_model
+    rot = cfg.text.rotary_dim
+    lm.inv_freq = 1.0 / (cfg.text.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
+
+
+def _short_list(items: list[str], limit: int = 6) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def write_safetensors(
+    path: Path, tensors: Iterable[tuple[str, tuple[int, ...], torch.dtype]], produce
+) -> None:
+    """Stream tensors into a safetensors file: header first, then each tensor as `produce(name)` makes it.
+
+    Only one tensor is alive at a time, which is what lets the full preset be written on a
+    small machine.
+    """
+    specs = list(tensors)
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, shape, dtype in specs:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {
+            "dtype": _ST_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * ((8 - len(blob) % 8) % 8)
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(blob)))
+        fh.write(blob)
+        for name, shape, dtype in specs:
+            tensor = produce(name).to(dtype).contiguous()
+            if tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name}: produced {tuple(tensor.shape)}, declared {shape}")
+            fh.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def checkpoint_tensor_specs(
+    cfg: MiniCPMV46Config, dtype: torch.dtype
+) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(checkpoint name, shape, dtype) of every tensor a checkpoint of this config stores."""
+    with torch.device("meta"):
+        model = MiniCPMV46(cfg)
+    specs = []
+    for key, value in model.state_dict().items():
+        if cfg.tie_word_embeddings and key == "lm_head.weight":
+            continue
+        specs.append((module_key_to_checkpoint(key), tuple(value.shape), dtype))
+    return specs
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield a temp dir beside `out`; on success it replaces `out` in one rename, on error it vanishes."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(
+    model: MiniCPMV46,
+    out_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    extra_files: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write `model` as config.json + model.safetensors (+ whatever `extra_files` adds, e.g. tokenizer)."""
+    cfg = model.cfg
+    state = model.state_dict()
+    lookup = {module_key_to_checkpoint(k): v for k, v in state.items()}
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        write_safetensors(
+            tmp / WEIGHTS_FILE, checkpoint_tensor_specs(cfg, dtype), lambda n: lookup[n].detach()
+        )
+        write_config_files(tmp, cfg)
+        if extra_files is not None:
+            extra_files(tmp)
+    return out_dir
+
+
+def write_config_files(out: Path, cfg: MiniCPMV46Config) -> None:
+    config = cfg.to_hf()
+    config["torch_dtype"] = "float32"
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def random_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Deterministic per-tensor random init, independent of the order tensors are made in.
+
+    Norm weights get small noise around their neutral value so the 1 + w convention matters;
+    DeltaNet decay parameters follow the upstream initialisation ranges.
+    """
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + _stable_hash(name)) % (2**63))
+    noise = torch.randn(shape, generator=gen)
+    if name.endswith("A_log"):
+        return torch.empty(shape).uniform_(1.0, 16.0, generator=gen).log()
+    if name.endswith("dt_bias"):
+        return 1.0 + 0.1 * noise
+    if "norm" in name:
+        return _neutral_norm_value(name) + 0.05 * noise
+    if name.endswith(".bias"):
+        return 0.01 * noise
+    return 0.02 * noise
+
+
+def _neutral_norm_value(name: str) -> float:
+    """The value at which a norm weight is the identity scale: 0 for Qwen3.5's (1 + w) norms."""
+    if name.endswith(".bias"):
+        return 0.0
+    zero_centered = name.startswith("model.language_model.") and ".linear_attn.norm." not in name
+    return 0.0 if zero_centered else 1.0
+
+
+def _stable_hash(text: str) -> int:
+    value = 1469598103934665603
+    for byte in text.encode("utf-8"):
+        value = ((value ^ byte) * 1099511628211) % (2**64)
+    return value
+
+
+def write_random_checkpoint(cfg: MiniCPMV46Config, out: Path, seed: int, dtype: torch.dtype) -> None:
+    """Random weights for `cfg`, streamed straight to disk (no model is ever materialised)."""
+    specs = checkpoint_tensor_specs(cfg, dtype)
+    shapes = {name: shape for name, shape, _ in specs}
+    write_safetensors(out / WEIGHTS_FILE, specs, lambda n: random_init(n, shapes[n], seed))
+    write_config_files(out, cfg)

@@ -1,0 +1,169 @@
+"""The host half of a chat turn, shared by `chat`, `parity`, `bench` and `eval` on every backend.
+
+image files + question -> slices -> vision graph per slice -> prompt ids -> spliced embeddings
+-> generation loop -> text. The host files (tokenizer, chat template, preprocessor config,
+generation config) are read from a checkpoint directory or a bundle, which carries copies.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends.base import Backend
+from .generation import GenerationResult, SamplingConfig, build_input_embeddings, generate
+from .processing.patches import slice_to_patches
+from .processing.prompt import ImageLayout, Message, Prompt, PromptBuilder
+from .processing.slicing import PreparedImage, SliceConfig, prepare_image
+from .processing.tokenizer import StreamDecoder, Tokenizer
+
+
+@dataclass
+class HostAssets:
+    """Everything the host needs besides the graphs: tokenizer, prompts, slicing, stop ids."""
+
+    tokenizer: Tokenizer
+    prompts: PromptBuilder
+    slice_config: SliceConfig
+    num_patches_per_side: int
+    stop_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dir(cls, path: str | Path, num_patches_per_side: int, **slice_overrides: Any) -> HostAssets:
+        """Read host files from a checkpoint or bundle directory; CLI flags override the preprocessor config."""
+        path = Path(path)
+        pre_path = path / "preprocessor_config.json"
+        pre = json.loads(pre_path.read_text()) if pre_path.exists() else {}
+        overrides = {k: v for k, v in slice_overrides.items() if v is not None}
+        slice_config = SliceConfig.from_preprocessor_config(pre, **overrides)
+        tokenizer = Tokenizer(path)
+        prompts = PromptBuilder.from_dir(path, tokenizer, use_image_id=slice_config.use_image_id)
+        return cls(tokenizer, prompts, slice_config, num_patches_per_side, tuple(tokenizer.stop_ids))
+
+
+@dataclass
+class PreparedInput:
+    """A prompt ready for the decoder, with what it took to get there."""
+
+    prompt: Prompt
+    images: list[PreparedImage]
+    slice_embeds: list[np.ndarray]
+    embeds: np.ndarray
+    preprocess_ms: float
+    vision_ms: float
+    vision_slice_ms: list[float] = field(default_factory=list)
+
+    @property
+    def n_slices(self) -> int:
+        return len(self.slice_embeds)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return sum(e.shape[0] for e in self.slice_embeds)
+
+
+@dataclass
+class ChatResult:
+    text: str
+    prepared: PreparedInput
+    generation: GenerationResult
+
+    def to_json(self) -> dict[str, Any]:
+        """The documented `chat --json` object."""
+        g = self.generation
+        t = g.timings
+        return {
+            "text": self.text,
+            "prompt_token_ids": list(self.prepared.prompt.ids),
+            "token_ids": list(g.token_ids),
+            "stop_reason": g.stop_reason,
+            "n_prompt_tokens": len(self.prepared.prompt.ids),
+            "n_slices": self.prepared.n_slices,
+            "n_image_tokens": self.prepared.n_image_tokens,
+            "preprocess_ms": self.prepared.preprocess_ms,
+            "vision_ms": self.prepared.vision_ms,
+            "vision_slice_ms": list(self.prepared.vision_slice_ms),
+            "prefill_ms": t.prefill_ms,
+            "ttft_ms": self.prepared.preprocess_ms + self.prepared.vision_ms + t.ttft_ms,
+            "decode_tok_s": t.decode_tok_s,
+        }
+
+
+class Session:
+    """One backend plus host assets: prepares prompts and runs the shared generation loop."""
+
+    def __init__(self, backend: Backend, assets: HostAssets):
+        self.backend = backend
+        self.assets = assets
+
+    def slice_config(
+        self, downsample_mode: str | None = None, max_slice_nums: int | None = None
+    ) -> SliceConfig:
+        changes = {"downsample_mode": downsample_mode, "max_slice_nums": max_slice_nums}
+        return replace(self.assets.slice_config, **{k: v for k, v in changes.items() if v is not None})
+
+    def prepare(
+        self,
+        text: str,
+        images: Sequence[str | Path | PreparedImage] = (),
+        history: Sequence[Message] = (),
+        downsample_mode: str | None = None,
+        max_slice_nums: int | None = None,
+    ) -> PreparedInput:
+        """Slice and encode the images, build the prompt, splice image features into its embeddings."""
+        config = self.slice_config(downsample_mode, max_slice_nums)
+        t0 = time.perf_counter()
+        prepared = [im if isinstance(im, PreparedImage) else prepare_image(im, config) for im in images]
+        layouts = [ImageLayout(im.token_counts[0], im.grid, list(im.token_counts[1:])) for im in prepared]
+        prompt = self.assets.prompts.chat(text, layouts, history=history)
+        slices = [
+            slice_to_patches(s, im.downsample_mode, config.patch_size, self.assets.num_patches_per_side)
+            for im in prepared
+            for s in im.slices
+        ]
+        modes = [im.downsample_mode for im in prepared for _ in im.slices]
+        preprocess_ms = (time.perf_counter() - t0) * 1000
+
+        slice_embeds, slice_ms = [], []
+        for (patches, pos), mode in zip(slices, modes, strict=True):
+            t1 = time.perf_counter()
+            slice_embeds.append(self.backend.vision_encoder(patches, pos, mode))
+            slice_ms.append((time.perf_counter() - t1) * 1000)
+        embeds = build_input_embeddings(
+            self.backend, prompt.ids, slice_embeds, image_token_id=self.backend.info.image_token_id
+        )
+        return PreparedInput(prompt, prepared, slice_embeds, embeds, preprocess_ms, sum(slice_ms), slice_ms)
+
+    def sampling(self, **kwargs: Any) -> SamplingConfig:
+        """A SamplingConfig with this checkpoint's stop ids unless the caller gives others."""
+        kwargs.setdefault("stop_ids", self.assets.stop_ids)
+        return SamplingConfig(**kwargs)
+
+    def generate(
+        self, prepared: PreparedInput, sampling: SamplingConfig, on_text: Callable[[str], None] | None = None
+    ) -> ChatResult:
+        """Run the shared loop; `on_text` receives complete UTF-8 text pieces as they are decoded."""
+        decoder = StreamDecoder(self.assets.tokenizer)
+        on_token = None
+        if on_text is not None:
+
+            def on_token(token_id: int) -> None:
+                piece = decoder.push(token_id)
+                if piece:
+                    on_text(piece)
+
+        result = generate(
+            self.backend, prepared.embeds, sampling, on_token=on_token, prompt_ids=prepared.prompt.ids
+        )
+        if on_text is not None:
+            tail = decoder.flush()
+            if tail:
+                on_text(tail)
+        text = self.assets.tokenizer.decode(list(result.token_ids))
+        return ChatResult(text, prepared, result)
