@@ -19,9 +19,12 @@ import numpy as np
 from .backends.base import Backend
 from .generation import GenerationResult, SamplingConfig, build_input_embeddings, generate
 from .processing.patches import slice_to_patches
-from .processing.prompt import ImageLayout, Message, Prompt, PromptBuilder
+from .processing.prompt import ImageLayout, Message, Prompt, PromptBuilder, VideoLayout
 from .processing.slicing import PreparedImage, SliceConfig, prepare_image
 from .processing.tokenizer import StreamDecoder, Tokenizer
+from .processing.video import load_video, prepare_units
+
+VideoInput = str | Path | Sequence[PreparedImage]
 
 
 @dataclass
@@ -53,7 +56,7 @@ class PreparedInput:
 
     prompt: Prompt
     images: list[PreparedImage]
-    slice_embeds: list[np.ndarray]
+    slice_embeds: list[np.ndarray]  # image slices, then video slices, in prompt order
     embeds: np.ndarray
     preprocess_ms: float
     vision_ms: float
@@ -115,30 +118,59 @@ class Session:
         history: Sequence[Message] = (),
         downsample_mode: str | None = None,
         max_slice_nums: int | None = None,
+        videos: Sequence[VideoInput] = (),
     ) -> PreparedInput:
-        """Slice and encode the images, build the prompt, splice image features into its embeddings."""
+        """Slice and encode images (and video frames), build the prompt, splice features into its embeddings.
+
+        A video is a file (decoded at 1 fps, needs PyAV) or its already prepared visual units; each
+        unit is sliced like an image and fills `<|video_pad|>` placeholders.
+        """
         config = self.slice_config(downsample_mode, max_slice_nums)
         t0 = time.perf_counter()
         prepared = [im if isinstance(im, PreparedImage) else prepare_image(im, config) for im in images]
-        layouts = [ImageLayout(im.token_counts[0], im.grid, list(im.token_counts[1:])) for im in prepared]
-        prompt = self.assets.prompts.chat(text, layouts, history=history)
-        slices = [
-            slice_to_patches(s, im.downsample_mode, config.patch_size, self.assets.num_patches_per_side)
-            for im in prepared
-            for s in im.slices
-        ]
-        modes = [im.downsample_mode for im in prepared for _ in im.slices]
+        clips = [self._video_units(v, config) for v in videos]
+        prompt = self.assets.prompts.chat(
+            text, [_layout(im) for im in prepared], [VideoLayout([_layout(u) for u in clip]) for clip in clips],
+            history=history,
+        )  # fmt: skip
+        image_inputs = [x for im in prepared for x in self._slice_inputs(im, config)]
+        video_inputs = [x for clip in clips for unit in clip for x in self._slice_inputs(unit, config)]
         preprocess_ms = (time.perf_counter() - t0) * 1000
 
-        slice_embeds, slice_ms = [], []
-        for (patches, pos), mode in zip(slices, modes, strict=True):
-            t1 = time.perf_counter()
-            slice_embeds.append(self.backend.vision_encoder(patches, pos, mode))
-            slice_ms.append((time.perf_counter() - t1) * 1000)
+        slice_ms: list[float] = []
+        image_embeds = self._encode(image_inputs, slice_ms)
+        video_embeds = self._encode(video_inputs, slice_ms)
+        info = self.backend.info
         embeds = build_input_embeddings(
-            self.backend, prompt.ids, slice_embeds, image_token_id=self.backend.info.image_token_id
+            self.backend, prompt.ids, image_embeds, image_token_id=info.image_token_id,
+            video_embeds=video_embeds, video_token_id=info.video_token_id,
+        )  # fmt: skip
+        return PreparedInput(
+            prompt, prepared, image_embeds + video_embeds, embeds, preprocess_ms, sum(slice_ms), slice_ms
         )
-        return PreparedInput(prompt, prepared, slice_embeds, embeds, preprocess_ms, sum(slice_ms), slice_ms)
+
+    def _video_units(self, video: VideoInput, config: SliceConfig) -> list[PreparedImage]:
+        if isinstance(video, str | Path):
+            return prepare_units(load_video(video, max_pixels=config.max_pixels), config)
+        return list(video)
+
+    def _slice_inputs(
+        self, image: PreparedImage, config: SliceConfig
+    ) -> list[tuple[np.ndarray, np.ndarray, str]]:
+        """(patches, position ids, mode) of every slice, in the vision graph's window-major order."""
+        mode, side = image.downsample_mode, self.assets.num_patches_per_side
+        return [(*slice_to_patches(s, mode, config.patch_size, side), mode) for s in image.slices]
+
+    def _encode(
+        self, inputs: list[tuple[np.ndarray, np.ndarray, str]], times: list[float]
+    ) -> list[np.ndarray]:
+        """Run the vision graph slice by slice, recording each slice's time."""
+        out = []
+        for patches, positions, mode in inputs:
+            t0 = time.perf_counter()
+            out.append(self.backend.vision_encoder(patches, positions, mode))
+            times.append((time.perf_counter() - t0) * 1000)
+        return out
 
     def sampling(self, **kwargs: Any) -> SamplingConfig:
         """A SamplingConfig with this checkpoint's stop ids unless the caller gives others."""
@@ -167,3 +199,8 @@ class Session:
                 on_text(tail)
         text = self.assets.tokenizer.decode(list(result.token_ids))
         return ChatResult(text, prepared, result)
+
+
+def _layout(image: PreparedImage) -> ImageLayout:
+    """Token counts of one prepared image (or video unit) for placeholder expansion."""
+    return ImageLayout(image.token_counts[0], image.grid, list(image.token_counts[1:]))

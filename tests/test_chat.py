@@ -198,3 +198,38 @@ def test_streaming_multibyte_is_byte_identical(hf_dir):
     assert all("\ufffd" not in p for p in pieces)
     plain = session.generate(prepared, session.sampling(max_new_tokens=len(script)))
     assert plain.text.encode() == text.encode()
+
+
+def test_video_frames_fill_video_placeholders(hf_dir):
+    """Frames become visual units; their features land exactly on the <|video_pad|> positions."""
+    from edge_runtime.processing.video import prepare_units, units_from_frames
+
+    ckpt, _, paths = hf_dir
+    session = open_session(ckpt)
+    frames = [Image.open(paths[0]).resize((320, 240)) for _ in range(3)]
+    units = prepare_units(units_from_frames(frames, fps=1.0), session.slice_config(max_slice_nums=1))
+    prepared = session.prepare("What happens?", [paths[1]], videos=[units])
+    ids = np.array(prepared.prompt.ids)
+    video_rows = prepared.embeds[ids == session.backend.info.video_token_id]
+    n_image_rows = int((ids == session.backend.info.image_token_id).sum())
+    image_rows = sum(e.shape[0] for e in prepared.slice_embeds[: len(prepared.images[0].slices)])
+    assert n_image_rows == image_rows
+    assert len(units) == 3 and video_rows.shape[0] == sum(u.num_tokens for u in units)
+    np.testing.assert_array_equal(video_rows, np.concatenate(prepared.slice_embeds[-3:]))
+    result = session.generate(prepared, session.sampling(max_new_tokens=4))
+    assert len(result.generation.token_ids) <= 4
+
+
+def test_video_file_without_decoder_is_one_line_error(hf_dir, tmp_path, capsys):
+    pytest.importorskip("PIL")
+    try:
+        import av  # noqa: F401
+
+        pytest.skip("PyAV installed: the missing-decoder message does not apply")
+    except ImportError:
+        pass
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00" * 64)
+    code = main(["chat", "--checkpoint", str(hf_dir[0]), "--video", str(clip), "--prompt", "hi"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "pip install av" in lines[0], lines

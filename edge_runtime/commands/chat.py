@@ -17,6 +17,13 @@ from .options import model_source, preprocessing, resolve_source
 @click.option(
     "--image", "images", multiple=True, type=click.Path(path_type=Path), help="Image file (repeatable)."
 )
+@click.option(
+    "--video",
+    "videos",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Video file (needs PyAV; repeatable).",
+)
 @click.option("--prompt", required=True, help="The question or instruction.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 1 << 20), default=64, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy.")
@@ -29,7 +36,7 @@ from .options import model_source, preprocessing, resolve_source
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def chat(
     checkpoint, bundle, max_context, threads, downsample_mode, max_slice_nums, max_pixels,
-    images, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, as_json,
+    images, videos, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, as_json,
 ) -> None:  # fmt: skip
     """Ask PROMPT about the --image files with a checkpoint (reference) or a bundle."""
     from ..cli import print_json
@@ -39,7 +46,7 @@ def chat(
         checkpoint, bundle, max_context=max_context, threads=threads,
         downsample_mode=downsample_mode, max_slice_nums=max_slice_nums, max_pixels=max_pixels,
     )  # fmt: skip
-    prepared = session.prepare(prompt, list(images))
+    prepared = session.prepare(prompt, list(images), videos=list(videos))
     sampling = session.sampling(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed,
