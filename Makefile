@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format demo bench clean
+.PHONY: setup test lint format demo bench export-harmonyos clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,17 @@ format: setup
 
 demo: setup
 	$(BIN)/python tools/demo.py
+
+# Standard benchmark: writes reports/bench-<date>.{md,json,png} (not committed).
+bench: setup
+	$(BIN)/python tools/bench.py
+
+DEMO_CKPT ?= edge_runtime/data/demo-checkpoint
+QUANT ?= int4
+
+export-harmonyos: setup
+	$(BIN)/minicpmv-edge export --checkpoint $(DEMO_CKPT) --target harmonyos --quant $(QUANT) \
+		--out build/bundles/harmonyos-$(QUANT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info reports .pytest_cache

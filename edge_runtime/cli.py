@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: run the group, turning user errors into one line and an exit code."""
     _register_optional_commands()
     try:
-        cli.main(args=argv, prog_name="minicpmv-edge", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="minicpmv-edge", standalone_mode=False)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.exceptions.Abort:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 def print_json(obj: object) -> None:

@@ -21,3 +21,9 @@ class ContextOverflowError(InputError):
 
 class BundleError(EdgeError):
     """A bundle whose manifest, schema version or checksums are wrong."""
+
+
+class CheckFailed(EdgeError):
+    """A check ran and failed (a parity gate, a published target, a bad bundle file): exit code 1."""
+
+    exit_code = 1

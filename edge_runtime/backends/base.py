@@ -74,5 +74,12 @@ class Backend(ABC):
     ) -> tuple[np.ndarray, DecoderState]:
         """One token's embedding [1, D] at position pos -> logits [V] and the updated state."""
 
+    def state_arrays(self, state: DecoderState) -> dict[str, np.ndarray] | None:
+        """The state as named float32 copies, for parity; None where a backend cannot expose it."""
+        return {
+            k: np.array(v.detach().float().numpy() if hasattr(v, "detach") else v, np.float32)
+            for k, v in state.tensors.items()
+        }
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (sessions, memory maps)."""

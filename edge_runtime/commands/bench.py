@@ -1,0 +1,105 @@
+"""`minicpmv-edge bench`: TTFT split, decode tok/s, peak RSS, size and the bandwidth bound; or, with
+--device-report, numbers measured on a phone checked against the published targets (exit 1 on a miss)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..bench import DEFAULT_DECODE_TOKENS, DEFAULT_IMAGE, DEFAULT_PROMPT
+
+
+@click.command("bench")
+@click.option(
+    "--checkpoint", "checkpoints", multiple=True, type=click.Path(path_type=Path), help="Repeatable."
+)
+@click.option("--bundle", "bundles", multiple=True, type=click.Path(path_type=Path), help="Repeatable.")
+@click.option(
+    "--image", "images", multiple=True, type=click.Path(path_type=Path), help="Default: wide.png sample."
+)
+@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
+@click.option("--downsample-mode", type=click.Choice(["16x", "4x"]), default=None)
+@click.option("--max-slice-nums", type=click.IntRange(1, 64), default=None)
+@click.option(
+    "--new-tokens",
+    type=click.IntRange(DEFAULT_DECODE_TOKENS),
+    default=DEFAULT_DECODE_TOKENS,
+    show_default=True,
+    help="Decode steps timed per run (stop ids are ignored).",
+)
+@click.option("--warmup", type=click.IntRange(0, 100), default=1, show_default=True)
+@click.option("--repeats", type=click.IntRange(1, 1000), default=3, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="CPU threads per model.")
+@click.option("--max-context", type=click.IntRange(16, 1 << 20), default=None)
+@click.option("--bandwidth-mb", type=click.IntRange(16, 1 << 16), default=256, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@click.option(
+    "--report", "report_path", type=click.Path(path_type=Path), default=None, help="Write Markdown."
+)
+@click.option("--plot", "plot_path", type=click.Path(path_type=Path), default=None, help="Write a PNG chart.")
+@click.option(
+    "--device-report",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Check a phone's JSON against targets.",
+)
+def bench(
+    checkpoints, bundles, images, prompt, downsample_mode, max_slice_nums, new_tokens, warmup, repeats,
+    threads, max_context, bandwidth_mb, as_json, report_path, plot_path, device_report,
+) -> None:  # fmt: skip
+    """Benchmark checkpoints (first) and bundles, interleaved; ratios are against the first model."""
+    from ..bench import BenchSettings, candidates_from, run_bench, write_atomic
+    from ..cli import print_json
+    from ..errors import InputError
+
+    if device_report is not None:
+        if checkpoints or bundles:
+            raise InputError("give either --device-report or models to benchmark, not both")
+        _device_report(device_report, as_json)
+        return
+    settings = BenchSettings(
+        images=tuple(images) or (DEFAULT_IMAGE,), prompt=prompt, downsample_mode=downsample_mode,
+        max_slice_nums=max_slice_nums, decode_tokens=new_tokens, warmup=warmup, repeats=repeats,
+        threads=threads, max_context=max_context, bandwidth_mb=bandwidth_mb,
+    )  # fmt: skip
+    report = run_bench(
+        candidates_from(checkpoints, bundles),
+        settings,
+        progress=lambda m: click.echo(f"[bench] {m}", err=True),
+    )
+    if report_path is not None:
+        write_atomic(report_path, report.to_markdown())
+    if plot_path is not None:
+        report.plot(plot_path)
+    if as_json:
+        print_json(report.to_json())
+    else:
+        click.echo(report.to_markdown(), nl=False)
+
+
+def _device_report(path: Path, as_json: bool) -> None:
+    from ..bench import check_device_report, device_check_lines, read_device_report
+    from ..cli import print_json
+
+    report = read_device_report(path)
+    checks = check_device_report(report)
+    missed = any(c.status == "fail" for c in checks)
+    if as_json:
+        print_json(
+            {
+                "passed": not missed,
+                "device": report["device"],
+                "family": report["family"],
+                "targets": [c.__dict__ for c in checks],
+            }
+        )
+    else:
+        click.echo("\n".join(device_check_lines(checks)))
+    if missed:
+        from ..errors import CheckFailed
+
+        raise CheckFailed(f"{path}: missed " + ", ".join(c.target for c in checks if c.status == "fail"))
+
+
+COMMANDS = [bench]

@@ -1,0 +1,62 @@
+"""`minicpmv-edge export`: checkpoint -> bundle for a target (progress on stderr, path or --json on stdout).
+
+The runtime never imports the exporters; this command does, lazily, so a phone-side install
+without `export/` still has every other command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..bundle import TARGETS
+from ..parity import GATES
+from .options import DEFAULT_CHECKPOINT
+
+QUANTS = tuple(GATES)  # every quantization has a parity gate table, and only those
+
+
+@click.command("export")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_CHECKPOINT,
+    show_default="the embedded demo model",
+    help="Checkpoint directory.",
+)
+@click.option("--target", type=click.Choice(TARGETS), required=True, help="Where the bundle runs.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Bundle directory to write.")
+@click.option("--format", "format_name", default=None, help="Override the target's format (e.g. torch).")
+@click.option("--quant", type=click.Choice(QUANTS), default="fp32", show_default=True)
+@click.option("--max-context", type=click.IntRange(16, 1 << 20), default=4096, show_default=True)
+@click.option("--chunk-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
+def export(checkpoint, target, out, format_name, quant, max_context, chunk_size, as_json) -> None:
+    """Export CHECKPOINT to a bundle for --target (ios|android|harmonyos|desktop)."""
+    from export.pipeline import ExportRequest, export_bundle
+
+    from ..bundle import read_manifest
+    from ..cli import print_json
+
+    request = ExportRequest(checkpoint, out, target, format_name, quant, max_context, chunk_size)
+    path = export_bundle(request, progress=lambda msg: click.echo(f"[export] {msg}", err=True))
+    if not as_json:
+        click.echo(str(path))
+        return
+    manifest = read_manifest(path)
+    print_json(
+        {
+            "bundle": str(path),
+            "target": manifest.target,
+            "format": manifest.format,
+            "quantization": manifest.quantization,
+            "schema_version": manifest.schema_version,
+            "files": {rel: e["bytes"] for rel, e in manifest.files.items()},
+            "size_bytes": sum(e["bytes"] for e in manifest.files.values())
+            + (path / "manifest.json").stat().st_size,
+        }
+    )
+
+
+COMMANDS = [export]
