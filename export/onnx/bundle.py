@@ -1,0 +1,125 @@
+"""The ONNX exporter proper: checkpoint -> graph files + manifest fragments in the bundle directory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnxruntime
+
+from edge_runtime.checkpoint import load_checkpoint
+from edge_runtime.models.qwen35_text import state_specs
+
+from ..pipeline import ExportContext, GraphSet
+from .check import check_graphs
+from .lower import lower_graphs
+from .quantize import ACCURACY_LEVEL, BLOCK, quantize_model
+from .store import WEIGHTS_FILE, write_graphs
+
+FILES = {
+    "vision_16x": "vision_16x.onnx",
+    "vision_4x": "vision_4x.onnx",
+    "token_embedding": "token_embedding.onnx",
+    "decoder_prefill": "decoder_prefill.onnx",
+    "decoder_decode": "decoder_decode.onnx",
+}
+
+
+def _io(name: str, shape: list, dtype: str) -> dict[str, Any]:
+    return {"name": name, "shape": shape, "dtype": dtype}
+
+
+def quantize_graphs(models: dict[str, onnx.ModelProto], quant: str, say) -> dict[str, dict[str, int]]:
+    """Quantize every lowered graph in place; returns the scheme counts per graph."""
+    stats = {}
+    for name, model in models.items():
+        result = quantize_model(model, quant, vision=name.startswith("vision"))
+        stats[name] = result.counts
+        if quant != "fp32":
+            say(f"quantized {name} ({quant}): {result.summary()}")
+    return stats
+
+
+def decode_weight_bytes(model: onnx.ModelProto) -> int:
+    """Bytes of every initializer the decode graph reads per token (as stored: quantized sizes)."""
+    total = 0
+    for t in model.graph.initializer:
+        ext = {e.key: e.value for e in t.external_data}
+        total += int(ext["length"]) if "length" in ext else len(t.raw_data)
+    return total
+
+
+def manifest_graphs(ctx: ExportContext, cache_len: int) -> dict[str, Any]:
+    cfg = ctx.config
+    d, v, patch_dim = cfg.text.hidden_size, cfg.text.vocab_size, cfg.vision.patch_dim
+    state = state_specs(cfg.text, cache_len)
+    past = [_io(f"past.{s.name}", list(s.shape), "float32") for s in state]
+    present = [_io(f"present.{s.name}", list(s.shape), "float32") for s in state]
+    return {
+        "vision_encoder": {
+            "files": {"16x": FILES["vision_16x"], "4x": FILES["vision_4x"]},
+            "inputs": [_io("patches", ["L", patch_dim], "float32"), _io("position_ids", ["L"], "int64")],
+            "outputs": [_io("embeds", ["L/16 (16x) or L/4 (4x)", d], "float32")],
+        },
+        "token_embedding": {
+            "file": FILES["token_embedding"],
+            "inputs": [_io("ids", ["T"], "int64")],
+            "outputs": [_io("embeds", ["T", d], "float32")],
+        },
+        "text_decoder": {
+            "files": {"prefill": FILES["decoder_prefill"], "decode": FILES["decoder_decode"]},
+            "chunk": {"prefill": ctx.chunk_size, "decode": 1},
+            "cache_len": cache_len,
+            "state": "in_out",
+            "inputs": [
+                _io("embeds", [1, "C (prefill) or 1 (decode)", d], "float32"),
+                _io("start_pos", [1], "int64"),
+                _io("n_valid", [1], "int64"),
+                *past,
+            ],
+            "outputs": [_io("logits", [1, v], "float32"), *present],
+        },
+    }
+
+
+def export_onnx(ctx: ExportContext) -> GraphSet:
+    say = ctx.progress
+    t0 = time.perf_counter()
+    model = load_checkpoint(ctx.checkpoint).model
+    cache_len = ctx.max_context + ctx.chunk_size  # the padding of the last prefill chunk lands here
+    models = lower_graphs(model, ctx.chunk_size, cache_len, say)
+    del model
+    say(f"lowered {len(models)} graphs in {time.perf_counter() - t0:.1f} s")
+    stats = quantize_graphs(models, ctx.quantization, say)
+    return write_bundle_graphs(ctx, models, stats, cache_len, t0)
+
+
+def write_bundle_graphs(
+    ctx: ExportContext, models: dict[str, onnx.ModelProto], stats: dict, cache_len: int, t0: float
+) -> GraphSet:
+    """Write quantized graphs into ctx.out, check them in onnxruntime, describe them for the manifest."""
+    say = ctx.progress
+    out = Path(ctx.out)
+    sizes = write_graphs({name: models[name] for name in FILES}, out)
+    say(
+        f"wrote {WEIGHTS_FILE}: {sizes['weights_bytes'] / 1e6:.1f} MB "
+        f"({sizes['shared_bytes'] / 1e6:.1f} MB shared between graphs, stored once)"
+    )
+    decode_bytes = decode_weight_bytes(models["decoder_decode"])
+    check_graphs(out, FILES, ctx.config, ctx.chunk_size, cache_len, say)
+    say(f"onnx export done in {time.perf_counter() - t0:.1f} s")
+    extra = {
+        "onnx": {
+            "weights_file": WEIGHTS_FILE,
+            "opset": next(
+                o.version for o in models["decoder_decode"].opset_import if o.domain in ("", "ai.onnx")
+            ),
+            "onnxruntime_version": onnxruntime.__version__,
+            "int4_block_size": BLOCK,
+            "matmulnbits_accuracy_level": ACCURACY_LEVEL,
+            "quantized_weights": stats,
+        }
+    }
+    return GraphSet(graphs=manifest_graphs(ctx, cache_len), decode_weight_bytes=decode_bytes, extra=extra)

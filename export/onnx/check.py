@@ -1,0 +1,60 @@
+"""Shape checks of a written ONNX bundle: every graph loads in onnxruntime and answers with the
+shapes the manifest promises, at two lengths for the dynamic dimensions (L, T), before the bundle
+is committed. Values are `parity`'s job; this catches a wrong dynamic axis or a broken file early."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.backends.onnxruntime import make_session
+from edge_runtime.errors import EdgeError
+from edge_runtime.models.minicpm_v46 import MiniCPMV46Config
+from edge_runtime.models.qwen35_text import state_specs
+
+VISION_LENGTHS = (64, 128)
+EMBED_LENGTHS = (1, 5)
+
+
+class ExportCheckError(EdgeError):
+    """A graph that onnxruntime cannot run or that returns the wrong shape."""
+
+
+def _expect(graph: str, got: tuple, want: tuple) -> None:
+    if tuple(got) != tuple(want):
+        raise ExportCheckError(f"{graph}: output shape {tuple(got)}, expected {tuple(want)}")
+
+
+def check_graphs(
+    out: Path, files: dict[str, str], cfg: MiniCPMV46Config, chunk: int, cache_len: int, say: Callable
+) -> None:
+    d = cfg.text.hidden_size
+    for mode, factor in (("16x", 16), ("4x", 4)):
+        sess = make_session(out / files[f"vision_{mode}"], threads=1)
+        for length in VISION_LENGTHS:
+            feeds = {
+                "patches": np.zeros((length, cfg.vision.patch_dim), np.float32),
+                "position_ids": np.arange(length, dtype=np.int64),
+            }
+            _expect(f"vision_{mode}", sess.run(None, feeds)[0].shape, (length // factor, d))
+    sess = make_session(out / files["token_embedding"], threads=1)
+    for length in EMBED_LENGTHS:
+        _expect("token_embedding", sess.run(None, {"ids": np.zeros(length, np.int64)})[0].shape, (length, d))
+    specs = state_specs(cfg.text, cache_len)
+    for name, c in (("decoder_prefill", chunk), ("decoder_decode", 1)):
+        sess = make_session(out / files[name], threads=1)
+        feeds = {
+            "embeds": np.zeros((1, c, d), np.float32),
+            "start_pos": np.zeros(1, np.int64),
+            "n_valid": np.full(1, c, np.int64),
+            **{f"past.{s.name}": np.zeros(s.shape, np.float32) for s in specs},
+        }
+        outs = sess.run(None, feeds)
+        _expect(name, outs[0].shape, (1, cfg.text.vocab_size))
+        for spec, value in zip(specs, outs[1:], strict=True):
+            _expect(f"{name} present.{spec.name}", value.shape, spec.shape)
+        if not np.isfinite(outs[0]).all():
+            raise ExportCheckError(f"{name}: non-finite logits on zero input")
+    say("onnxruntime shape checks passed (vision L=64/128, embedding T=1/5, decoder prefill + decode)")

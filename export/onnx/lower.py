@@ -1,0 +1,120 @@
+"""Lowering: the three graphs of export/graphs.py -> in-memory ONNX models, with the torch dynamo exporter.
+
+Five ONNX graphs come out of one checkpoint: the vision encoder per downsample mode (one dynamic
+dimension L), the token embedding (dynamic T), and the text decoder twice, at the prefill chunk C
+and at C = 1. The decoder is exported twice rather than once with a dynamic chunk because the
+reference picks the recurrent DeltaNet form for C == 1 and the chunked form (a Python loop over
+64-token sub-chunks) otherwise: a dynamic C would have to run the chunked form for decode too,
+with its C x C UT-transform and log2(C) matmul squarings per layer for one token. Weights are
+still stored once: both decoder graphs hold the same transposed weight bytes, and the shared
+weight file (store.py) keeps each distinct tensor a single time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Callable
+
+import onnx
+import torch
+from torch.export import Dim
+
+from edge_runtime.errors import EdgeError
+from edge_runtime.models.minicpm_v46 import MiniCPMV46
+from export.graphs import (
+    TextDecoderGraph,
+    TokenEmbeddingGraph,
+    VisionEncoderGraph,
+    decoder_example_inputs,
+    decoder_signature,
+    vision_example_inputs,
+)
+
+VISION_MODES = ("16x", "4x")
+VISION_EXAMPLE_L = 64
+EMBED_EXAMPLE_T = 8
+
+
+def graph_names() -> list[str]:
+    return [f"vision_{m}" for m in VISION_MODES] + ["token_embedding", "decoder_prefill", "decoder_decode"]
+
+
+class LoweringError(EdgeError):
+    """The torch exporter rejected a graph (an unsupported op or a shape it could not trace)."""
+
+
+@contextlib.contextmanager
+def _one_line_errors(module: torch.nn.Module):
+    try:
+        yield
+    except EdgeError:
+        raise
+    except Exception as exc:  # torch.export / onnx translation errors are pages long
+        text = str(exc).strip().splitlines()
+        raise LoweringError(
+            f"ONNX lowering of {type(module).__name__} failed: {type(exc).__name__}: {text[0] if text else ''}"
+        ) from None
+
+
+def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic=None):
+    """torch.onnx.export (dynamo) with its console chatter silenced; returns the optimized ModelProto."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _one_line_errors(module):
+        warnings.simplefilter("ignore")
+        level = logging.root.manager.disable
+        logging.disable(logging.WARNING)
+        try:
+            program = torch.onnx.export(
+                module,
+                args,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=dynamic,
+                dynamo=True,
+                verbose=False,
+            )
+        finally:
+            logging.disable(level)
+    model = program.model_proto
+    model.graph.ClearField("value_info")  # intermediate shapes: recomputed by onnxruntime, not needed
+    for node in model.graph.node:
+        node.ClearField("metadata_props")  # torch source locations: a third of the graph file
+    return model
+
+
+def lower_graphs(
+    model: MiniCPMV46, chunk: int, cache_len: int, progress: Callable[[str], None]
+) -> dict[str, onnx.ModelProto]:
+    """Export every entry point of `model` (fp32, eval mode) to an ONNX model, in graph_names() order."""
+    model = model.eval()
+    out: dict[str, onnx.ModelProto] = {}
+    with torch.inference_mode(False), torch.no_grad():
+        for mode in VISION_MODES:
+            progress(f"lowering vision encoder ({mode}, dynamic L)")
+            out[f"vision_{mode}"] = _export(
+                VisionEncoderGraph(model, mode),
+                vision_example_inputs(model, VISION_EXAMPLE_L),
+                ["patches", "position_ids"],
+                ["embeds"],
+                ({0: Dim("L")}, {0: Dim("L")}),
+            )
+        progress("lowering token embedding (dynamic T)")
+        out["token_embedding"] = _export(
+            TokenEmbeddingGraph(model),
+            (torch.zeros(EMBED_EXAMPLE_T, dtype=torch.int64),),
+            ["ids"],
+            ["embeds"],
+            ({0: Dim("T")},),
+        )
+        sig = decoder_signature(model, cache_len)
+        for name, c in (("decoder_prefill", chunk), ("decoder_decode", 1)):
+            progress(f"lowering text decoder ({name.split('_')[1]}, C={c}, cache {cache_len})")
+            out[name] = _export(
+                TextDecoderGraph(model),
+                decoder_example_inputs(model, c, cache_len),
+                sig.input_names,
+                sig.output_names,
+            )
+    return out

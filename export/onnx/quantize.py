@@ -1,0 +1,287 @@
+"""Weight quantization of the lowered ONNX graphs: fp16, int8 and int4 variants of one fp32 export.
+
+Graph surgery with onnx.helper, so the byte layout of every quantized tensor is ours and two
+graphs that hold the same weight (prefill / decode decoder, tied head / token embedding) produce
+the same bytes and share them in the weight file. Schemes, per weight role:
+
+* fp16: weights stored fp16, each followed by a Cast back to fp32; compute stays fp32. The
+  HarmonyOS onnxruntime builds have their fp16 MLAS kernels removed (prior-art.md §4.4) and the
+  x86 CPU provider has no fp16 MatMul, so fp16 activations would not run where these bundles go.
+* int8: every linear layer per-output-channel symmetric int8 (DequantizeLinear on an int8
+  initializer, zero point 0); embedding tables per-row int8, gathered as int8 and scaled after the
+  gather, so the table is never dequantized whole.
+* int4: text linear layers block-wise 4-bit (`MatMulNBits`, block 32, symmetric, zero point 8);
+  a layer whose input width K is not a multiple of 32 falls back to int8 per-channel. The token
+  embedding uses `GatherBlockQuantized` with the same packing, so a tied head shares its bytes.
+  Vision graphs use int8 (DESIGN.md: vision stays int8 unless parity allows int4).
+
+Untouched everywhere: 1-D tensors (norm weights, biases, A_log, dt_bias), DeltaNet state, and the
+DeltaNet gate projections (in_proj_a / in_proj_b: output width < MIN_QUANT_N), which feed decay and
+beta and are a rounding error of the weight bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .store import tensor_bytes
+
+QUANTIZATIONS = ("fp32", "fp16", "int8", "int4")
+BLOCK = 32
+MIN_QUANT_N = 32  # narrower outputs (DeltaNet decay / beta projections) stay fp32
+MIN_FP16_NUMEL = 1024
+ACCURACY_LEVEL = 0  # MatMulNBits computes in fp32 (4 = int8 activations: faster, known parity risk)
+MS_DOMAIN = "com.microsoft"
+_LINEAR_OPS = ("MatMul", "Gemm")
+_FP16_OPS = ("MatMul", "Gemm", "Gather", "Conv")
+
+
+@dataclass
+class QuantStats:
+    """How many weights took each scheme (for the manifest and the export log)."""
+
+    counts: dict[str, int]
+
+    def summary(self) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items()) if v) or "none"
+
+
+# ---------------------------------------------------------------------------------------------------
+# numpy quantizers (pure functions; tests compare them with onnxruntime's kernels)
+
+
+def int8_per_channel(w: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per index of `axis` (the output channel): q in [-127, 127]."""
+    reduce = 1 - axis
+    amax = np.abs(w).max(axis=reduce)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    q = np.clip(np.rint(w / np.expand_dims(scale, reduce)), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def int4_blocks(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of w [N, K] in blocks of 32 along K, symmetric: q = round(w / s) + 8 in [1, 15], two per
+    byte, low nibble first. Returns packed uint8 [N, K/2] and scales [N, K/32] (fp32)."""
+    n, k = w_nk.shape
+    blocks = w_nk.reshape(n, k // BLOCK, BLOCK)
+    amax = np.abs(blocks).max(axis=-1)
+    scale = np.where(amax > 0, amax / 7.0, 1.0).astype(np.float32)
+    q = (np.clip(np.rint(blocks / scale[..., None]), -7, 7) + 8).astype(np.uint8).reshape(n, k)
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8), scale
+
+
+def dequant_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of int4_blocks (for tests and error reports)."""
+    n = packed.shape[0]
+    q = np.empty((n, packed.shape[1] * 2), dtype=np.float32)
+    q[:, 0::2], q[:, 1::2] = packed & 0x0F, packed >> 4
+    return ((q.reshape(n, -1, BLOCK) - 8) * scale[..., None]).reshape(n, -1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# graph surgery
+
+
+class _Surgery:
+    """A graph being rewritten: new nodes go before the old ones (their inputs are initializers)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.graph = model.graph
+        self.inits = {t.name: t for t in self.graph.initializer}
+        self.nodes = list(self.graph.node)  # one wrapper object per node, so id() is stable below
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in self.nodes:
+            for i, name in enumerate(node.input):
+                if name in self.inits:
+                    self.consumers.setdefault(name, []).append((node, i))
+        self.prologue: list[onnx.NodeProto] = []
+        self.replaced: dict[int, list[onnx.NodeProto]] = {}  # id(node) -> replacement nodes
+        self.dropped: set[str] = set()
+        self.counts: dict[str, int] = {}
+
+    def array(self, name: str) -> np.ndarray:
+        t = self.inits[name]
+        return np.frombuffer(tensor_bytes(t), dtype=helper.tensor_dtype_to_np_dtype(t.data_type)).reshape(
+            tuple(t.dims)
+        )
+
+    def add(self, name: str, value: np.ndarray) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
+        return name
+
+    def drop(self, name: str) -> None:
+        self.dropped.add(name)
+
+    def count(self, scheme: str) -> None:
+        self.counts[scheme] = self.counts.get(scheme, 0) + 1
+
+    def finish(self) -> None:
+        kept = [t for t in self.graph.initializer if t.name not in self.dropped]
+        self.graph.ClearField("initializer")
+        self.graph.initializer.extend(kept)
+        nodes = list(self.prologue)
+        for node in self.nodes:
+            nodes.extend(self.replaced.get(id(node), [node]))
+        self.graph.ClearField("node")
+        self.graph.node.extend(nodes)
+        if any(n.domain == MS_DOMAIN for n in nodes) and not any(
+            o.domain == MS_DOMAIN for o in self.model.opset_import
+        ):
+            self.model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+
+
+def _is_float_matrix(t: onnx.TensorProto) -> bool:
+    return t.data_type == TensorProto.FLOAT and len(t.dims) == 2
+
+
+def _linear_layout(uses: list) -> tuple[int, int] | None:
+    """(K axis, N axis) of an initializer used only as the weight input of MatMul / Gemm, else None."""
+    layouts = set()
+    for node, idx in uses:
+        if node.op_type == "MatMul" and idx == 1:
+            layouts.add((0, 1))
+        elif node.op_type == "Gemm" and idx == 1:
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+                return None
+            layouts.add((1, 0) if attrs.get("transB", 0) else (0, 1))
+        else:
+            return None
+    return layouts.pop() if len(layouts) == 1 else None
+
+
+def _is_embedding(uses: list) -> bool:
+    """Used only as Gather's table along axis 0."""
+    for node, idx in uses:
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        if node.op_type != "Gather" or idx != 0 or axis != 0:
+            return False
+    return True
+
+
+def _fp16(s: _Surgery, name: str) -> None:
+    s.add(name + ".fp16", s.array(name).astype(np.float16))
+    s.prologue.append(helper.make_node("Cast", [name + ".fp16"], [name], to=TensorProto.FLOAT))
+    s.drop(name)
+    s.count("fp16")
+
+
+def _int8_linear(s: _Surgery, name: str, n_axis: int) -> None:
+    """Weight -> DequantizeLinear(int8, per-output-channel scale) under the original name."""
+    q, scale = int8_per_channel(s.array(name), n_axis)
+    s.add(name + ".q8", q)
+    s.add(name + ".s8", scale)
+    s.prologue.append(helper.make_node("DequantizeLinear", [name + ".q8", name + ".s8"], [name], axis=n_axis))
+    s.drop(name)
+    s.count("int8")
+
+
+def _int4_linear(s: _Surgery, name: str, k_axis: int, uses: list) -> None:
+    """MatMul / Gemm -> MatMulNBits (+ Add for a Gemm bias) reading the 4-bit blocks."""
+    w = s.array(name)
+    w_nk = w.T if k_axis == 0 else w
+    n, k = w_nk.shape
+    packed, scale = int4_blocks(np.ascontiguousarray(w_nk))
+    s.add(name + ".q4", packed.reshape(n, k // BLOCK, BLOCK // 2))
+    s.add(name + ".s4", scale)
+    for node, _ in uses:
+        out = node.output[0]
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        mm_out = out + ".nobias" if has_bias else out
+        new = [
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], name + ".q4", name + ".s4"],
+                [mm_out],
+                domain=MS_DOMAIN,
+                K=k,
+                N=n,
+                bits=4,
+                block_size=BLOCK,
+                accuracy_level=ACCURACY_LEVEL,
+            )
+        ]
+        if has_bias:
+            new.append(helper.make_node("Add", [mm_out, node.input[2]], [out]))
+        s.replaced[id(node)] = new
+    s.drop(name)
+    s.count("int4")
+
+
+def _int8_embedding(s: _Surgery, name: str, uses: list) -> None:
+    """Gather(table) -> Gather(int8 table) * Gather(row scales): only the gathered rows are scaled."""
+    q, scale = int8_per_channel(s.array(name), 0)
+    s.add(name + ".q8", q)
+    s.add(name + ".s8", scale.reshape(-1, 1))
+    for node, _ in uses:
+        ids, out = node.input[1], node.output[0]
+        s.replaced[id(node)] = [
+            helper.make_node("Gather", [name + ".q8", ids], [out + ".q"], axis=0),
+            helper.make_node("Gather", [name + ".s8", ids], [out + ".s"], axis=0),
+            helper.make_node("Cast", [out + ".q"], [out + ".f"], to=TensorProto.FLOAT),
+            helper.make_node("Mul", [out + ".f", out + ".s"], [out]),
+        ]
+    s.drop(name)
+    s.count("int8-embedding")
+
+
+def _int4_embedding(s: _Surgery, name: str, uses: list) -> None:
+    packed, scale = int4_blocks(np.ascontiguousarray(s.array(name)))
+    n, half = packed.shape
+    # same bytes as MatMulNBits' [N, K/32, 16] layout, so a tied head shares them
+    s.add(name + ".q4", packed)
+    s.add(name + ".s4", scale)
+    for node, _ in uses:
+        s.replaced[id(node)] = [
+            helper.make_node(
+                "GatherBlockQuantized",
+                [name + ".q4", node.input[1], name + ".s4"],
+                [node.output[0]],
+                domain=MS_DOMAIN,
+                gather_axis=0,
+                quantize_axis=1,
+                block_size=BLOCK,
+                bits=4,
+            )
+        ]
+    s.drop(name)
+    s.count("int4-embedding")
+
+
+def quantize_model(model: onnx.ModelProto, quant: str, vision: bool) -> QuantStats:
+    """Rewrite one lowered graph in place for `quant` (fp32 leaves it as is)."""
+    if quant not in QUANTIZATIONS:
+        raise ValueError(f"unknown ONNX quantization {quant!r}")
+    s = _Surgery(model)
+    if quant == "fp32":
+        return QuantStats({})
+    for name, uses in list(s.consumers.items()):
+        t = s.inits[name]
+        if t.data_type != TensorProto.FLOAT or len(t.dims) < 2:
+            continue
+        layout = _linear_layout(uses) if _is_float_matrix(t) else None
+        n_dim = t.dims[layout[1]] if layout else 0
+        if layout and n_dim < MIN_QUANT_N:
+            continue  # DeltaNet decay / beta projections stay fp32
+        if quant == "fp16":
+            if all(node.op_type in _FP16_OPS for node, _ in uses) and np.prod(t.dims) >= MIN_FP16_NUMEL:
+                _fp16(s, name)
+            continue
+        if layout:
+            k_dim = t.dims[layout[0]]
+            if quant == "int4" and not vision and k_dim % BLOCK == 0:
+                _int4_linear(s, name, layout[0], uses)
+            else:
+                _int8_linear(s, name, layout[1])
+        elif _is_float_matrix(t) and _is_embedding(uses):
+            if quant == "int4" and not vision and t.dims[1] % BLOCK == 0:
+                _int4_embedding(s, name, uses)
+            else:
+                _int8_embedding(s, name, uses)
+    s.finish()
+    return QuantStats(s.counts)

@@ -1,0 +1,89 @@
+"""One weight file for every graph of a bundle: each distinct tensor is written once.
+
+The dynamo exporter names folded constants per graph (`val_117` in the prefill decoder may be
+`val_57` in the decode decoder), so sharing is by content, not by name: every initializer of at
+least MIN_EXTERNAL_BYTES is hashed, and graphs whose tensors have the same bytes point at the same
+(offset, length) of `weights.bin`. That also lets a tied vocabulary head and the token embedding
+share one quantized table when both use the same block layout. Large tensors are aligned to 64 KiB
+so onnxruntime can memory-map them on every platform.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import numpy_helper
+
+WEIGHTS_FILE = "weights.bin"
+MIN_EXTERNAL_BYTES = 1024
+ALIGN_LARGE = 1 << 16  # tensors >= 1 MiB start on a 64 KiB boundary (mmap granularity on Windows)
+ALIGN_SMALL = 64
+
+
+@dataclass
+class WeightStore:
+    """Appends tensors to a weight file, deduplicated by sha256 of their bytes."""
+
+    path: Path
+    offsets: dict[str, tuple[int, int]] = field(default_factory=dict)  # sha256 -> (offset, length)
+    size: int = 0
+    shared_bytes: int = 0  # bytes that would have been written again without sharing
+
+    def __post_init__(self) -> None:
+        self._fh = self.path.open("wb")
+
+    def put(self, data: bytes) -> tuple[int, int]:
+        key = hashlib.sha256(data).hexdigest()
+        if key in self.offsets:
+            self.shared_bytes += len(data)
+            return self.offsets[key]
+        align = ALIGN_LARGE if len(data) >= (1 << 20) else ALIGN_SMALL
+        offset = -(-self.size // align) * align
+        self._fh.write(b"\0" * (offset - self.size))
+        self._fh.write(data)
+        self.size = offset + len(data)
+        self.offsets[key] = (offset, len(data))
+        return offset, len(data)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> bytes:
+    """Raw little-endian bytes of an initializer, whichever field the exporter filled."""
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def externalize(model: onnx.ModelProto, store: WeightStore) -> None:
+    """Move every large initializer of `model` into the store; the proto keeps only references."""
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        data = tensor_bytes(tensor)
+        if len(data) < MIN_EXTERNAL_BYTES:
+            continue
+        offset, length = store.put(data)
+        for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+            tensor.ClearField(name)
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", store.path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+
+def write_graphs(models: dict[str, onnx.ModelProto], out: Path) -> dict[str, int]:
+    """Write `<name>.onnx` for every model plus the shared weight file; returns byte counts."""
+    store = WeightStore(out / WEIGHTS_FILE)
+    try:
+        for name, model in models.items():
+            externalize(model, store)
+            onnx.save_model(model, str(out / f"{name}.onnx"))
+    finally:
+        store.close()
+    return {"weights_bytes": store.size, "shared_bytes": store.shared_bytes}

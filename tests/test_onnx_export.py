@@ -1,0 +1,212 @@
+"""ONNX export (target harmonyos) and the onnxruntime backend, on the tiny random checkpoint.
+
+The five graphs are lowered once per module (the dynamo exporter is the slow part) and every
+quantization is derived from that one lowering through the real pipeline (atomic writer,
+manifest, checksums), then opened through the bundle registry and gated by `parity`.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import export.onnx.bundle as onnx_bundle
+from edge_runtime.backends.onnxruntime import session_options
+from edge_runtime.bundle import open_bundle, open_bundle_session
+from edge_runtime.checkpoint import load_checkpoint
+from edge_runtime.cli import main
+from edge_runtime.init_checkpoint import init_checkpoint
+from edge_runtime.parity import SAMPLES_DIR, compare, load_cases
+from edge_runtime.runtime import open_checkpoint_session
+from export.onnx.lower import lower_graphs
+from export.onnx.quantize import BLOCK, dequant_int4, int4_blocks, int8_per_channel, quantize_model
+from export.pipeline import ExportRequest, export_bundle, register_exporter
+
+MAX_CONTEXT = 512
+CHUNK = 32
+STEPS = 32
+QUANTS = ("fp32", "fp16", "int8", "int4")
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return init_checkpoint("minicpm-v-4.6", "tiny", tmp_path_factory.mktemp("onnx") / "ckpt", seed=3)
+
+
+@pytest.fixture(scope="module")
+def lowered(ckpt_dir):
+    """Serialized fp32 graphs, lowered once; each export gets fresh copies."""
+    model = load_checkpoint(ckpt_dir).model
+    graphs = lower_graphs(model, CHUNK, MAX_CONTEXT + CHUNK, lambda _m: None)
+    return {name: proto.SerializeToString() for name, proto in graphs.items()}
+
+
+@pytest.fixture(scope="module")
+def bundles(ckpt_dir, lowered, tmp_path_factory):
+    register_exporter("onnx", "export.onnx")
+    root = tmp_path_factory.mktemp("bundles")
+    out = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(
+            onnx_bundle, "lower_graphs", lambda *_a: {k: onnx.load_from_string(v) for k, v in lowered.items()}
+        )
+        for quant in QUANTS:
+            request = ExportRequest(ckpt_dir, root / quant, "harmonyos", None, quant, MAX_CONTEXT, CHUNK)
+            out[quant] = export_bundle(request)
+    return out
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cases") / "cases.json"
+    square = {"name": "square-16x", "images": [str(SAMPLES_DIR / "square.png")], "prompt": "What colour?"}
+    tiny = {
+        "name": "tiny-4x",
+        "images": [str(SAMPLES_DIR / "tiny.png")],
+        "prompt": "What is in this small image?",
+        "downsample_mode": "4x",
+    }
+    path.write_text(json.dumps({"cases": [square, tiny]}))
+    return load_cases(path)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt_dir):
+    return open_checkpoint_session(ckpt_dir, max_context=MAX_CONTEXT, threads=1)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+def test_parity_gates(quant, bundles, reference, cases):
+    candidate = open_bundle_session(bundles[quant], threads=1)
+    assert candidate.backend.name == f"onnxruntime:{quant}"
+    report = compare(reference, candidate, cases, quant, n_steps=STEPS)
+    assert report.passed, "\n".join(report.summary_lines())
+    if quant == "fp32":
+        assert report.stages["greedy"]["identical_cases"] == 1
+        assert report.stages["vision"]["min_cosine"] >= 0.99999
+
+
+def test_weights_stored_once(bundles):
+    """Both decoder graphs point into one weights.bin at the same offsets; quantized bundles shrink."""
+    root = bundles["fp32"]
+
+    def refs(name):
+        model = onnx.load(str(root / name), load_external_data=False)
+        return {
+            (e["offset"], e["length"])
+            for t in model.graph.initializer
+            if (e := {x.key: x.value for x in t.external_data})
+        }
+
+    prefill, decode = refs("decoder_prefill.onnx"), refs("decoder_decode.onnx")
+    assert decode and decode <= prefill
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert {"weights.bin", "decoder_prefill.onnx", "decoder_decode.onnx", "vision_4x.onnx"} <= set(
+        manifest["files"]
+    )
+    size = {q: (bundles[q] / "weights.bin").stat().st_size for q in QUANTS}
+    assert size["int4"] < size["int8"] < size["fp16"] < size["fp32"]
+    int4 = json.loads((bundles["int4"] / "manifest.json").read_text())["onnx"]["quantized_weights"]
+    assert int4["decoder_decode"].get("int4", 0) > 0 and int4["token_embedding"] == {"int4-embedding": 1}
+    assert "int4" not in int4["vision_16x"]  # vision stays int8
+
+
+def test_backend_threads_and_padding(bundles):
+    _, backend = open_bundle(bundles["fp32"], threads=2)
+    assert backend.session("decoder_decode").get_session_options().intra_op_num_threads == 2
+    embeds = backend.token_embedding(np.array([1, 2, 3]))
+    logits, state = backend.prefill_chunk(embeds, 3, 0, backend.new_state())
+    assert logits.shape == (backend.info.vocab_size,)
+    logits2, _ = backend.decode_step(embeds[:1], 3, state.copy())
+    assert np.isfinite(logits2).all()
+
+
+def test_chat_inspect_cli(bundles, capsys):
+    image = str(SAMPLES_DIR / "square.png")
+    args = ["chat", "--bundle", str(bundles["int4"]), "--image", image, "--prompt", "Hi", "--json"]
+    assert main([*args, "--max-new-tokens", "4"]) == 0
+    assert "text" in json.loads(capsys.readouterr().out)
+    assert main(["inspect", "--bundle", str(bundles["int4"])]) == 0
+    assert "int4" in capsys.readouterr().out
+
+
+def test_int4_packing_matches_onnxruntime():
+    """Our nibble layout is the one MatMulNBits and GatherBlockQuantized read, bit for bit."""
+    rng = np.random.default_rng(0)
+    n, k = 48, 64
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    packed, scale = int4_blocks(w)
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    ids = np.array([0, 5, 47], np.int64)
+    nodes = [
+        helper.make_node(
+            "MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft", K=k, N=n, bits=4, block_size=BLOCK
+        ),
+        helper.make_node(
+            "GatherBlockQuantized",
+            ["t", "ids", "s"],
+            ["e"],
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=BLOCK,
+            bits=4,
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k]),
+            helper.make_tensor_value_info("ids", TensorProto.INT64, [3]),
+        ],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n]),
+            helper.make_tensor_value_info("e", TensorProto.FLOAT, [3, k]),
+        ],
+        [
+            numpy_helper.from_array(packed.reshape(n, k // BLOCK, BLOCK // 2), "b"),
+            numpy_helper.from_array(packed, "t"),
+            numpy_helper.from_array(scale, "s"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y, e = sess.run(None, {"x": x, "ids": ids})
+    deq = dequant_int4(packed, scale)
+    np.testing.assert_allclose(y, x @ deq.T, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(e, deq[ids])
+    assert np.abs(deq - w).max() <= scale.max() / 2 + 1e-6
+
+
+def test_int4_falls_back_to_int8_when_k_does_not_divide():
+    """A K = 136 linear (the tiny SigLIP MLP width) gets per-channel int8, the K = 64 one MatMulNBits."""
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((64, 136)).astype(np.float32)
+    w2 = rng.standard_normal((136, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("MatMul", ["h", "w2"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    stats = quantize_model(model, "int4", vision=False)
+    assert stats.counts == {"int4": 1, "int8": 1}
+    ops = [n.op_type for n in model.graph.node]
+    assert "MatMulNBits" in ops and "DequantizeLinear" in ops
+    x = rng.standard_normal((2, 64)).astype(np.float32)
+    opts = session_options()  # the backend's: the fused 8-bit matmul keeps fp32 activations
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    q2, s2 = int8_per_channel(w2, 1)
+    p1, s1 = int4_blocks(np.ascontiguousarray(w1.T))
+    want = (x @ dequant_int4(p1, s1).T) @ (q2.astype(np.float32) * s2)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-3, atol=1e-3)
