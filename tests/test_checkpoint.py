@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,9 @@ def test_init_checkpoint_is_complete_and_transformers_reads_it(tiny_dir):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "chat_template.jinja", "generation_config.json", "preprocessor_config.json"} <= names  # fmt: skip
     assert not [p for p in tiny_dir.parent.iterdir() if p.name.startswith(".")], "temp dir left behind"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert tiny_dir.stat().st_mode & 0o777 == 0o777 & ~umask
     ours = load_checkpoint(tiny_dir)
     hf = transformers.MiniCPMV4_6ForConditionalGeneration.from_pretrained(tiny_dir)
     hf_state = hf.state_dict()
