@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format demo bench export-harmonyos clean
+.PHONY: setup test lint format demo bench export-harmonyos export-ios clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,9 @@ QUANT ?= int4
 export-harmonyos: setup
 	$(BIN)/minicpmv-edge export --checkpoint $(DEMO_CKPT) --target harmonyos --quant $(QUANT) \
 		--out build/bundles/harmonyos-$(QUANT)
+
+export-ios: setup
+	$(BIN)/minicpmv-edge export --checkpoint $(DEMO_CKPT) --target ios --quant $(QUANT) --out build/bundles/ios-$(QUANT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info reports .pytest_cache

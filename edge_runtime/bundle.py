@@ -326,6 +326,7 @@ _OPENERS: dict[str, BackendOpener] = {}
 _LAZY_OPENERS: dict[str, str] = {
     "onnx": "edge_runtime.backends.onnxruntime:open_onnx_bundle",
     "executorch": "edge_runtime.backends.executorch:open_executorch_bundle",
+    "coreml": "edge_runtime.backends.coreml:open_coreml_bundle",
 }
 
 

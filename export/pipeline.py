@@ -46,6 +46,7 @@ EXPORTERS: dict[str, str] = {
     "torch": "export.torch_bundle",
     "onnx": "export.onnx",
     "executorch": "export.executorch",
+    "coreml": "export.coreml",
 }
 
 Progress = Callable[[str], None]

@@ -1,0 +1,123 @@
+"""The Core ML exporter proper: checkpoint -> three .mlpackage files + manifest fragments.
+
+* `vision_encoder.mlpackage`: functions `vision_16x` and `vision_4x`, fp16, L a range dim.
+* `token_embedding.mlpackage`: ids [T] -> [T, D]. Separate from the decoder because the decoder's
+  input is embeddings (image embeddings are spliced in by the host, DESIGN.md), so one decoder
+  serves text and image tokens; the cost is a second copy of the (tied) table — see docs/coreml.md.
+* `text_decoder.mlpackage`: functions `prefill` (C = chunk) and `decode` (C = 1) sharing one
+  weight file, every state an MLState (fp16: Core ML has no fp32 states).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.backends.coreml.executor import MILProgram
+from edge_runtime.checkpoint import load_checkpoint
+from edge_runtime.models.qwen35_text import state_specs
+
+from ..pipeline import ExportContext, GraphSet
+from .convert import convert_decoder, convert_embedding, convert_vision, save_multifunction
+from .lower import state_buffer_name
+from .quantize import quantize
+
+FILES = {
+    "vision": "vision_encoder.mlpackage",
+    "embedding": "token_embedding.mlpackage",
+    "decoder": "text_decoder.mlpackage",
+}
+EMBEDDING_CHOICE = (
+    "separate token_embedding.mlpackage: the decoder takes embeddings so host-spliced image "
+    "embeddings and text share one decoder; the tied table is stored twice (once per package)"
+)
+
+
+def _io(name: str, shape: list, dtype: str) -> dict[str, Any]:
+    return {"name": name, "shape": shape, "dtype": dtype}
+
+
+def export_coreml(ctx: ExportContext) -> GraphSet:
+    say = ctx.progress
+    model = load_checkpoint(ctx.checkpoint).model.eval()
+    cfg = ctx.config
+    cache_len = ctx.max_context + ctx.chunk_size
+    specs = state_specs(cfg.text, cache_len)
+    max_patches = (cfg.vision.num_patches_per_side**2) // 16 * 16
+    timings: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="coreml-parts-") as scratch:
+        parts = Path(scratch)
+
+        def build(key: str, make) -> Path:  # noqa: ANN001
+            start = time.perf_counter()
+            path = parts / f"{key}.mlpackage"
+            quantize(make(), ctx.quantization).save(str(path))
+            timings[key] = round(time.perf_counter() - start, 2)
+            say(f"converted {key} in {timings[key]} s")
+            return path
+
+        prefill = build("prefill", lambda: convert_decoder(model, specs, ctx.chunk_size))
+        decode = build("decode", lambda: convert_decoder(model, specs, 1))
+        save_multifunction({"prefill": prefill, "decode": decode}, ctx.out / FILES["decoder"], "decode")
+        v16 = build("vision_16x", lambda: convert_vision(model, "16x", max_patches))
+        v4 = build("vision_4x", lambda: convert_vision(model, "4x", max_patches))
+        save_multifunction({"vision_16x": v16, "vision_4x": v4}, ctx.out / FILES["vision"], "vision_16x")
+        embed = build("token_embedding", lambda: convert_embedding(model, ctx.max_context))
+        shutil.copytree(embed, ctx.out / FILES["embedding"])
+
+    decoder = MILProgram(ctx.out / FILES["decoder"])  # loads every op: unsupported ones fail the export
+    MILProgram(ctx.out / FILES["vision"])
+    MILProgram(ctx.out / FILES["embedding"])
+    decode_fn = decoder.function("decode")
+    state = [
+        {"name": s.name, "shape": list(st.shape), "dtype": st.dtype.name, "coreml_name": st.name}
+        for s, st in zip(specs, decode_fn.states, strict=True)
+    ]
+    if [st.name for st in decode_fn.states] != [state_buffer_name(s.name) for s in specs]:
+        raise RuntimeError("Core ML state order differs from state_specs")
+    weight_bytes = decoder.weight_bytes_by_dtype()
+    d, v = cfg.text.hidden_size, cfg.text.vocab_size
+    graphs = {
+        "vision_encoder": {
+            "file": FILES["vision"],
+            "functions": {"16x": "vision_16x", "4x": "vision_4x"},
+            "max_patches": max_patches,
+            "inputs": [
+                _io("patches", ["L", cfg.vision.patch_dim], "float32"),
+                _io("position_ids", ["L"], "int32"),
+            ],
+            "outputs": [_io("embeds", ["L/16 (16x) or L/4 (4x)", d], "float16")],
+        },
+        "token_embedding": {
+            "file": FILES["embedding"],
+            "inputs": [_io("ids", ["T"], "int32")],
+            "outputs": [_io("embeds", ["T", d], "float16")],
+        },
+        "text_decoder": {
+            "file": FILES["decoder"],
+            "functions": {"prefill": "prefill", "decode": "decode"},
+            "chunk": {"prefill": ctx.chunk_size, "decode": 1},
+            "cache_len": cache_len,
+            "state": "mlstate",
+            "inputs": [
+                _io("embeds", [1, "C (prefill) or 1 (decode)", d], "float32"),
+                _io("start_pos", [1], "int32"),
+                _io("n_valid", [1], "int32"),
+            ],
+            "outputs": [_io("logits", [1, v], "float16")],
+        },
+    }
+    extra = {
+        "coreml": {
+            "minimum_deployment_target": "iOS18",
+            "token_embedding": EMBEDDING_CHOICE,
+            "state_dtype": "float16 (Core ML states are fp16 only; the converter casts fp32 buffers)",
+            "compute_precision": "fp16, position path (RoPE angles, masks) fp32",
+            "decoder_weight_bytes_by_dtype": weight_bytes,
+            "conversion_seconds": timings,
+        }
+    }
+    return GraphSet(graphs=graphs, decode_weight_bytes=sum(weight_bytes.values()), state=state, extra=extra)

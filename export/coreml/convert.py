@@ -1,0 +1,128 @@
+"""coremltools conversion of the three graphs (iOS 18 ML programs), one function at a time.
+
+Why the choices:
+* torch.export (not jit.trace): under torch 2.13 + coremltools 9 the trace frontend fails on the
+  decoder (`int` cast of a 1-element array, whole-buffer `copy_` not matched as a state write);
+  the ExportedProgram frontend maps buffer mutations to `coreml_update_state` directly.
+* `common::canonicalize_inplace_pattern` is removed from the pass pipeline: on this graph it
+  crashes on a scope with several COREMLTOOLS_GRAPH_PASS entries (coremltools 9 bug).
+* fp16 compute, except the position path: ops that depend only on `start_pos` / `n_valid` and
+  constants (RoPE angles, cos/sin, masks) stay fp32, because fp16 cannot hold position x
+  inv_freq (0.5 rad steps at position 1000). Core ML states are fp16 only (the converter casts
+  fp32 buffers), so the DeltaNet recurrent state is fp16 in the package: docs/coreml.md.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import coremltools as ct
+import numpy as np
+import torch
+
+from edge_runtime.models.minicpm_v46 import MiniCPMV46
+from edge_runtime.models.qwen35_text import StateSpec
+
+from . import torch_ops  # noqa: F401 - registers the index_copy converter
+from .lower import Embedding32, StatefulDecoder, VisionGraph32, export_program
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+DEPLOYMENT_TARGET = ct.target.iOS18
+_HOST_INPUTS = ("start_pos", "n_valid")
+
+
+def pass_pipeline() -> ct.PassPipeline:
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.remove_passes(["common::canonicalize_inplace_pattern"])
+    return pipeline
+
+
+def _position_only(op) -> bool:  # noqa: ANN001 - a MIL Operation
+    """True when every value feeding `op` comes from host integer inputs or constants."""
+    memo: dict[int, bool] = {}
+
+    def pure(var) -> bool:  # noqa: ANN001
+        key = id(var)
+        if key not in memo:
+            producer = var.op
+            if producer is None:
+                memo[key] = var.name in _HOST_INPUTS
+            elif producer.op_type == "const":
+                memo[key] = True
+            elif producer.op_type in ("read_state",):
+                memo[key] = False
+            else:
+                memo[key] = all(pure(v) for v in _op_inputs(producer))
+        return memo[key]
+
+    inputs = _op_inputs(op)
+    return bool(inputs) and all(pure(v) for v in inputs) and any(not _is_const(v) for v in inputs)
+
+
+def _op_inputs(op) -> list:  # noqa: ANN001
+    out = []
+    for value in op.inputs.values():
+        out.extend(value if isinstance(value, list | tuple) else [value])
+    return out
+
+
+def _is_const(var) -> bool:  # noqa: ANN001
+    return var.op is not None and var.op.op_type == "const"
+
+
+def fp16_except_positions() -> ct.transform.FP16ComputePrecision:
+    return ct.transform.FP16ComputePrecision(op_selector=lambda op: not _position_only(op))
+
+
+def _convert(program, precision) -> ct.models.MLModel:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ct.convert(
+            program,
+            minimum_deployment_target=DEPLOYMENT_TARGET,
+            compute_precision=precision,
+            pass_pipeline=pass_pipeline(),
+            skip_model_load=True,
+        )
+
+
+def convert_decoder(model: MiniCPMV46, specs: list[StateSpec], chunk: int) -> ct.models.MLModel:
+    """The stateful decoder at chunk length `chunk` (C > 1: chunked DeltaNet, C == 1: recurrent)."""
+    wrapper = StatefulDecoder(model, specs)
+    hidden = model.cfg.text.hidden_size
+    example = (
+        torch.zeros(1, chunk, hidden),
+        torch.tensor([0], dtype=torch.int32),
+        torch.tensor([chunk], dtype=torch.int32),
+    )
+    return _convert(export_program(wrapper, example), fp16_except_positions())
+
+
+def convert_vision(model: MiniCPMV46, mode: str, max_patches: int) -> ct.models.MLModel:
+    """One downsample mode, L dynamic in steps of 16 (16x) or 4 (4x) up to max_patches."""
+    step = 16 if mode == "16x" else 4
+    dim = torch.export.Dim(f"blocks_{mode}", min=1, max=max_patches // step)
+    example = (torch.zeros(4 * step, model.cfg.vision.patch_dim), torch.zeros(4 * step, dtype=torch.int32))
+    program = export_program(VisionGraph32(model, mode), example, ({0: step * dim}, {0: step * dim}))
+    return _convert(program, ct.precision.FLOAT16)
+
+
+def convert_embedding(model: MiniCPMV46, max_tokens: int) -> ct.models.MLModel:
+    dim = torch.export.Dim("tokens", min=1, max=max_tokens)
+    program = export_program(Embedding32(model), (torch.zeros(8, dtype=torch.int32),), ({0: dim},))
+    return _convert(program, ct.precision.FLOAT16)
+
+
+def save_multifunction(parts: dict[str, Path], out: Path, default: str) -> None:
+    """Merge single-function packages into one; identical weights are stored once."""
+    desc = ct.utils.MultiFunctionDescriptor()
+    for name, path in parts.items():
+        desc.add_function(str(path), src_function_name="main", target_function_name=name)
+    desc.default_function_name = default
+    ct.utils.save_multifunction(desc, str(out))
+
+
+def state_dtype_name(dtype: np.dtype) -> str:
+    return np.dtype(dtype).name
