@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from .errors import EdgeError, InputError
+from .jsonfile import read_json_file
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "data" / "samples"
 DEVICE_TARGETS_FILE = Path(__file__).resolve().parent / "data" / "device_targets.json"
@@ -578,15 +579,8 @@ def load_device_targets(path: Path = DEVICE_TARGETS_FILE) -> list[dict[str, Any]
 def read_device_report(path: str | Path) -> dict[str, Any]:
     """Validate the JSON an app writes (docs/bundle.md#device-report); one InputError line per problem."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"device report {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"device report {path}: not valid JSON ({exc})") from None
+    raw = read_json_file(path, "device report", InputError)
     where = f"device report {path}"
-    if not isinstance(raw, dict):
-        raise InputError(f"{where}: not a JSON object")
     if raw.get("schema_version") != 1:
         raise InputError(f"{where}: schema_version must be 1, got {raw.get('schema_version')!r}")
     for key in ("family", "device", "platform"):

@@ -21,6 +21,7 @@ from typing import Any
 
 from .backends.base import Backend
 from .errors import BundleError, InputError
+from .jsonfile import read_json_file
 
 SCHEMA_VERSION = 1  # bump on any change an older reader would misread; readers accept exactly their own
 MANIFEST = "manifest.json"
@@ -299,10 +300,7 @@ def read_manifest(path: str | Path) -> Manifest:
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
         raise BundleError(f"bundle {root}: {MANIFEST} is missing (not a bundle, or an interrupted export)")
-    try:
-        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"bundle {root}: {MANIFEST} is not valid JSON ({exc})") from None
+    raw = read_json_file(manifest_path, f"bundle {root}:", BundleError)
     return Manifest.from_dict(raw, where=f"bundle {root}: {MANIFEST}")
 
 

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
+from .jsonfile import read_json_file
 from .models.minicpm_v46 import (
     MiniCPMV46,
     MiniCPMV46Config,
@@ -48,12 +49,7 @@ class Checkpoint:
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.parent}: {what} {path.name} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    return read_json_file(path, what, CheckpointError)
 
 
 def read_config(path: str | Path) -> tuple[MiniCPMV46Config, dict[str, Any]]:

@@ -19,7 +19,6 @@ The gate table for each quantization lives in GATES, once.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ import numpy as np
 from .backends.base import Backend
 from .errors import EdgeError, InputError
 from .generation import SamplingConfig, check_context, generate, prefill, teacher_forced_logits
+from .jsonfile import read_json_file
 from .processing.slicing import prepare_image
 from .session import HostAssets, PreparedInput, Session
 
@@ -91,12 +91,7 @@ def load_cases(path: str | Path) -> list[Case]:
     """A cases file: {"cases": [{name, images, prompt, downsample_mode?, max_slice_nums?}]} (or the bare
     list); image paths are relative to the file. Every problem is one InputError line."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"cases file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(f"cases file {path}: not valid JSON ({exc})") from None
+    raw = read_json_file(path, "cases file", InputError, expect=(dict, list))
     items = raw.get("cases") if isinstance(raw, dict) else raw
     if not isinstance(items, list) or not items:
         raise InputError(f'cases file {path}: expected a non-empty list under "cases"')

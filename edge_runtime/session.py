@@ -7,7 +7,6 @@ generation config) are read from a checkpoint directory or a bundle, which carri
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -17,7 +16,9 @@ from typing import Any
 import numpy as np
 
 from .backends.base import Backend
+from .errors import CheckpointError
 from .generation import GenerationResult, SamplingConfig, build_input_embeddings, generate
+from .jsonfile import read_json_file
 from .processing.patches import slice_to_patches
 from .processing.prompt import ImageLayout, Message, Prompt, PromptBuilder, VideoLayout
 from .processing.slicing import PreparedImage, SliceConfig, prepare_image
@@ -42,7 +43,7 @@ class HostAssets:
         """Read host files from a checkpoint or bundle directory; CLI flags override the preprocessor config."""
         path = Path(path)
         pre_path = path / "preprocessor_config.json"
-        pre = json.loads(pre_path.read_text()) if pre_path.exists() else {}
+        pre = read_json_file(pre_path, "preprocessor config", CheckpointError, missing_ok=True) or {}
         overrides = {k: v for k, v in slice_overrides.items() if v is not None}
         slice_config = SliceConfig.from_preprocessor_config(pre, **overrides)
         tokenizer = Tokenizer(path)

@@ -8,7 +8,6 @@ transformers import: the phone-side runtime only has `tokenizers`. Encoding neve
 from __future__ import annotations
 
 import codecs
-import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from tokenizers import Tokenizer as _RustTokenizer
 from tokenizers import decoders
 
 from edge_runtime.errors import CheckpointError
+from edge_runtime.jsonfile import read_json_file
 
 # Names the MiniCPM-V processor reads from tokenizer_config's `extra_special_tokens`, with the
 # strings the 4.6 checkpoint uses; a checkpoint may override any of them.
@@ -52,15 +52,7 @@ def _byte_decoder() -> dict[str, int]:
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read {what}: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: {what} is not a JSON object")
-    return data
+    return read_json_file(path, what, CheckpointError, missing_ok=True)
 
 
 def _token_str(value: Any) -> str | None:
