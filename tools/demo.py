@@ -1,70 +1,154 @@
 """`make demo`: the main job end to end on the embedded default model.
 
-Uses the shipped trained demo checkpoint when it is present (edge_runtime/data/demo-checkpoint);
-otherwise writes a tiny random-weight checkpoint under build/demo and says so, because random
-weights prove the plumbing but cannot answer.
+1. The reference answers the shipped sample questions (edge_runtime/data/samples-demo).
+2. For every target whose exporter is installed, the demo model is exported (cached under
+   build/demo/bundles; delete it to re-export), answers the same questions through the bundle,
+   and is checked with `parity` on those questions.
+3. One table: answers, TTFT, decode speed and the parity verdict side by side.
+
+Without a shipped trained checkpoint it falls back to a tiny random one and says so.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edge_runtime.bundle import load_bundle  # noqa: E402
 from edge_runtime.commands.options import DEFAULT_CHECKPOINT  # noqa: E402
+from edge_runtime.errors import EdgeError  # noqa: E402
 from edge_runtime.init_checkpoint import init_checkpoint  # noqa: E402
+from edge_runtime.parity import Case, compare  # noqa: E402
 from edge_runtime.runtime import open_session  # noqa: E402
+from edge_runtime.session import Session  # noqa: E402
+from export.pipeline import EXPORTERS, ExportRequest, export_bundle  # noqa: E402
 
+SAMPLES = ROOT / "edge_runtime" / "data" / "samples-demo"
 BUILD = ROOT / "build" / "demo"
-QUESTIONS = [
-    ("shapes.png", "What colour is the circle?"),
-    ("shapes.png", "How many squares are there?"),
-    ("wide.png", "Is the red triangle left of the blue square?"),
-]
+# (target, format, quantization): the default bundle of each phone platform.
+TARGETS = [("harmonyos", "onnx", "int4"), ("android", "executorch", "8da4w"), ("ios", "coreml", "int4")]
+PARITY_STEPS = 8
 
 
-def sample_images(folder: Path) -> None:
-    """Two small deterministic pictures: a square one and a wide one (which gets sliced)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    img = Image.new("RGB", (448, 448), (235, 235, 220))
-    draw = ImageDraw.Draw(img)
-    draw.ellipse((40, 40, 180, 180), fill=(30, 160, 60))
-    draw.rectangle((260, 60, 380, 180), fill=(40, 70, 200))
-    draw.rectangle((120, 260, 240, 380), fill=(40, 70, 200))
-    img.save(folder / "shapes.png")
-    wide = Image.new("RGB", (1200, 400), (250, 250, 250))
-    draw = ImageDraw.Draw(wide)
-    draw.polygon([(150, 320), (250, 120), (350, 320)], fill=(210, 40, 40))
-    draw.rectangle((800, 120, 1000, 320), fill=(40, 70, 200))
-    wide.save(folder / "wide.png")
+@dataclass
+class Column:
+    name: str
+    answers: list[str] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    decode_tok_s: list[float] = field(default_factory=list)
+    verdict: str = "reference"
+
+
+def load_questions(limit: int) -> list[dict]:
+    return json.loads((SAMPLES / "questions.json").read_text(encoding="utf-8"))["questions"][:limit]
+
+
+def answer_all(session: Session, questions: list[dict], column: Column) -> None:
+    for q in questions:
+        prepared = session.prepare(q["question"], [SAMPLES / q["image"]])
+        result = session.generate(prepared, session.sampling(max_new_tokens=16))
+        info = result.to_json()
+        column.answers.append(result.text.strip())
+        column.ttft_ms.append(info["ttft_ms"])
+        column.decode_tok_s.append(info["decode_tok_s"])
+
+
+def bundle_for(checkpoint: Path, target: str, fmt: str, quant: str) -> Path:
+    out = BUILD / "bundles" / f"{target}-{quant}"
+    if (out / "manifest.json").exists():
+        load_bundle(out)  # verifies checksums; a stale or broken cache is rebuilt below
+        return out
+    t0 = time.perf_counter()
+    print(f"exporting {target} ({fmt}, {quant}) ...", flush=True)
+    export_bundle(ExportRequest(checkpoint, out, target, fmt, quant, max_context=1024, chunk_size=32), _quiet)
+    print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+def print_table(questions: list[dict], columns: list[Column]) -> None:
+    width = max(12, *(len(c.name) for c in columns))
+    head = f"{'question':<52} {'expected':<9} " + " ".join(f"{c.name:<{width}}" for c in columns)
+    print(head)
+    print("-" * len(head))
+    for i, q in enumerate(questions):
+        cells = " ".join(f"{(c.answers[i] if i < len(c.answers) else '-')[:width]:<{width}}" for c in columns)
+        print(f"{q['question'][:52]:<52} {q['answer']:<9} {cells}")
+    print("-" * len(head))
+    for label, values in (("TTFT median (ms)", "ttft_ms"), ("decode median (tok/s)", "decode_tok_s")):
+        cells = " ".join(f"{median(getattr(c, values)):<{width}.1f}" for c in columns)
+        print(f"{label:<62} {cells}")
+    print(f"{'parity (' + str(PARITY_STEPS) + ' steps on these questions)':<62} "
+          + " ".join(f"{c.verdict[:width]:<{width}}" for c in columns))  # fmt: skip
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--questions", type=int, default=3, help="How many sample questions to ask.")
+    parser.add_argument("--no-bundles", action="store_true", help="Reference only.")
+    args = parser.parse_args()
+
     checkpoint = DEFAULT_CHECKPOINT
-    if not (checkpoint / "config.json").exists():
+    trained = (checkpoint / "config.json").exists() and (SAMPLES / "questions.json").exists()
+    if not trained:
         checkpoint = BUILD / "tiny-random"
         if not (checkpoint / "config.json").exists():
             init_checkpoint("minicpm-v-4.6", "tiny", checkpoint, seed=0)
-        print(f"note: no trained demo checkpoint shipped yet; using random weights at {checkpoint}")
-        print("      (answers are meaningless; this shows the pipeline, timings and streaming)\n")
-    samples = BUILD / "samples"
-    sample_images(samples)
-    t0 = time.perf_counter()
+        print(
+            f"note: no trained demo checkpoint shipped; random weights at {checkpoint}: answers are meaningless"
+        )
+        return _random_demo(checkpoint)
+
+    questions = load_questions(args.questions)
+    reference = open_session(checkpoint)
+    columns = [Column("reference")]
+    answer_all(reference, questions, columns[0])
+    cases = [Case(f"q{i}", (SAMPLES / q["image"],), q["question"]) for i, q in enumerate(questions)]
+    for target, fmt, quant in [] if args.no_bundles else TARGETS:
+        if importlib.util.find_spec(EXPORTERS.get(fmt, "-")) is None:
+            continue
+        column = Column(f"{target}/{quant}")
+        try:
+            session = open_session(bundle=bundle_for(checkpoint, target, fmt, quant))
+            answer_all(session, questions, column)
+            report = compare(reference, session, cases, quant, n_steps=PARITY_STEPS)
+            column.verdict = "pass" if report.passed else f"FAIL {report.first_failure.stage}"
+        except EdgeError as exc:
+            column.verdict = f"error: {exc}"[:40]
+        columns.append(column)
+    print()
+    print_table(questions, columns)
+    right = sum(a == q["answer"] for a, q in zip(columns[0].answers, questions, strict=True))
+    print(f"\nreference: {right}/{len(questions)} answers right")
+    return 0
+
+
+def _random_demo(checkpoint: Path) -> int:
     session = open_session(checkpoint)
-    print(f"loaded {checkpoint} in {time.perf_counter() - t0:.1f} s\n")
-    for image, question in QUESTIONS:
-        prepared = session.prepare(question, [samples / image])
-        result = session.generate(prepared, session.sampling(max_new_tokens=24))
+    samples = ROOT / "edge_runtime" / "data" / "samples"
+    for image in sorted(samples.glob("*.png"))[:2]:
+        prepared = session.prepare("What colour is the circle?", [image])
+        result = session.generate(prepared, session.sampling(max_new_tokens=12))
         info = result.to_json()
-        answer = result.text.strip().replace("\n", " ") or "(empty)"
-        print(f"Q [{image}, {info['n_slices']} slices, {info['n_image_tokens']} image tokens]: {question}")
-        print(f"A: {answer}")
-        print(f"   TTFT {info['ttft_ms']:.0f} ms, decode {info['decode_tok_s']:.1f} tok/s\n")
+        print(
+            f"{image.name}: {result.text.strip()!r}  TTFT {info['ttft_ms']:.0f} ms, {info['decode_tok_s']:.1f} tok/s"
+        )
     return 0
 
 

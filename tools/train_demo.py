@@ -1,0 +1,571 @@
+"""Train the embedded demo model: a small MiniCPM-V 4.6 on the synthetic task of edge_runtime.demo_task.
+
+From scratch, on CPU, reproducibly from --seed. Every training input is built exactly as
+`Session.prepare` builds it at inference (our slicing, `slice_to_patches`, the checkpoint's chat
+template and placeholder expansion), then the answer and `<|im_end|>` are appended and the loss is
+taken on those tokens only (teacher forcing). Samples alternate between 16x and 4x mode in blocks
+of ten, so both downsample modes are trained. The result is a normal Hugging Face-format
+checkpoint (fp16 safetensors + our tokenizer + side files).
+
+    python tools/train_demo.py --out edge_runtime/data/demo-checkpoint --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from edge_runtime.checkpoint import load_checkpoint, random_init, save_checkpoint  # noqa: E402
+from edge_runtime.demo_task import (  # noqa: E402
+    COLOURS,
+    SHAPES,
+    TRAIN,
+    Sample,
+    _Object,
+    eval_samples,
+    make_conversation,
+    make_scene,
+)
+from edge_runtime.init_checkpoint import write_side_files  # noqa: E402
+from edge_runtime.models import qwen35_text  # noqa: E402
+from edge_runtime.models.blocks import apply_partial_rope, gelu_tanh, rope_cos_sin  # noqa: E402
+from edge_runtime.models.minicpm_v46 import MiniCPMV46, MiniCPMV46Config  # noqa: E402
+from edge_runtime.models.qwen35_text import TextConfig, chunked_delta_rule, l2norm  # noqa: E402
+from edge_runtime.models.siglip_navit import VisionConfig  # noqa: E402
+from edge_runtime.processing.patches import slice_to_patches  # noqa: E402
+from edge_runtime.processing.prompt import ImageLayout, PromptBuilder  # noqa: E402
+from edge_runtime.processing.slicing import SliceConfig, slice_image  # noqa: E402
+from edge_runtime.processing.tokenizer import Tokenizer  # noqa: E402
+from edge_runtime.tokenizer_build import build_tokenizer_files  # noqa: E402
+
+SCALE_RESOLUTION = 168  # 12x12 patches per full slice: 9 LLM tokens in 16x mode, 36 in 4x
+MAX_SLICE_NUMS = 4
+MODES = ("16x", "4x")
+EXTRA_TEXT_OFFSET = 10_000_000
+FOLLOW_UP = "\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def demo_config(vocab_size: int, image_token_id: int, video_token_id: int) -> MiniCPMV46Config:
+    """The demo preset: `tiny`'s structure, wider. Vision: 4 SigLIP layers, window merger after
+    layer 1. LLM: 6 layers, Gated DeltaNet with gated full attention at layers 2 and 5."""
+    vision = VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
+    text = TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=4096,
+        linear_key_head_dim=32,
+        linear_value_head_dim=32,
+        linear_num_key_heads=4,
+        linear_num_value_heads=4,
+        layer_types=["linear_attention", "linear_attention", "full_attention"] * 2,
+    )
+    return MiniCPMV46Config(
+        vision=vision,
+        text=text,
+        insert_layer_id=1,
+        image_token_id=image_token_id,
+        video_token_id=video_token_id,
+    )
+
+
+def write_assets(out: Path) -> dict:
+    """Tokenizer, chat template, generation + preprocessor config: the host files of the checkpoint."""
+    tok = build_tokenizer_files(out)
+    ids = tok["token_ids"]
+    cfg = demo_config(tok["vocab_size"], ids["<|image_pad|>"], ids["<|video_pad|>"])
+    write_side_files(out, cfg, tok["stop_token_ids"], tok["pad_token_id"])
+    pre_path = out / "preprocessor_config.json"
+    pre = json.loads(pre_path.read_text())
+    pre.update(scale_resolution=SCALE_RESOLUTION, max_slice_nums=MAX_SLICE_NUMS)
+    pre_path.write_text(json.dumps(pre, indent=2) + "\n")
+    return tok
+
+
+@dataclass
+class Encoded:
+    """One training example as the model consumes it."""
+
+    ids: torch.Tensor  # [T] prompt + answer + <|im_end|> (+ follow-up turns)
+    answer_start: int  # first answer token of the first turn (the one eval asks)
+    answer_end: int  # one past its <|im_end|>
+    targets: torch.Tensor  # [T] next-token targets, -100 outside answers
+    slices: list[tuple[torch.Tensor, torch.Tensor]]
+    mode: str
+    qtype: str
+    aux: torch.Tensor | None = None  # [tokens of the source view, 2]: colour, shape class (0 = none)
+    digits: torch.Tensor | None = None  # [2] the two digits of a number image
+
+
+def scene_targets(size: tuple[int, int], token_grid: tuple[int, int], objects: list[_Object]) -> torch.Tensor:
+    """Per LLM token of the source view (row-major): (colour + 1, shape + 1) of the object that
+    covers the token's centre or whose centre lies in the token's cell; (0, 0) for background."""
+    width, height = size
+    rows, cols = token_grid
+    out = torch.zeros(rows * cols, 2, dtype=torch.long)
+    for r in range(rows):
+        for c in range(cols):
+            px, py = (c + 0.5) * width / cols, (r + 0.5) * height / rows
+            for o in objects:
+                if abs(px - o.cx) <= o.size / 2 and abs(py - o.cy) <= o.size / 2:
+                    out[r * cols + c] = torch.tensor([o.colour + 1, o.shape + 1])
+    for o in objects:
+        c, r = min(int(o.cx * cols / width), cols - 1), min(int(o.cy * rows / height), rows - 1)
+        out[r * cols + c] = torch.tensor([o.colour + 1, o.shape + 1])
+    return out
+
+
+class Encoder:
+    """Sample -> model inputs, through the same host code as Session.prepare."""
+
+    def __init__(self, assets: Path):
+        self.tokenizer = Tokenizer(assets)
+        pre = json.loads((assets / "preprocessor_config.json").read_text())
+        self.configs = {m: SliceConfig.from_preprocessor_config(pre, downsample_mode=m) for m in MODES}
+        self.prompts = PromptBuilder.from_dir(
+            assets, self.tokenizer, use_image_id=self.configs["16x"].use_image_id
+        )
+        self.im_end = self.tokenizer.im_end_id
+
+    def __call__(
+        self,
+        sample: Sample,
+        mode: str,
+        num_patches_per_side: int,
+        follow_up: list[tuple[str, str, str]] = (),
+        objects: list[_Object] | None = None,
+    ) -> Encoded:
+        config = self.configs[mode]
+        prepared = slice_image(sample.image, config)
+        layout = ImageLayout(prepared.token_counts[0], prepared.grid, list(prepared.token_counts[1:]))
+        prompt = self.prompts.chat(sample.question, [layout])
+        seq = list(prompt.ids)
+        spans = []
+        for k, (question, answer) in enumerate(
+            [(sample.question, sample.answer)] + [f[:2] for f in follow_up]
+        ):
+            if k:  # a follow-up turn, as a chat app that keeps its cache continues the conversation
+                seq += self.tokenizer.encode(FOLLOW_UP.format(question=question))
+            start = len(seq)
+            seq += self.tokenizer.encode(answer) + [self.im_end]
+            spans.append((start, len(seq)))
+        ids = torch.tensor(seq, dtype=torch.long)
+        targets = torch.full_like(ids, -100)
+        for start, end in spans:
+            targets[start - 1 : end - 1] = ids[start:end]
+        slices = []
+        for s in prepared.slices:
+            patches, pos = slice_to_patches(s, mode, config.patch_size, num_patches_per_side)
+            slices.append((torch.from_numpy(patches), torch.from_numpy(pos)))
+        ex = Encoded(ids, spans[0][0], spans[0][1], targets, slices, mode, sample.qtype)
+        if objects is not None:
+            m = 4 if mode == "16x" else 2
+            h, w = prepared.patch_grids[0]
+            ex.aux = scene_targets(sample.image.size, (h // m, w // m), objects)
+        elif sample.qtype == "text":
+            ex.digits = torch.tensor([int(d) for d in sample.answer[:2]])
+        return ex
+
+
+def sample_mode(index: int) -> str:
+    """Blocks of ten samples (one of each question type x language) alternate 16x / 4x."""
+    return MODES[(index // 10) % 2]
+
+
+def train_item(k: int) -> tuple[int, str]:
+    """The k-th training conversation: (train-split index, downsample mode).
+
+    Blocks of 12: the 10 samples of one balanced block, plus two more digit-reading images (en, zh)
+    from a separate index range, because those images carry one question where shape images carry
+    several. Consecutive blocks alternate 16x / 4x.
+    """
+    block, pos = divmod(k, 12)
+    mode = MODES[block % 2]
+    if pos < 10:
+        return block * 10 + pos, mode
+    return EXTRA_TEXT_OFFSET + block * 10 + (4 if pos == 10 else 9), mode
+
+
+def init_model(cfg: MiniCPMV46Config, seed: int) -> MiniCPMV46:
+    """PyTorch default init, then small embeddings, neutral norms and upstream-like DeltaNet decays."""
+    torch.manual_seed(seed)
+    model = MiniCPMV46(cfg)
+    with torch.no_grad():
+        model.language_model.embed_tokens.weight.normal_(0.0, 0.02)
+        model.vision_tower.embeddings.position_embedding.weight.normal_(0.0, 0.02)
+        # Image features enter the LLM's residual stream next to token embeddings: start them at
+        # the same scale, or the decoder learns to ignore them (seen with default init: 10x larger).
+        model.merger.mlp[0].linear_2.weight.normal_(0.0, 0.02 / math.sqrt(cfg.vision.hidden_size))
+        model.merger.mlp[0].linear_2.bias.zero_()
+        for name, param in model.named_parameters():
+            if name.endswith("A_log"):
+                param.copy_(random_init(name, tuple(param.shape), seed))
+    return model
+
+
+def forward_logits(model: MiniCPMV46, ex: Encoded) -> torch.Tensor:
+    """Logits predicting the first answer (and its <|im_end|>) with the model's own forward."""
+    features = torch.cat([model.encode_slice(p, pos, ex.mode) for p, pos in ex.slices])
+    embeds = model.embed(ex.ids)
+    mask = (ex.ids == model.cfg.image_token_id).unsqueeze(-1)
+    embeds = embeds.masked_scatter(mask, features)
+    t = ex.ids.shape[0]
+    state = model.new_state(t)
+    hidden, _ = model.language_model(embeds[None], torch.tensor([0]), torch.tensor([t]), state)
+    return model.lm_head(hidden[0, ex.answer_start - 1 : ex.answer_end - 1])
+
+
+# ---- batched training forward ------------------------------------------------------------------
+# The model's entry points take one slice / one sequence (batch 1, as the graphs do). Training runs
+# the same modules on a padded batch: slices are padded with whole masked windows, sequences on the
+# right (causal attention, causal conv and the causal delta rule never look right), so every real
+# position computes the same function as the batch-1 path; `check_batched` verifies this.
+
+
+def _masked_attention(attn: torch.nn.Module, x: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+    """BidirectionalAttention over [B, L, D] with padded keys masked out."""
+    b, t, d = x.shape
+    shape = (b, t, attn.num_heads, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (attn.head_dim**-0.5)
+    scores = scores.masked_fill(~key_valid[:, None, None, :], float("-inf"))
+    out = torch.matmul(torch.softmax(scores, dim=-1), v).transpose(1, 2).reshape(b, t, d)
+    return attn.out_proj(out)
+
+
+def vision_batched(
+    model: MiniCPMV46, slices: list[tuple[torch.Tensor, torch.Tensor]], mode: str
+) -> list[torch.Tensor]:
+    """encode_slice for many slices of one mode at once -> per-slice [L/16 or L/4, D_llm]."""
+    tower = model.vision_tower
+    lengths = [p.shape[0] for p, _ in slices]
+    longest = max(lengths)
+    patches = torch.stack([F.pad(p, (0, 0, 0, longest - p.shape[0])) for p, _ in slices])
+    positions = torch.stack([F.pad(pos, (0, longest - pos.shape[0])) for _, pos in slices])
+    valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    x = tower.embeddings(patches, positions)
+    insert_at = tower.cfg.insert_layer_id if mode == "16x" else -1
+    for index, layer in enumerate(tower.encoder.layers):
+        x = x + _masked_attention(layer.self_attn, layer.layer_norm1(x), valid)
+        x = x + layer.mlp(layer.layer_norm2(x))
+        if index == insert_at:
+            merger = tower.vit_merger
+            b, t, d = x.shape
+            windows = x.reshape(b, t // 4, 4, d)
+            windows = windows + merger.self_attn(merger.layer_norm1(windows))
+            flat = windows.reshape(b, t // 4, 4 * d)
+            x = merger.linear_2(gelu_tanh(merger.linear_1(merger.pre_norm(flat)))) + windows.mean(dim=2)
+            valid = valid[:, ::4]
+    x = tower.post_layernorm(x)
+    b, t, d = x.shape
+    out = model.merger.mlp[0](x.reshape(b, t // 4, 4 * d))
+    div = 16 if mode == "16x" else 4
+    return [out[i, : n // div] for i, n in enumerate(lengths)]
+
+
+def _attention_batched(attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """GatedAttention over a whole right-padded batch from position 0 (no cache)."""
+    b, t, _ = x.shape
+    q, gate = torch.chunk(attn.q_proj(x).view(b, t, attn.n_heads, 2 * attn.head_dim), 2, dim=-1)
+    gate = gate.reshape(b, t, attn.n_heads * attn.head_dim)
+    q = attn.q_norm(q).transpose(1, 2)
+    k = attn.k_norm(attn.k_proj(x).view(b, t, attn.n_kv, attn.head_dim)).transpose(1, 2)
+    v = attn.v_proj(x).view(b, t, attn.n_kv, attn.head_dim).transpose(1, 2)
+    q, k = apply_partial_rope(q, cos, sin), apply_partial_rope(k, cos, sin)
+    groups = attn.n_heads // attn.n_kv
+    keys, values = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ keys.transpose(-1, -2)) * (attn.head_dim**-0.5)
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    out = (probs @ values).transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim)
+    return attn.o_proj(out * torch.sigmoid(gate))
+
+
+def _deltanet_batched(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """GatedDeltaNet over a right-padded batch from a zero state (chunked form)."""
+    b, t, _ = x.shape
+    mixed = net.in_proj_qkv(x).transpose(1, 2)
+    conv = F.silu(F.conv1d(F.pad(mixed, (net.kernel - 1, 0)), net.conv1d.weight, groups=net.conv_dim))
+    q, k, v = torch.split(conv.transpose(1, 2), [net.key_dim, net.key_dim, net.n_v * net.d_v], dim=-1)
+    q = q.reshape(b, t, net.n_k, net.d_k)
+    k = k.reshape(b, t, net.n_k, net.d_k)
+    v = v.reshape(b, t, net.n_v, net.d_v)
+    if net.n_v != net.n_k:
+        q = q.repeat_interleave(net.n_v // net.n_k, dim=2)
+        k = k.repeat_interleave(net.n_v // net.n_k, dim=2)
+    q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+    q = l2norm(q) * (net.d_k**-0.5)
+    k = l2norm(k)
+    beta = torch.sigmoid(net.in_proj_b(x)).transpose(1, 2)
+    g = (-net.A_log.exp() * F.softplus(net.in_proj_a(x) + net.dt_bias)).transpose(1, 2)
+    state = torch.zeros(b, net.n_v, net.d_k, net.d_v)
+    out, _ = chunked_delta_rule(q, k, v, g, beta, state)
+    z = net.in_proj_z(x).reshape(b, t, net.n_v, net.d_v)
+    out = net.norm(out.transpose(1, 2), z).reshape(b, t, net.n_v * net.d_v)
+    return net.out_proj(out)
+
+
+def text_batched(model: MiniCPMV46, embeds: torch.Tensor) -> torch.Tensor:
+    """language_model over [B, T, D] right-padded embeddings from position 0 -> normed hidden."""
+    lm = model.language_model
+    cos, sin = rope_cos_sin(torch.arange(embeds.shape[1]), lm.inv_freq)
+    x = embeds
+    for layer in lm.layers:
+        h = layer.input_layernorm(x)
+        if layer.kind == "full_attention":
+            h = _attention_batched(layer.self_attn, h, cos, sin)
+        else:
+            h = _deltanet_batched(layer.linear_attn, h)
+        x = x + h
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return lm.norm(x)
+
+
+def hidden_batched(model: MiniCPMV46, group: list[Encoded], return_features: bool = False):
+    """Vision + splice + decoder for examples of one downsample mode -> hidden [B, T_max, D]
+    (and all image features [N, D] when asked).
+
+    Left alone, the image features grow a large constant component (the same vector on every
+    image token, tens of times the per-image variation) and the decoder, which RMS-normalises
+    its inputs, no longer sees image content. The mean penalty in `batch_loss` prevents that."""
+    feats = vision_batched(model, [s for ex in group for s in ex.slices], group[0].mode)
+    longest = max(ex.ids.shape[0] for ex in group)
+    rows, k = [], 0
+    for ex in group:
+        f = torch.cat(feats[k : k + len(ex.slices)])
+        k += len(ex.slices)
+        e = model.embed(ex.ids).masked_scatter((ex.ids == model.cfg.image_token_id).unsqueeze(-1), f)
+        rows.append(F.pad(e, (0, 0, 0, longest - ex.ids.shape[0])))
+    hidden = text_batched(model, torch.stack(rows))
+    return (hidden, feats) if return_features else hidden
+
+
+def by_mode(batch: list[Encoded]) -> list[list[Encoded]]:
+    groups: dict[str, list[Encoded]] = {}
+    for ex in batch:
+        groups.setdefault(ex.mode, []).append(ex)
+    return list(groups.values())
+
+
+class AuxHeads(torch.nn.Module):
+    """Training-only probes on the image features (never saved): colour and shape of the object
+    under each source-view token, and the two digits of a number image. They give the vision
+    tower a dense signal from the first step; the decoder still learns to answer from scratch."""
+
+    def __init__(self, dim: int, n_colours: int, n_shapes: int):
+        super().__init__()
+        self.colour = torch.nn.Linear(dim, n_colours + 1)
+        self.shape = torch.nn.Linear(dim, n_shapes + 1)
+        self.digits = torch.nn.Linear(dim, 20)
+
+
+def batch_loss(
+    model: MiniCPMV46,
+    batch: list[Encoded],
+    mean_penalty: float = 0.0,
+    aux: AuxHeads | None = None,
+    aux_weight: float = 0.0,
+) -> torch.Tensor:
+    """Mean cross-entropy over every answer token of every turn of every example, plus
+    `mean_penalty` x the squared mean image feature (see `hidden_batched`), plus the auxiliary
+    probe losses."""
+    total, count, penalty = torch.zeros(()), 0, torch.zeros(())
+    aux_terms: list[torch.Tensor] = []
+    for group in by_mode(batch):
+        hidden, feats = hidden_batched(model, group, return_features=True)
+        penalty = penalty + torch.cat(feats).mean(dim=0).pow(2).mean()
+        longest = hidden.shape[1]
+        target = torch.stack([F.pad(ex.targets, (0, longest - ex.ids.shape[0]), value=-100) for ex in group])
+        keep = target != -100
+        total = total + F.cross_entropy(model.lm_head(hidden[keep]), target[keep], reduction="sum")
+        count += int(keep.sum())
+        if aux is not None:
+            k = 0
+            for ex in group:
+                source = feats[k]
+                k += len(ex.slices)
+                if ex.aux is not None:
+                    aux_terms.append(F.cross_entropy(aux.colour(source), ex.aux[:, 0]))
+                    aux_terms.append(F.cross_entropy(aux.shape(source), ex.aux[:, 1]))
+                if ex.digits is not None:
+                    aux_terms.append(F.cross_entropy(aux.digits(source.mean(0)).view(2, 10), ex.digits))
+    loss = total / count + mean_penalty * penalty
+    if aux_terms:
+        loss = loss + aux_weight * torch.stack(aux_terms).mean()
+    return loss
+
+
+def check_batched(model: MiniCPMV46, batch: list[Encoded]) -> float:
+    """Max |difference| of first-answer logits between the batched path and the model's own forward."""
+    worst = 0.0
+    with torch.no_grad():
+        for group in by_mode(batch):
+            hidden = hidden_batched(model, group)
+            for row, ex in enumerate(group):
+                got = model.lm_head(hidden[row, ex.answer_start - 1 : ex.answer_end - 1])
+                worst = max(worst, float((got - forward_logits(model, ex)).abs().max()))
+    return worst
+
+
+def exact(model: MiniCPMV46, ex: Encoded) -> bool:
+    """Teacher-forced argmax equals every answer token and the stop token <=> greedy exact match."""
+    with torch.no_grad():
+        logits = forward_logits(model, ex)
+    return bool((logits.argmax(-1) == ex.ids[ex.answer_start : ex.answer_end]).all())
+
+
+def feature_scale(model: MiniCPMV46, ex: Encoded) -> tuple[float, float]:
+    """(std of image features, std of token embeddings): they should stay comparable."""
+    with torch.no_grad():
+        feats = torch.cat([model.encode_slice(p, pos, ex.mode) for p, pos in ex.slices])
+        return float(feats.std()), float(model.embed(ex.ids).std())
+
+
+def quick_eval(model: MiniCPMV46, encoded: list[Encoded]) -> dict[str, float]:
+    model.eval()
+    per: dict[str, list[bool]] = {}
+    for ex in encoded:
+        ok = exact(model, ex)
+        per.setdefault(ex.mode, []).append(ok)
+        per.setdefault(ex.qtype, []).append(ok)
+    model.train()
+    return {k: 100.0 * float(np.mean(v)) for k, v in per.items()}
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "edge_runtime" / "data" / "demo-checkpoint")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=480, help="optimizer steps")
+    ap.add_argument("--batch", type=int, default=12, help="images (conversations) per optimizer step")
+    ap.add_argument("--turns", type=int, default=7, help="questions per image in training conversations")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--eval-every", type=int, default=40)
+    ap.add_argument("--eval-samples", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
+    ap.add_argument("--deltanet-chunk", type=int, default=16)
+    ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the training-only probes")
+    ap.add_argument(
+        "--mean-penalty", type=float, default=0.01, help="weight of the image-feature mean penalty"
+    )
+    ap.add_argument(
+        "--init-from", type=Path, default=None, help="continue from this checkpoint instead of a fresh init"
+    )
+    ap.add_argument(
+        "--start-item", type=int, default=0, help="first training conversation (continue the data stream)"
+    )
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    # Chunk length is a free parameter of the chunked delta rule (same recurrence, other grouping);
+    # 16 is several times cheaper than the inference default of 64 for these short sequences.
+    qwen35_text.DELTANET_CHUNK = args.deltanet_chunk
+    torch.use_deterministic_algorithms(True)
+    t_start = time.perf_counter()
+    assets = Path(tempfile.mkdtemp(prefix="demo-assets-"))
+    try:
+        tok = write_assets(assets)
+        ids = tok["token_ids"]
+        cfg = demo_config(tok["vocab_size"], ids["<|image_pad|>"], ids["<|video_pad|>"])
+        model = init_model(cfg, args.seed)
+        if args.init_from is not None:
+            weights = load_checkpoint(args.init_from).model.state_dict()
+            model.load_state_dict({k: v.float() for k, v in weights.items()})
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"demo model: {n_params / 1e6:.2f} M parameters ({2 * n_params / 2**20:.1f} MiB in fp16)")
+        encode = Encoder(assets)
+        nps = cfg.vision.num_patches_per_side
+        held_out = [encode(s, sample_mode(i), nps) for i, s in enumerate(eval_samples(args.eval_samples))]
+
+        torch.manual_seed(args.seed + 1)
+        aux = AuxHeads(cfg.text.hidden_size, len(COLOURS), len(SHAPES))
+        decay, no_decay = [], []
+        for name, p in list(model.named_parameters()) + list(aux.named_parameters()):
+            (no_decay if p.ndim < 2 or "norm" in name or "embedding" in name else decay).append(p)
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=args.lr,
+            betas=(0.9, 0.98),
+        )
+        model.train()
+        k = args.start_item
+        t_loop = time.perf_counter()
+        running = []
+        for step in range(args.steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            batch = []
+            for _ in range(args.batch):
+                sample_index, mode = train_item(k)
+                sample, follow = make_conversation(TRAIN, sample_index, args.seed, args.turns)
+                objects = make_scene(TRAIN, sample_index, args.seed)[1]
+                batch.append(encode(sample, mode, nps, follow, objects))
+                k += 1
+            if step == 0:
+                log(f"batched vs reference forward: max |logit diff| {check_batched(model, batch):.2e}")
+            loss = batch_loss(model, batch, args.mean_penalty, aux, args.aux_weight)
+            loss.backward()
+            total = loss.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            running.append(total)
+            if (step + 1) % 10 == 0:
+                rate = (step + 1) / (time.perf_counter() - t_loop)
+                log(f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} {rate:.2f} step/s")
+                running = []
+            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+                acc = quick_eval(model, held_out)
+                fs, es = feature_scale(model, held_out[0])
+                log(
+                    f"step {step + 1} quick eval: "
+                    + " ".join(f"{k} {v:.0f}" for k, v in sorted(acc.items()))
+                    + f" | feature std {fs:.3f}, embedding std {es:.3f}"
+                )
+
+        def extra(tmp: Path) -> None:
+            for f in assets.iterdir():
+                shutil.copy2(f, tmp / f.name)
+
+        save_checkpoint(model, args.out, dtype=torch.float16, extra_files=extra)
+        log(f"wrote {args.out} after {(time.perf_counter() - t_start) / 60:.1f} min")
+    finally:
+        shutil.rmtree(assets, ignore_errors=True)
+    return 0
+
+
+def log(message: str) -> None:
+    print(f"[train_demo {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
