@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format demo bench export-harmonyos export-ios clean
+.PHONY: setup test test-slow lint format demo bench export-harmonyos export-android export-ios clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ test: setup
 	$(BIN)/ruff check edge_runtime export tests tools
 	$(BIN)/ruff format --check edge_runtime export tests tools
 	$(BIN)/python tools/run_pytest.py
+
+# The quantized ExecuTorch lowerings (~5 min each here) on top of `make test`.
+test-slow: setup
+	MINICPMV_EDGE_SLOW=1 $(BIN)/python tools/run_pytest.py
 
 lint: setup
 	$(BIN)/ruff check edge_runtime export tests tools
@@ -42,6 +46,10 @@ QUANT ?= int4
 export-harmonyos: setup
 	$(BIN)/minicpmv-edge export --checkpoint $(DEMO_CKPT) --target harmonyos --quant $(QUANT) \
 		--out build/bundles/harmonyos-$(QUANT)
+
+export-android: setup
+	$(BIN)/minicpmv-edge export --checkpoint $(DEMO_CKPT) --target android --quant $(or $(ANDROID_QUANT),8da4w) \
+		--out build/bundles/android-$(or $(ANDROID_QUANT),8da4w)
 
 export-ios: setup
 	$(BIN)/minicpmv-edge export --checkpoint $(DEMO_CKPT) --target ios --quant $(QUANT) --out build/bundles/ios-$(QUANT)

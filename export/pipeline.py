@@ -66,6 +66,7 @@ class ExportContext:
     max_context: int
     chunk_size: int
     progress: Progress
+    max_undelegated: float | None = None  # formats with a delegate: the share of ops it may leave behind
 
 
 @dataclass
@@ -88,6 +89,7 @@ class ExportRequest:
     quantization: str = "fp32"
     max_context: int = DEFAULT_MAX_CONTEXT
     chunk_size: int = DEFAULT_CHUNK
+    max_undelegated: float | None = None  # None: the format's default
 
 
 def register_exporter(format_name: str, module: str) -> None:
@@ -146,7 +148,7 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> P
     with atomic_directory(request.out) as tmp:
         ctx = ExportContext(
             request.checkpoint, config, raw, tmp, request.target, fmt, request.quantization,
-            max_context, request.chunk_size, say,
+            max_context, request.chunk_size, say, request.max_undelegated,
         )  # fmt: skip
         say(f"exporting graphs (format {fmt}, {request.quantization})")
         graph_set: GraphSet = module.export_graphs(ctx)

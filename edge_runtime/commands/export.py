@@ -31,15 +31,25 @@ QUANTS = tuple(GATES)  # every quantization has a parity gate table, and only th
 @click.option("--quant", type=click.Choice(QUANTS), default="fp32", show_default=True)
 @click.option("--max-context", type=click.IntRange(16, 1 << 20), default=4096, show_default=True)
 @click.option("--chunk-size", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option(
+    "--max-undelegated",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="ExecuTorch: fail when the delegate leaves more than this share of operators (default 0.5).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
-def export(checkpoint, target, out, format_name, quant, max_context, chunk_size, as_json) -> None:
+def export(
+    checkpoint, target, out, format_name, quant, max_context, chunk_size, max_undelegated, as_json
+) -> None:
     """Export CHECKPOINT to a bundle for --target (ios|android|harmonyos|desktop)."""
     from export.pipeline import ExportRequest, export_bundle
 
     from ..bundle import read_manifest
     from ..cli import print_json
 
-    request = ExportRequest(checkpoint, out, target, format_name, quant, max_context, chunk_size)
+    request = ExportRequest(
+        checkpoint, out, target, format_name, quant, max_context, chunk_size, max_undelegated
+    )
     path = export_bundle(request, progress=lambda msg: click.echo(f"[export] {msg}", err=True))
     if not as_json:
         click.echo(str(path))

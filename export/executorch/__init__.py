@@ -1,0 +1,159 @@
+"""Format `executorch` (target android): the whole model as one XNNPACK-delegated `model.pte`.
+
+Entry point for export/pipeline.py: `export_graphs(ctx)` writes `model.pte` into the bundle's
+temporary directory and returns the manifest's graph table. Methods (see methods.py): the vision
+encoder per downsample mode, the token embedding, the text decoder as a prefill chunk and a decode
+step sharing state in mutable buffers, `reset_state`, and the metadata methods ExecuTorch's LLM
+runners read (`get_max_seq_len`, `get_eos_ids`, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from .lower import DEFAULT_MAX_UNDELEGATED, check_delegation, lower, to_pte_bytes
+from .methods import (
+    DECODE,
+    PREFILL,
+    RESET,
+    TOKEN_EMBEDDING,
+    VISION_METHODS,
+    buffer_name,
+    export_methods,
+    max_slice_patches,
+)
+from .quantize import QUANTIZATIONS, quantize_model
+
+SUPPORTED_QUANTIZATIONS = QUANTIZATIONS
+PTE_FILE = "model.pte"
+MAX_UNDELEGATED_ENV = "MINICPMV_EDGE_MAX_UNDELEGATED"
+
+
+def max_undelegated(ctx: Any) -> float:
+    """The user's threshold: ExportContext.max_undelegated when the pipeline carries it, else the
+    environment variable, else the default."""
+    value = getattr(ctx, "max_undelegated", None)
+    if value is None:
+        value = os.environ.get(MAX_UNDELEGATED_ENV, DEFAULT_MAX_UNDELEGATED)
+    return float(value)
+
+
+def metadata_methods(ctx: Any, stop_ids: list[int], bos_id: int) -> dict[str, Any]:
+    """Constant methods of ExecuTorch's runner ABI (extension/llm/runner/constants.h) plus ours."""
+    cfg = ctx.config
+    return {
+        "get_bos_id": bos_id,
+        "get_eos_ids": list(stop_ids),
+        "get_max_seq_len": ctx.max_context,
+        "get_max_context_len": ctx.max_context,
+        "get_vocab_size": cfg.text.vocab_size,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": False,
+        "enable_dynamic_shape": False,  # the decoder is static: C = chunk (prefill) and C = 1 (decode)
+        "get_chunk_size": ctx.chunk_size,
+        "get_hidden_size": cfg.text.hidden_size,
+        "get_image_token_id": cfg.image_token_id,
+    }
+
+
+def export_graphs(ctx: Any) -> Any:
+    from edge_runtime.checkpoint import load_checkpoint
+    from edge_runtime.processing.tokenizer import Tokenizer
+    from export.pipeline import GraphSet
+
+    started = time.perf_counter()
+    ckpt = load_checkpoint(ctx.checkpoint)
+    tok = Tokenizer(ctx.checkpoint)
+    bos = tok.im_start_id  # Qwen3.5 has no BOS token; the runner ABI wants one: the chat turn opener
+    meta = metadata_methods(ctx, list(tok.stop_ids), bos)
+    ctx.progress(f"quantizing ({ctx.quantization})")
+    model, summary = quantize_model(ckpt.model, ctx.quantization)
+    del ckpt
+    cache_len = ctx.max_context + ctx.chunk_size
+    scale = int(ctx.raw_config.get("scale_resolution", 0) or _scale_resolution(ctx))
+    max_patches = max_slice_patches(model, scale)
+    ctx.progress(
+        f"torch.export: {len(VISION_METHODS) + 4} methods (chunk {ctx.chunk_size}, cache {cache_len})"
+    )
+    programs = export_methods(model, ctx.chunk_size, cache_len, max_patches, ctx.max_context)
+    ctx.progress("lowering to XNNPACK (to_edge_transform_and_lower)")
+    edge, report = lower(programs, meta, ctx.quantization)
+    del programs
+    ctx.progress(
+        f"delegation: {report.total_delegated} operators in XNNPACK, {report.total_undelegated} left "
+        f"({report.fraction_undelegated:.1%})"
+    )
+    check_delegation(report, max_undelegated(ctx))
+    ctx.progress("serializing model.pte")
+    data = to_pte_bytes(edge)
+    (ctx.out / PTE_FILE).write_bytes(data)
+    ctx.progress(f"model.pte: {len(data) / 1e6:.1f} MB in {time.perf_counter() - started:.0f} s")
+    return GraphSet(
+        graphs=graph_table(ctx, max_patches),
+        decode_weight_bytes=summary.decode_weight_bytes,
+        extra={
+            "executorch": {
+                "pte": PTE_FILE,
+                "metadata": meta,
+                "state_buffers": [buffer_name(s.name) for s in _specs(ctx, cache_len)],
+                "linear_schemes": summary.linear_schemes,
+                "embedding_scheme": summary.embedding_scheme,
+                "delegation": report.to_json(),
+                "max_slice_patches": max_patches,
+            }
+        },
+    )
+
+
+def _scale_resolution(ctx: Any) -> int:
+    import json
+
+    path = ctx.checkpoint / "preprocessor_config.json"
+    raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return int(raw.get("scale_resolution", 448))
+
+
+def _specs(ctx: Any, cache_len: int) -> list[Any]:
+    from edge_runtime.models.qwen35_text import state_specs
+
+    return state_specs(ctx.config.text, cache_len)
+
+
+def _io(name: str, shape: list, dtype: str) -> dict[str, Any]:
+    return {"name": name, "shape": shape, "dtype": dtype}
+
+
+def graph_table(ctx: Any, max_patches: int) -> dict[str, Any]:
+    """The manifest's `graphs`: every entry point names its method in model.pte."""
+    cfg = ctx.config
+    d, v, patch_dim = cfg.text.hidden_size, cfg.text.vocab_size, cfg.vision.patch_dim
+    vision_in = [_io("patches", ["L", patch_dim], "float32"), _io("position_ids", ["L"], "int64")]
+    return {
+        "vision_encoder": {
+            "file": PTE_FILE,
+            "methods": dict(VISION_METHODS),
+            "modes": list(VISION_METHODS),
+            "max_patches": max_patches,
+            "inputs": vision_in,
+            "outputs": [_io("embeds", ["L/16 (16x) or L/4 (4x)", d], "float32")],
+        },
+        "token_embedding": {
+            "file": PTE_FILE,
+            "method": TOKEN_EMBEDDING,
+            "inputs": [_io("ids", ["T"], "int64")],
+            "outputs": [_io("embeds", ["T", d], "float32")],
+        },
+        "text_decoder": {
+            "file": PTE_FILE,
+            "methods": {"prefill": PREFILL, "decode": DECODE, "reset": RESET},
+            "state": "mutable_buffers",
+            "inputs": [
+                _io("embeds", [1, "C (prefill, = chunk_size) or 1 (decode)", d], "float32"),
+                _io("start_pos", [1], "int64"),
+                _io("n_valid", [1], "int64"),
+            ],
+            "outputs": [_io("logits", [1, v], "float32")],
+        },
+    }
