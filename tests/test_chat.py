@@ -220,16 +220,34 @@ def test_video_frames_fill_video_placeholders(hf_dir):
     assert len(result.generation.token_ids) <= 4
 
 
-def test_video_file_without_decoder_is_one_line_error(hf_dir, tmp_path, capsys):
-    pytest.importorskip("PIL")
-    try:
-        import av  # noqa: F401
+def test_video_file_without_decoder_is_one_line_error(hf_dir, tmp_path, capsys, monkeypatch):
+    import sys
 
-        pytest.skip("PyAV installed: the missing-decoder message does not apply")
-    except ImportError:
-        pass
+    monkeypatch.setitem(sys.modules, "av", None)  # as if neither optional decoder were installed
+    monkeypatch.setitem(sys.modules, "decord", None)
     clip = tmp_path / "clip.mp4"
     clip.write_bytes(b"\x00" * 64)
     code = main(["chat", "--checkpoint", str(hf_dir[0]), "--video", str(clip), "--prompt", "hi"])
     lines = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "pip install av" in lines[0], lines
+
+
+def test_chat_on_a_video_file(hf_dir, tmp_path, capsys):
+    """A real encoded clip (3 s at 2 fps) -> 1 fps units -> <|video_pad|> rows, through the CLI."""
+    av = pytest.importorskip("av")
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as container:
+        stream = container.add_stream("mpeg4", rate=2)
+        stream.width, stream.height, stream.pix_fmt = 112, 112, "yuv420p"
+        for i in range(6):
+            frame = np.full((112, 112, 3), (40 * i, 100, 200 - 30 * i), np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    args = ["chat", "--checkpoint", str(hf_dir[0]), "--video", str(clip), "--prompt", "What happens?"]
+    assert main([*args, "--json", "--max-new-tokens", "3", "--max-slice-nums", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    video_id = open_session(hf_dir[0]).backend.info.video_token_id
+    assert out["n_slices"] == 3  # one unit per second, one slice each
+    assert out["prompt_token_ids"].count(video_id) == out["n_image_tokens"] == 3 * 64
