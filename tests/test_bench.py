@@ -24,13 +24,12 @@ from edge_runtime.bench import (
     stats,
 )
 from edge_runtime.cli import main
-from edge_runtime.init_checkpoint import init_checkpoint
 from edge_runtime.parity import SAMPLES_DIR
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return init_checkpoint("minicpm-v-4.6", "tiny", tmp_path_factory.mktemp("bench") / "ckpt", seed=4)
+def ckpt(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def test_bandwidth_is_measured(monkeypatch):
@@ -53,13 +52,13 @@ def test_bench_json_report_and_plot(ckpt, tmp_path, capsys):
     assert main([*args, "--json", "--report", str(report), "--plot", str(plot)]) == 0
     captured = capsys.readouterr()
     data = json.loads(captured.out)
-    assert "[bench] run 1/1: checkpoint:ckpt" in captured.err
+    assert f"[bench] run 1/1: checkpoint:{ckpt.name}" in captured.err
 
     machine = data["machine"]
     assert machine["memory_bandwidth_gbs"] > 0 and len(machine["bandwidth"]["samples_gbs"]) >= 1
     assert data["settings"]["decode_tokens"] == 64 and data["settings"]["order"] == "interleaved"
     (cand,) = data["candidates"]
-    assert cand["kind"] == "checkpoint" and cand["label"] == "checkpoint:ckpt"
+    assert cand["kind"] == "checkpoint" and cand["label"] == f"checkpoint:{ckpt.name}"
     for key in (*TTFT_PARTS, "ttft_ms", "decode_tok_s"):
         assert set(cand[key]) == {"median", "min", "max"} and cand[key]["median"] >= 0, key
     parts = sum(cand[k]["median"] for k in TTFT_PARTS)

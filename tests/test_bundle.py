@@ -21,7 +21,6 @@ from edge_runtime.bundle import (
 )
 from edge_runtime.cli import main
 from edge_runtime.errors import BundleError, InputError
-from edge_runtime.init_checkpoint import init_checkpoint
 from edge_runtime.parity import SAMPLES_DIR
 from edge_runtime.runtime import open_checkpoint_session
 from edge_runtime.session import HostAssets
@@ -30,8 +29,8 @@ from export.pipeline import ExportRequest, export_bundle
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory):
-    return init_checkpoint("minicpm-v-4.6", "tiny", tmp_path_factory.mktemp("bundle") / "ckpt", seed=1)
+def ckpt_dir(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,11 @@ import json
 import pytest
 
 from edge_runtime.cli import main
-from edge_runtime.init_checkpoint import init_checkpoint
 
 
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory):
-    return init_checkpoint("minicpm-v-4.6", "tiny", tmp_path_factory.mktemp("cli") / "ckpt", seed=2)
+def ckpt_dir(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
