@@ -113,6 +113,7 @@ class Encoded:
     qtype: str
     aux: torch.Tensor | None = None  # [tokens of the source view, 2]: colour, shape class (0 = none)
     digits: torch.Tensor | None = None  # [2] the two digits of a number image
+    digit_map: torch.Tensor | None = None  # [tokens of the source view]: 0 ink-free, 1+d first, 11+d second
 
 
 def scene_targets(size: tuple[int, int], token_grid: tuple[int, int], objects: list[_Object]) -> torch.Tensor:
@@ -130,6 +131,32 @@ def scene_targets(size: tuple[int, int], token_grid: tuple[int, int], objects: l
     for o in objects:
         c, r = min(int(o.cx * cols / width), cols - 1), min(int(o.cy * rows / height), rows - 1)
         out[r * cols + c] = torch.tensor([o.colour + 1, o.shape + 1])
+    return out
+
+
+def digit_targets(image, token_grid: tuple[int, int], answer: str) -> torch.Tensor:
+    """Per LLM token of the source view (row-major): 0 where the token's cell holds no ink, else
+    1 + first digit left of the number's horizontal middle, 11 + second digit right of it.
+    Ink is found from the pixels (dark on a light background), so the generator is untouched."""
+    gray = np.asarray(image.convert("L"), dtype=np.float32)
+    ink = gray < 140
+    rows, cols = token_grid
+    out = torch.zeros(rows * cols, dtype=torch.long)
+    ys, xs = np.nonzero(ink)
+    if xs.size == 0:
+        return out
+    mid = 0.5 * (xs.min() + xs.max() + 1)
+    height, width = gray.shape
+    first, second = int(answer[0]), int(answer[1])
+    for r in range(rows):
+        y0, y1 = int(r * height / rows), int((r + 1) * height / rows)
+        for c in range(cols):
+            x0, x1 = int(c * width / cols), int((c + 1) * width / cols)
+            cell = ink[y0:y1, x0:x1]
+            if cell.sum() < 0.03 * cell.size:
+                continue
+            cx = x0 + np.nonzero(cell)[1].mean()
+            out[r * cols + c] = 1 + first if cx < mid else 11 + second
     return out
 
 
@@ -182,6 +209,9 @@ class Encoder:
             ex.aux = scene_targets(sample.image.size, (h // m, w // m), objects)
         elif sample.qtype == "text":
             ex.digits = torch.tensor([int(d) for d in sample.answer[:2]])
+            m = 4 if mode == "16x" else 2
+            h, w = prepared.patch_grids[0]
+            ex.digit_map = digit_targets(sample.image, (h // m, w // m), sample.answer)
         return ex
 
 
@@ -377,6 +407,7 @@ class AuxHeads(torch.nn.Module):
         self.colour = torch.nn.Linear(dim, n_colours + 1)
         self.shape = torch.nn.Linear(dim, n_shapes + 1)
         self.digits = torch.nn.Linear(dim, 20)
+        self.digit_map = torch.nn.Linear(dim, 21)
 
 
 def batch_loss(
@@ -409,6 +440,8 @@ def batch_loss(
                     aux_terms.append(F.cross_entropy(aux.shape(source), ex.aux[:, 1]))
                 if ex.digits is not None:
                     aux_terms.append(F.cross_entropy(aux.digits(source.mean(0)).view(2, 10), ex.digits))
+                if ex.digit_map is not None:
+                    aux_terms.append(F.cross_entropy(aux.digit_map(source), ex.digit_map))
     loss = total / count + mean_penalty * penalty
     if aux_terms:
         loss = loss + aux_weight * torch.stack(aux_terms).mean()
@@ -463,9 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "edge_runtime" / "data" / "demo-checkpoint")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=480, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=1300, help="optimizer steps")
     ap.add_argument("--batch", type=int, default=12, help="images (conversations) per optimizer step")
-    ap.add_argument("--turns", type=int, default=7, help="questions per image in training conversations")
+    ap.add_argument("--turns", type=int, default=4, help="questions per image in training conversations")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -483,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--start-item", type=int, default=0, help="first training conversation (continue the data stream)"
     )
+    ap.add_argument("--snapshot", type=Path, default=None, help="also save here at every quick eval")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -516,6 +550,11 @@ def main(argv: list[str] | None = None) -> int:
             lr=args.lr,
             betas=(0.9, 0.98),
         )
+
+        def extra(tmp: Path) -> None:
+            for f in assets.iterdir():
+                shutil.copy2(f, tmp / f.name)
+
         model.train()
         k = args.start_item
         t_loop = time.perf_counter()
@@ -551,10 +590,8 @@ def main(argv: list[str] | None = None) -> int:
                     + " ".join(f"{k} {v:.0f}" for k, v in sorted(acc.items()))
                     + f" | feature std {fs:.3f}, embedding std {es:.3f}"
                 )
-
-        def extra(tmp: Path) -> None:
-            for f in assets.iterdir():
-                shutil.copy2(f, tmp / f.name)
+                if args.snapshot is not None:  # a fallback copy if a run has to be stopped early
+                    save_checkpoint(model, args.snapshot, dtype=torch.float16, extra_files=extra)
 
         save_checkpoint(model, args.out, dtype=torch.float16, extra_files=extra)
         log(f"wrote {args.out} after {(time.perf_counter() - t_start) / 60:.1f} min")
