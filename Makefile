@@ -33,8 +33,9 @@ format: setup
 	$(BIN)/ruff format edge_runtime export tests tools
 	$(BIN)/ruff check --fix edge_runtime export tests tools
 
+# DEMO_ARGS="--targets all" adds the CoreML and ExecuTorch bundles (their exports take minutes).
 demo: setup
-	$(BIN)/python tools/demo.py
+	$(BIN)/python tools/demo.py $(DEMO_ARGS)
 
 # Standard benchmark: writes reports/bench-<date>.{md,json,png} (not committed).
 bench: setup
