@@ -92,6 +92,11 @@ class ExportRequest:
     max_undelegated: float | None = None  # None: the format's default
 
 
+def io_spec(name: str, shape: list, dtype: str) -> dict[str, Any]:
+    """One graph input/output as the manifest describes it (docs/bundle.md)."""
+    return {"name": name, "shape": shape, "dtype": dtype}
+
+
 def register_exporter(format_name: str, module: str) -> None:
     """Register (or replace) the exporter module of a format."""
     EXPORTERS[format_name] = module

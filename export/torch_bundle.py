@@ -15,15 +15,11 @@ from safetensors import safe_open
 from edge_runtime.bundle import TensorInfo, decode_weight_numel
 from edge_runtime.checkpoint import WEIGHTS_FILE, checkpoint_key_to_module, weight_files, write_safetensors
 
-from .pipeline import ExportContext, GraphSet
+from .pipeline import ExportContext, GraphSet, io_spec
 
 SUPPORTED_QUANTIZATIONS = ("fp32", "fp16")
 _STORE = {"fp32": torch.float32, "fp16": torch.float16}
 COMPUTE_BYTES = 4  # TorchBackend upcasts every weight to fp32 on load
-
-
-def _io(name: str, shape: list, dtype: str) -> dict:
-    return {"name": name, "shape": shape, "dtype": dtype}
 
 
 def export_graphs(ctx: ExportContext) -> GraphSet:
@@ -68,24 +64,27 @@ def _graphs(ctx: ExportContext) -> dict:
             **weights,
             "method": "encode_slice",
             "modes": ["16x", "4x"],
-            "inputs": [_io("patches", ["L", patch_dim], "float32"), _io("position_ids", ["L"], "int64")],
-            "outputs": [_io("embeds", ["L/16 (16x) or L/4 (4x)", d], "float32")],
+            "inputs": [
+                io_spec("patches", ["L", patch_dim], "float32"),
+                io_spec("position_ids", ["L"], "int64"),
+            ],
+            "outputs": [io_spec("embeds", ["L/16 (16x) or L/4 (4x)", d], "float32")],
         },
         "token_embedding": {
             **weights,
             "method": "embed",
-            "inputs": [_io("ids", ["T"], "int64")],
-            "outputs": [_io("embeds", ["T", d], "float32")],
+            "inputs": [io_spec("ids", ["T"], "int64")],
+            "outputs": [io_spec("embeds", ["T", d], "float32")],
         },
         "text_decoder": {
             **weights,
             "method": "decode",
             "state": "in_out",
             "inputs": [
-                _io("embeds", [1, "C (prefill) or 1 (decode)", d], "float32"),
-                _io("start_pos", [1], "int64"),
-                _io("n_valid", [1], "int64"),
+                io_spec("embeds", [1, "C (prefill) or 1 (decode)", d], "float32"),
+                io_spec("start_pos", [1], "int64"),
+                io_spec("n_valid", [1], "int64"),
             ],
-            "outputs": [_io("logits", [1, v], "float32")],
+            "outputs": [io_spec("logits", [1, v], "float32")],
         },
     }

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature
 from transformers.models.minicpmv4_6.processing_minicpmv4_6 import MiniCPMV4_6Processor
 from transformers.video_processing_utils import VideoProcessorMixin
@@ -49,3 +50,15 @@ def build_processor(checkpoint_dir: str | Path, downsample_mode: str = "16x", **
         tokenizer=AutoTokenizer.from_pretrained(str(checkpoint_dir)),
         chat_template=load_chat_template(checkpoint_dir),
     )
+
+
+def split_reference(pixel_values, target_sizes, patch: int = 14) -> list[np.ndarray]:
+    """Upstream NaViT packing [1, 3, P, sum(L)*P] -> per-slice row-major patches [L, 3*P*P]."""
+    packed, out, start = np.asarray(pixel_values)[0], [], 0
+    for h, w in np.asarray(target_sizes).tolist():
+        n = h * w
+        seg = packed[:, :, start * patch : (start + n) * patch].reshape(3, patch, n, patch)
+        out.append(seg.transpose(2, 0, 1, 3).reshape(n, 3 * patch * patch))
+        start += n
+    assert start * patch == packed.shape[-1]
+    return out

@@ -26,6 +26,7 @@ from edge_runtime.processing.slicing import (
 )
 
 transformers = pytest.importorskip("transformers")
+from hf_reference import split_reference  # noqa: E402
 from transformers.models.minicpmv4_6.image_processing_pil_minicpmv4_6 import (  # noqa: E402
     MiniCPMV4_6ImageProcessorPil,
 )
@@ -82,19 +83,6 @@ def noise_image(height: int, width: int, seed: int = 0) -> Image.Image:
 @pytest.fixture(scope="module")
 def ref() -> MiniCPMV4_6ImageProcessorPil:
     return MiniCPMV4_6ImageProcessorPil()
-
-
-def split_reference(pixel_values: np.ndarray, target_sizes: np.ndarray) -> list[np.ndarray]:
-    """Upstream NaViT packing [1,3,14,sum(L)*14] -> per-slice row-major patches [L, 3*14*14]."""
-    packed = pixel_values[0]
-    out, start = [], 0
-    for h, w in target_sizes.tolist():
-        n = h * w
-        seg = packed[:, :, start * P : (start + n) * P].reshape(3, P, n, P)
-        out.append(seg.transpose(2, 0, 1, 3).reshape(n, 3 * P * P))
-        start += n
-    assert start * P == packed.shape[-1]
-    return out
 
 
 def compare_with_reference(ref, image: Image.Image, config: SliceConfig, **ref_kwargs) -> None:

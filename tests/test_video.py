@@ -26,6 +26,7 @@ from edge_runtime.processing.video import (
 )
 
 pytest.importorskip("transformers")
+from hf_reference import split_reference  # noqa: E402
 from transformers.models.minicpmv4_6.video_processing_minicpmv4_6 import (  # noqa: E402
     MiniCPMV4_6VideoProcessor,
 )
@@ -105,17 +106,6 @@ def test_canvas_layout_tie_prefers_orientation():
     assert canvas_layout(7, 10, 10) == (1, 7)
     with pytest.raises(InputError):
         stack_canvas([Image.new("RGB", (4, 4)), Image.new("RGB", (5, 4))])
-
-
-def split_reference(pixel_values: torch.Tensor, target_sizes: torch.Tensor) -> list[np.ndarray]:
-    packed, out, start = pixel_values[0].numpy(), [], 0
-    for h, w in target_sizes.tolist():
-        n = h * w
-        seg = packed[:, :, start * P : (start + n) * P].reshape(3, P, n, P)
-        out.append(seg.transpose(2, 0, 1, 3).reshape(n, 3 * P * P))
-        start += n
-    assert start * P == packed.shape[-1]
-    return out
 
 
 @pytest.mark.parametrize(

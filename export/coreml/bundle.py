@@ -14,13 +14,12 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from edge_runtime.backends.coreml.executor import MILProgram
 from edge_runtime.checkpoint import load_checkpoint
 from edge_runtime.models.qwen35_text import state_specs
 
-from ..pipeline import ExportContext, GraphSet
+from ..pipeline import ExportContext, GraphSet, io_spec
 from .convert import convert_decoder, convert_embedding, convert_vision, save_multifunction
 from .lower import state_buffer_name
 from .quantize import quantize
@@ -34,10 +33,6 @@ EMBEDDING_CHOICE = (
     "separate token_embedding.mlpackage: the decoder takes embeddings so host-spliced image "
     "embeddings and text share one decoder; the tied table is stored twice (once per package)"
 )
-
-
-def _io(name: str, shape: list, dtype: str) -> dict[str, Any]:
-    return {"name": name, "shape": shape, "dtype": dtype}
 
 
 def export_coreml(ctx: ExportContext) -> GraphSet:
@@ -86,15 +81,15 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
             "functions": {"16x": "vision_16x", "4x": "vision_4x"},
             "max_patches": max_patches,
             "inputs": [
-                _io("patches", ["L", cfg.vision.patch_dim], "float32"),
-                _io("position_ids", ["L"], "int32"),
+                io_spec("patches", ["L", cfg.vision.patch_dim], "float32"),
+                io_spec("position_ids", ["L"], "int32"),
             ],
-            "outputs": [_io("embeds", ["L/16 (16x) or L/4 (4x)", d], "float16")],
+            "outputs": [io_spec("embeds", ["L/16 (16x) or L/4 (4x)", d], "float16")],
         },
         "token_embedding": {
             "file": FILES["embedding"],
-            "inputs": [_io("ids", ["T"], "int32")],
-            "outputs": [_io("embeds", ["T", d], "float16")],
+            "inputs": [io_spec("ids", ["T"], "int32")],
+            "outputs": [io_spec("embeds", ["T", d], "float16")],
         },
         "text_decoder": {
             "file": FILES["decoder"],
@@ -103,11 +98,11 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
             "cache_len": cache_len,
             "state": "mlstate",
             "inputs": [
-                _io("embeds", [1, "C (prefill) or 1 (decode)", d], "float32"),
-                _io("start_pos", [1], "int32"),
-                _io("n_valid", [1], "int32"),
+                io_spec("embeds", [1, "C (prefill) or 1 (decode)", d], "float32"),
+                io_spec("start_pos", [1], "int32"),
+                io_spec("n_valid", [1], "int32"),
             ],
-            "outputs": [_io("logits", [1, v], "float16")],
+            "outputs": [io_spec("logits", [1, v], "float16")],
         },
     }
     extra = {

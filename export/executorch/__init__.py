@@ -13,6 +13,7 @@ import os
 import time
 from typing import Any
 
+from ..pipeline import io_spec
 from .lower import DEFAULT_MAX_UNDELEGATED, check_delegation, lower, to_pte_bytes
 from .methods import (
     DECODE,
@@ -121,15 +122,11 @@ def _specs(ctx: Any, cache_len: int) -> list[Any]:
     return state_specs(ctx.config.text, cache_len)
 
 
-def _io(name: str, shape: list, dtype: str) -> dict[str, Any]:
-    return {"name": name, "shape": shape, "dtype": dtype}
-
-
 def graph_table(ctx: Any, max_patches: int) -> dict[str, Any]:
     """The manifest's `graphs`: every entry point names its method in model.pte."""
     cfg = ctx.config
     d, v, patch_dim = cfg.text.hidden_size, cfg.text.vocab_size, cfg.vision.patch_dim
-    vision_in = [_io("patches", ["L", patch_dim], "float32"), _io("position_ids", ["L"], "int64")]
+    vision_in = [io_spec("patches", ["L", patch_dim], "float32"), io_spec("position_ids", ["L"], "int64")]
     return {
         "vision_encoder": {
             "file": PTE_FILE,
@@ -137,23 +134,23 @@ def graph_table(ctx: Any, max_patches: int) -> dict[str, Any]:
             "modes": list(VISION_METHODS),
             "max_patches": max_patches,
             "inputs": vision_in,
-            "outputs": [_io("embeds", ["L/16 (16x) or L/4 (4x)", d], "float32")],
+            "outputs": [io_spec("embeds", ["L/16 (16x) or L/4 (4x)", d], "float32")],
         },
         "token_embedding": {
             "file": PTE_FILE,
             "method": TOKEN_EMBEDDING,
-            "inputs": [_io("ids", ["T"], "int64")],
-            "outputs": [_io("embeds", ["T", d], "float32")],
+            "inputs": [io_spec("ids", ["T"], "int64")],
+            "outputs": [io_spec("embeds", ["T", d], "float32")],
         },
         "text_decoder": {
             "file": PTE_FILE,
             "methods": {"prefill": PREFILL, "decode": DECODE, "reset": RESET},
             "state": "mutable_buffers",
             "inputs": [
-                _io("embeds", [1, "C (prefill, = chunk_size) or 1 (decode)", d], "float32"),
-                _io("start_pos", [1], "int64"),
-                _io("n_valid", [1], "int64"),
+                io_spec("embeds", [1, "C (prefill, = chunk_size) or 1 (decode)", d], "float32"),
+                io_spec("start_pos", [1], "int64"),
+                io_spec("n_valid", [1], "int64"),
             ],
-            "outputs": [_io("logits", [1, v], "float32")],
+            "outputs": [io_spec("logits", [1, v], "float32")],
         },
     }

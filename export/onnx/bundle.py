@@ -12,7 +12,7 @@ import onnxruntime
 from edge_runtime.checkpoint import load_checkpoint
 from edge_runtime.models.qwen35_text import state_specs
 
-from ..pipeline import ExportContext, GraphSet
+from ..pipeline import ExportContext, GraphSet, io_spec
 from .check import check_graphs
 from .lower import lower_graphs
 from .quantize import ACCURACY_LEVEL, BLOCK, quantize_model
@@ -25,10 +25,6 @@ FILES = {
     "decoder_prefill": "decoder_prefill.onnx",
     "decoder_decode": "decoder_decode.onnx",
 }
-
-
-def _io(name: str, shape: list, dtype: str) -> dict[str, Any]:
-    return {"name": name, "shape": shape, "dtype": dtype}
 
 
 def quantize_graphs(models: dict[str, onnx.ModelProto], quant: str, say) -> dict[str, dict[str, int]]:
@@ -55,18 +51,21 @@ def manifest_graphs(ctx: ExportContext, cache_len: int) -> dict[str, Any]:
     cfg = ctx.config
     d, v, patch_dim = cfg.text.hidden_size, cfg.text.vocab_size, cfg.vision.patch_dim
     state = state_specs(cfg.text, cache_len)
-    past = [_io(f"past.{s.name}", list(s.shape), "float32") for s in state]
-    present = [_io(f"present.{s.name}", list(s.shape), "float32") for s in state]
+    past = [io_spec(f"past.{s.name}", list(s.shape), "float32") for s in state]
+    present = [io_spec(f"present.{s.name}", list(s.shape), "float32") for s in state]
     return {
         "vision_encoder": {
             "files": {"16x": FILES["vision_16x"], "4x": FILES["vision_4x"]},
-            "inputs": [_io("patches", ["L", patch_dim], "float32"), _io("position_ids", ["L"], "int64")],
-            "outputs": [_io("embeds", ["L/16 (16x) or L/4 (4x)", d], "float32")],
+            "inputs": [
+                io_spec("patches", ["L", patch_dim], "float32"),
+                io_spec("position_ids", ["L"], "int64"),
+            ],
+            "outputs": [io_spec("embeds", ["L/16 (16x) or L/4 (4x)", d], "float32")],
         },
         "token_embedding": {
             "file": FILES["token_embedding"],
-            "inputs": [_io("ids", ["T"], "int64")],
-            "outputs": [_io("embeds", ["T", d], "float32")],
+            "inputs": [io_spec("ids", ["T"], "int64")],
+            "outputs": [io_spec("embeds", ["T", d], "float32")],
         },
         "text_decoder": {
             "files": {"prefill": FILES["decoder_prefill"], "decode": FILES["decoder_decode"]},
@@ -74,12 +73,12 @@ def manifest_graphs(ctx: ExportContext, cache_len: int) -> dict[str, Any]:
             "cache_len": cache_len,
             "state": "in_out",
             "inputs": [
-                _io("embeds", [1, "C (prefill) or 1 (decode)", d], "float32"),
-                _io("start_pos", [1], "int64"),
-                _io("n_valid", [1], "int64"),
+                io_spec("embeds", [1, "C (prefill) or 1 (decode)", d], "float32"),
+                io_spec("start_pos", [1], "int64"),
+                io_spec("n_valid", [1], "int64"),
                 *past,
             ],
-            "outputs": [_io("logits", [1, v], "float32"), *present],
+            "outputs": [io_spec("logits", [1, v], "float32"), *present],
         },
     }
 
