@@ -13,7 +13,9 @@ Stages, per case:
            dtypes, and a state that matters shows up in the decode stage.
 - decode   logits of N teacher-forced decode steps (both sides are fed the reference's greedy
            tokens, so they stay on one token path even after their samples would diverge).
-- greedy   N free-running greedy tokens (stop ids ignored, so every case yields N) vs the reference's.
+- greedy   free-running greedy tokens vs the reference's, up to and including the reference's first
+           stop token (at most N): the answer a user sees. Tokens after a stop are never shown, and
+           on a trained model they come from near-uniform logits where any quantization flips ties.
 The gate table for each quantization lives in GATES, once.
 """
 
@@ -392,7 +394,8 @@ def _run_case(ref: Session, cand: Session, case: Case, n_steps: int) -> CaseResu
         result.stages["decode"] = _logits_stage(ref_logits[1:], cand_logits[1:])
         stage = "greedy"
         cand_run = generate(cand.backend, cand_in.embeds, SamplingConfig(max_new_tokens=n_steps, stop_ids=()))
-        result.stages["greedy"] = _greedy_stage(ref_tokens[:n_steps], cand_run.token_ids)
+        shown = _until_stop(ref_tokens[:n_steps], ref.assets.stop_ids)
+        result.stages["greedy"] = _greedy_stage(shown, cand_run.token_ids[: len(shown)])
     except Exception as exc:  # a broken candidate is a finding, reported per stage, not a crash
         result.errors[stage] = _error_text(exc)
     return result
@@ -470,6 +473,15 @@ def _state_stage(
         "worst_tensor": worst,
         "mismatched_tensors": sorted(set(tensors) - set(numeric)),
     }
+
+
+def _until_stop(tokens: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """`tokens` up to and including the first stop id (all of them when none occurs)."""
+    stops = set(stop_ids)
+    for i, token in enumerate(tokens):
+        if token in stops:
+            return list(tokens[: i + 1])
+    return list(tokens)
 
 
 def _greedy_stage(ref_tokens: Sequence[int], cand_tokens: Sequence[int]) -> dict[str, Any]:

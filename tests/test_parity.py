@@ -4,6 +4,7 @@ message. Also the cases file, the gate table and the `parity` command on a real 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -18,6 +19,7 @@ from edge_runtime.errors import InputError
 from edge_runtime.init_checkpoint import init_checkpoint
 from edge_runtime.parity import GATES, SAMPLES_DIR, compare, default_cases, gates_for, load_cases
 from edge_runtime.runtime import open_checkpoint_session
+from edge_runtime.session import Session
 from export.pipeline import ExportRequest, export_bundle
 
 STEPS = 6
@@ -107,10 +109,9 @@ def test_reference_against_itself_passes_every_gate(reference, cases):
     assert data["stages"]["state"]["gated"] is False and data["stages"]["state"]["max_rel_err"] == 0
     for case in data["cases"]:
         assert case["errors"] == {}
-        assert (
-            case["stages"]["greedy"]["identical"]
-            and len(case["stages"]["greedy"]["reference_tokens"]) == STEPS
-        )
+        shown = case["stages"]["greedy"]["reference_tokens"]
+        assert case["stages"]["greedy"]["identical"]
+        assert len(shown) == STEPS or (shown[-1] in reference.assets.stop_ids and len(shown) < STEPS)
         assert case["stages"]["prefill"]["kl_max"] < 1e-9
     assert data["gates"] == {
         "vision_cosine": 0.99999,
@@ -120,6 +121,49 @@ def test_reference_against_itself_passes_every_gate(reference, cases):
         "token_agree": None,
     }
     json.dumps(data)  # JSON-ready (no NaN, no numpy scalars)
+
+
+class DivergeAfterBackend(ResetStateBackend):
+    """The reference for the first `n_ok` decode steps after each prefill, then its top token is
+    forbidden: free-running greedy leaves the reference's path exactly at step n_ok + 1."""
+
+    name = "torch+diverging"
+
+    def __init__(self, inner: Backend, n_ok: int):
+        super().__init__(inner)
+        self.n_ok, self.steps = n_ok, 0
+
+    def prefill_chunk(self, embeds, n_valid, start_pos, state):
+        self.steps = 0
+        return self.inner.prefill_chunk(embeds, n_valid, start_pos, state)
+
+    def decode_step(self, embed, pos, state):
+        logits, state = self.inner.decode_step(embed, pos, state)
+        self.steps += 1
+        if self.steps > self.n_ok:
+            logits = np.array(logits, copy=True)
+            logits[int(np.argmax(logits))] = -np.inf
+        return logits, state
+
+
+def test_greedy_compares_up_to_the_reference_stop_token(reference, cases):
+    """Tokens after the reference's stop are never shown to a user: a candidate that diverges only
+    after it passes the greedy stage; without the stop the same candidate fails it."""
+    case = cases[:1]
+    candidate = Session(DivergeAfterBackend(reference.backend, n_ok=0), reference.assets)
+    free = Session(reference.backend, dataclasses.replace(reference.assets, stop_ids=()))
+    report = compare(free, candidate, case, "fp32", n_steps=STEPS)
+    greedy = report.cases[0].stages["greedy"]
+    assert len(greedy["reference_tokens"]) == STEPS and greedy["first_divergence"] == 1
+    assert report.stages["greedy"]["passed"] is False
+
+    first = greedy["reference_tokens"][0]
+    stopping = Session(reference.backend, dataclasses.replace(reference.assets, stop_ids=(first,)))
+    report = compare(stopping, candidate, case, "fp32", n_steps=STEPS)
+    greedy = report.cases[0].stages["greedy"]
+    assert greedy["reference_tokens"] == [first] and greedy["identical"] is True
+    assert report.stages["greedy"]["passed"] is True
+    assert report.stages["decode"]["passed"] is False  # teacher-forced logits still see every step
 
 
 def test_perturbed_decoder_weight_fails_prefill(ckpt_dir, reference, cases):
