@@ -21,7 +21,15 @@ def inspect_bundle(path: Path, checksums: bool = True) -> dict[str, Any]:
     manifest = read_manifest(path)
     files = verify_files(path, manifest) if checksums else []
     weights: dict[str, dict[str, int]] = {}
-    for rel in sorted(manifest.files):
+    packages = _coreml_packages(path, manifest.graphs) if manifest.format == "coreml" else {}
+    for package in packages.values():
+        for dtype, nbytes in package["weight_bytes_by_dtype"].items():
+            entry = weights.setdefault(dtype, {"bytes": 0, "tensors": 0, "params": 0})
+            entry["bytes"] += nbytes["bytes"]
+            entry["tensors"] += nbytes["tensors"]
+            entry["params"] += nbytes["params"]
+    in_packages = {rel for rel in manifest.files if rel.split("/", 1)[0] in packages}
+    for rel in sorted(set(manifest.files) - in_packages):
         if not (path / rel).is_file():
             continue
         if rel.endswith(".safetensors"):
@@ -55,6 +63,7 @@ def inspect_bundle(path: Path, checksums: bool = True) -> dict[str, Any]:
         "state": state,
         "state_bytes": sum(s["bytes"] for s in state),
         "weights_by_dtype": weights,
+        "coreml_packages": packages,
         "size_bytes": (path / MANIFEST).stat().st_size
         + sum(int(e["bytes"]) for e in manifest.files.values()),
         "checksums_verified": checksums,
@@ -62,6 +71,46 @@ def inspect_bundle(path: Path, checksums: bool = True) -> dict[str, Any]:
         "files_ok": all(f.ok for f in files),
         "unlisted_files": [rel for rel in iter_bundle_files(path) if rel not in manifest.files],
     }
+
+
+def _coreml_packages(path: Path, graphs: dict[str, Any]) -> dict[str, Any]:
+    """Per .mlpackage: each function's inputs, states, outputs and op histogram, and its weight
+    bytes by stored dtype, read from the MIL program the package carries (nothing is executed).
+    A package that cannot be read is reported with its error, the rest of the report still prints."""
+    from ..backends.coreml.executor import MILProgram
+
+    names = sorted(
+        {f.split("/", 1)[0] for f in _graph_files(graphs) if f.split("/", 1)[0].endswith(".mlpackage")}
+    )
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            program = MILProgram(path / name)
+        except Exception as exc:  # a damaged package is a finding of inspect, not a crash
+            out[name] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+            continue
+
+        def specs(items) -> list[dict[str, Any]]:
+            return [
+                {
+                    "name": s.name,
+                    "shape": [d if isinstance(d, int) else None for d in s.shape],
+                    "dtype": str(s.dtype),
+                }
+                for s in items
+            ]
+
+        functions = {
+            fname: {
+                "inputs": specs(fn.inputs),
+                "states": specs(fn.states),
+                "outputs": list(fn.outputs),
+                "ops": dict(sorted(fn.op_histogram().items(), key=lambda kv: (-kv[1], kv[0]))),
+            }
+            for fname, fn in program.functions.items()
+        }
+        out[name] = {"functions": functions, "weight_bytes_by_dtype": program.weight_stats_by_dtype()}
+    return out
 
 
 def _graph_files(graphs: dict[str, Any]) -> set[str]:
@@ -107,6 +156,22 @@ def render(info: dict[str, Any]) -> str:
     lines.append("weights by dtype:")
     for dtype, w in sorted(info["weights_by_dtype"].items()):
         lines.append(f"  {dtype}: {w['bytes'] / 1e6:.2f} MB ({w['tensors']} tensors, {w['params']} params)")
+    for name, package in info.get("coreml_packages", {}).items():
+        if "error" in package:
+            lines.append(f"{name}: unreadable: {package['error']}")
+            continue
+        lines.append(f"{name}:")
+        for fname, fn in package["functions"].items():
+            lines.append(f"  function {fname}")
+            lines += [f"    in    {_io_line(io)}" for io in fn["inputs"]]
+            lines += [f"    state {_io_line(io)}" for io in fn["states"]]
+            lines.append(f"    out   {', '.join(fn['outputs'])}")
+            top = ", ".join(f"{op} {n}" for op, n in list(fn["ops"].items())[:12])
+            more = len(fn["ops"]) - 12
+            lines.append(
+                f"    ops   {sum(fn['ops'].values())}: {top}"
+                + (f", ... {more} more types" if more > 0 else "")
+            )
     if info["checksums_verified"]:
         lines.append("files:")
         lines += [f"  {'ok ' if f['status'] == 'ok' else 'BAD'} {f['message']}" for f in info["files"]]

@@ -35,6 +35,12 @@ EMBEDDING_CHOICE = (
 )
 
 
+# The vision tower stays int8 where the decoder goes int4, as in the ONNX bundles: measured on the
+# tiny checkpoint, int4 per channel costs the vision embeddings cosine 0.978 (gate 0.98), and the
+# vision encoder runs once per slice, so its weight bytes barely move decode speed.
+VISION_QUANT = {"int4": "int8", "int4-channel": "int8"}
+
+
 def export_coreml(ctx: ExportContext) -> GraphSet:
     say = ctx.progress
     model = load_checkpoint(ctx.checkpoint).model.eval()
@@ -43,13 +49,15 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
     specs = state_specs(cfg.text, cache_len)
     max_patches = (cfg.vision.num_patches_per_side**2) // 16 * 16
     timings: dict[str, float] = {}
+    vision_quant = VISION_QUANT.get(ctx.quantization, ctx.quantization)
     with tempfile.TemporaryDirectory(prefix="coreml-parts-") as scratch:
         parts = Path(scratch)
 
         def build(key: str, make) -> Path:  # noqa: ANN001
             start = time.perf_counter()
             path = parts / f"{key}.mlpackage"
-            quantize(make(), ctx.quantization).save(str(path))
+            quant = vision_quant if key.startswith("vision") else ctx.quantization
+            quantize(make(), quant).save(str(path))
             timings[key] = round(time.perf_counter() - start, 2)
             say(f"converted {key} in {timings[key]} s")
             return path
@@ -112,6 +120,7 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
             "state_dtype": "float16 (Core ML states are fp16 only; the converter casts fp32 buffers)",
             "compute_precision": "fp16, position path (RoPE angles, masks) fp32",
             "decoder_weight_bytes_by_dtype": weight_bytes,
+            "vision_quantization": vision_quant,
             "conversion_seconds": timings,
         }
     }

@@ -11,6 +11,7 @@ States (`MLState`) are named arrays the caller owns: `read_state` reads them, `w
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ class MILFunction:
                 if op.type == "const":
                     env[op.outputs[0].name] = self.package.value(op.attributes["val"])
                 elif op.type.startswith("constexpr_"):
-                    _run_op(op, env)
+                    _run_op(op, env, self.package.value)
             self._consts = env
         return self._consts
 
@@ -113,13 +114,18 @@ def _arg(op: MIL_pb2.Operation, key: str) -> str:
     return op.inputs[key].arguments[0].name
 
 
-def _run_op(op: MIL_pb2.Operation, env: dict[str, Any]) -> None:
+def _run_op(op: MIL_pb2.Operation, env: dict[str, Any], read_value: Callable[..., Any] | None = None) -> None:
+    """Run one op on `env`; `read_value` resolves values bound inline to inputs (the package's
+    reader, which also follows weight-file references; immediates only when None)."""
     func = OPS.get(op.type)
     if func is None:
         raise UnsupportedOpError(f"operation {op.type!r} ({op.outputs[0].name}) is not implemented")
     kwargs: dict[str, Any] = {}
     for key, arg in op.inputs.items():
-        values = [env[b.name] if b.name else _binding_value(b) for b in arg.arguments]
+        values = [
+            env[b.name] if b.name else (_plain(read_value(b.value)) if read_value else _binding_value(b))
+            for b in arg.arguments
+        ]
         kwargs[key] = values if key == "values" else values[0]
     result = func(**kwargs)
     results = result if isinstance(result, list | tuple) else [result]
@@ -172,19 +178,39 @@ class MILProgram:
 
     def weight_bytes_by_dtype(self) -> dict[str, int]:
         """Bytes of every const in the package, by stored dtype (sub-byte types counted packed)."""
-        totals: Counter = Counter()
+        return {dtype: entry["bytes"] for dtype, entry in self.weight_stats_by_dtype().items()}
+
+    def weight_stats_by_dtype(self) -> dict[str, dict[str, int]]:
+        """`{dtype: {bytes, tensors, params}}` over the package's blob-file consts (each stored
+        tensor once, even when several functions share it)."""
+        totals: dict[str, dict[str, int]] = {}
         seen: set[tuple[str, int]] = set()
+        for val in self._blob_values():
+            key = (val.blobFileValue.fileName, val.blobFileValue.offset)
+            if key in seen:
+                continue
+            seen.add(key)
+            ttype = val.type.tensorType
+            bits = DTYPES[ttype.dataType][1]
+            count = int(np.prod(tensor_shape(ttype), dtype=np.int64))
+            entry = totals.setdefault(
+                MIL_pb2.DataType.Name(ttype.dataType).lower(), {"bytes": 0, "tensors": 0, "params": 0}
+            )
+            entry["bytes"] += (count * bits + 7) // 8
+            entry["tensors"] += 1
+            entry["params"] += count
+        return totals
+
+    def _blob_values(self):
+        """Every weight-file value of the program: const ops' values and the values bound inline
+        to op inputs (how coremltools stores the quantized data and scales of constexpr ops)."""
         for fn in self.package.program.functions.values():
             for op in fn.block_specializations[fn.opset].operations:
-                if op.type != "const" or not op.attributes["val"].HasField("blobFileValue"):
-                    continue
-                val = op.attributes["val"]
-                key = (val.blobFileValue.fileName, val.blobFileValue.offset)
-                if key in seen:
-                    continue
-                seen.add(key)
-                ttype = val.type.tensorType
-                bits = DTYPES[ttype.dataType][1]
-                count = int(np.prod(tensor_shape(ttype), dtype=np.int64))
-                totals[MIL_pb2.DataType.Name(ttype.dataType).lower()] += (count * bits + 7) // 8
-        return dict(totals)
+                if op.type == "const" and op.attributes["val"].HasField("blobFileValue"):
+                    yield op.attributes["val"]
+                for arg in op.inputs.values():
+                    for binding in arg.arguments:
+                        if binding.WhichOneof("binding") == "value" and binding.value.HasField(
+                            "blobFileValue"
+                        ):
+                            yield binding.value
