@@ -230,8 +230,55 @@ def _draw_text(rng: random.Random, image: Image.Image, lang: str) -> tuple[str, 
     tw, th = right - left, bottom - top
     x = rng.uniform(0, max(width - tw, 0)) - left
     y = rng.uniform(0, max(height - th, 0)) - top
-    draw.text((x, y), digits, fill=rng.choice(INK), font=font)
+    ink = rng.choice(INK)
+    draw.text((x, y), digits, fill=ink, font=font, stroke_width=_bold(font.size), stroke_fill=ink)
     return _TEXT_QUESTION[lang], digits
+
+
+def _bold(font_size: float) -> int:
+    """Stroke width that turns the built-in (light) font bold: thin strokes are hard to see in
+    14-px patches, and printed numbers on signs and labels are usually bold anyway."""
+    return max(1, int(font_size) // 10)
+
+
+DIGIT_SHAPE = len(SHAPES)  # in a sheet, `_Object.shape` DIGIT_SHAPE + d is the digit d (colour -1)
+
+
+def make_sheet(index: int, seed: int = DEFAULT_SEED) -> tuple[Image.Image, list[_Object]]:
+    """A dense training scene for the vision tower: most cells of a grid hold a shape or a single
+    bold digit, so one image carries several labelled objects (task images carry one to three).
+
+    Training only (the eval split never uses sheets); sizes and backgrounds come from the task's
+    own distribution so the tower sees the same scales and slicing.
+    """
+    rng = random.Random(f"minicpmv-edge-demo/sheet/{seed}/{index}")
+    width, height = _image_size(rng)
+    image = Image.new("RGB", (width, height), _background(rng))
+    draw = ImageDraw.Draw(image)
+    rows, cols = _grid(width, height)
+    cw, ch = width / cols, height / rows
+    objects = []
+    for cell in range(rows * cols):
+        if rng.random() < 0.25:
+            continue
+        r, c = divmod(cell, cols)
+        size = rng.uniform(0.55, 0.85) * min(cw, ch)
+        slack_x, slack_y = (cw - size) / 2, (ch - size) / 2
+        cx = (c + 0.5) * cw + rng.uniform(-slack_x, slack_x) * 0.8
+        cy = (r + 0.5) * ch + rng.uniform(-slack_y, slack_y) * 0.8
+        if rng.random() < 0.5:
+            digit = rng.randrange(10)
+            font = _font(max(16, int(size * 1.1)))
+            left, top, right, bottom = draw.textbbox((0, 0), str(digit), font=font)
+            ink = rng.choice(INK)
+            origin = (cx - (left + right) / 2, cy - (top + bottom) / 2)
+            draw.text(origin, str(digit), fill=ink, font=font, stroke_width=_bold(font.size), stroke_fill=ink)
+            objects.append(_Object(-1, DIGIT_SHAPE + digit, cx, cy, min(size, right - left), r, c))
+        else:
+            obj = _Object(rng.randrange(len(COLOURS)), rng.randrange(len(SHAPES)), cx, cy, size, r, c)
+            _draw_shape(draw, obj)
+            objects.append(obj)
+    return image, objects
 
 
 # ---- questions ----------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from edge_runtime.commands.eval import eval_command
 from edge_runtime.commands.options import DEFAULT_CHECKPOINT
 from edge_runtime.demo_task import (
+    DIGIT_SHAPE,
     EVAL,
     LANGUAGES,
     QUESTION_TYPES,
@@ -21,6 +22,7 @@ from edge_runtime.demo_task import (
     eval_samples,
     make_conversation,
     make_sample,
+    make_sheet,
 )
 
 SAMPLES_DIR = DEFAULT_CHECKPOINT.parent / "samples-demo"
@@ -44,6 +46,27 @@ def test_generator_is_deterministic() -> None:
         again.image.tobytes(),
     )
     assert follow == make_conversation(TRAIN, 3)[1]
+
+
+def test_sheets_are_deterministic_dense_and_labelled() -> None:
+    """Training sheets: same image for the same index, several objects each, shapes and digits
+    both present, every label inside the image and drawn (not background) at its centre."""
+    shapes = digits = 0
+    for index in range(20):
+        image, objects = make_sheet(index)
+        again, same = make_sheet(index)
+        assert image.tobytes() == again.tobytes() and objects == same
+        assert len(objects) >= 2
+        for obj in objects:
+            assert 0 <= obj.cx < image.width and 0 <= obj.cy < image.height
+            is_digit = obj.shape >= DIGIT_SHAPE
+            digits += is_digit
+            shapes += not is_digit
+            assert (obj.colour == -1) == is_digit and obj.shape < DIGIT_SHAPE + 10
+            if not is_digit:  # a filled shape covers its own centre
+                background = image.getpixel((0, 0))
+                assert image.getpixel((int(obj.cx), int(obj.cy))) != background
+    assert shapes > 20 and digits > 20
 
 
 def test_splits_are_disjoint() -> None:

@@ -1,6 +1,8 @@
 """Train the embedded demo model: a small MiniCPM-V 4.6 on the synthetic task of edge_runtime.demo_task.
 
-From scratch, on CPU, reproducibly from --seed. Every training input is built exactly as
+From scratch, on CPU, reproducibly from --seed, in two phases: the vision tower alone on dense
+"sheets" (demo_task.make_sheet) with training-only probes, then question answering end to end.
+Every question-answering input is built exactly as
 `Session.prepare` builds it at inference (our slicing, `slice_to_patches`, the checkpoint's chat
 template and placeholder expansion), then the answer and `<|im_end|>` are appended and the loss is
 taken on those tokens only (teacher forcing). Samples alternate between 16x and 4x mode in blocks
@@ -39,6 +41,7 @@ from edge_runtime.demo_task import (  # noqa: E402
     eval_samples,
     make_conversation,
     make_scene,
+    make_sheet,
 )
 from edge_runtime.init_checkpoint import write_side_files  # noqa: E402
 from edge_runtime.models import qwen35_text  # noqa: E402
@@ -111,7 +114,7 @@ class Encoded:
     slices: list[tuple[torch.Tensor, torch.Tensor]]
     mode: str
     qtype: str
-    aux: torch.Tensor | None = None  # [tokens of the source view, 2]: colour, shape class (0 = none)
+    aux: torch.Tensor | None = None  # [tokens of the source view, 2]: colour, shape/digit class (0 = none)
     digits: torch.Tensor | None = None  # [2] the two digits of a number image
     digit_map: torch.Tensor | None = None  # [tokens of the source view]: 0 ink-free, 1+d first, 11+d second
 
@@ -212,6 +215,21 @@ class Encoder:
             m = 4 if mode == "16x" else 2
             h, w = prepared.patch_grids[0]
             ex.digit_map = digit_targets(sample.image, (h // m, w // m), sample.answer)
+        return ex
+
+    def vision_only(self, image, objects: list[_Object], mode: str, num_patches_per_side: int) -> Encoded:
+        """A sheet for the vision probes alone: slices and per-token targets, no text."""
+        config = self.configs[mode]
+        prepared = slice_image(image, config)
+        slices = []
+        for s in prepared.slices:
+            patches, pos = slice_to_patches(s, mode, config.patch_size, num_patches_per_side)
+            slices.append((torch.from_numpy(patches), torch.from_numpy(pos)))
+        m = 4 if mode == "16x" else 2
+        h, w = prepared.patch_grids[0]
+        empty = torch.zeros(0, dtype=torch.long)
+        ex = Encoded(empty, 0, 0, empty, slices, mode, "sheet")
+        ex.aux = scene_targets(image.size, (h // m, w // m), objects)
         return ex
 
 
@@ -405,9 +423,36 @@ class AuxHeads(torch.nn.Module):
     def __init__(self, dim: int, n_colours: int, n_shapes: int):
         super().__init__()
         self.colour = torch.nn.Linear(dim, n_colours + 1)
-        self.shape = torch.nn.Linear(dim, n_shapes + 1)
+        self.shape = torch.nn.Linear(dim, n_shapes + 10 + 1)  # shapes, then sheet digits 0-9
         self.digits = torch.nn.Linear(dim, 20)
         self.digit_map = torch.nn.Linear(dim, 21)
+
+
+def probe_terms(aux: AuxHeads, group: list[Encoded], feats: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Probe losses on the source view of each example of one mode (`feats`: per slice)."""
+    terms, k = [], 0
+    for ex in group:
+        source = feats[k]
+        k += len(ex.slices)
+        if ex.aux is not None:
+            terms.append(F.cross_entropy(aux.colour(source), ex.aux[:, 0]))
+            terms.append(F.cross_entropy(aux.shape(source), ex.aux[:, 1]))
+        if ex.digits is not None:
+            terms.append(F.cross_entropy(aux.digits(source.mean(0)).view(2, 10), ex.digits))
+        if ex.digit_map is not None:
+            terms.append(F.cross_entropy(aux.digit_map(source), ex.digit_map))
+    return terms
+
+
+def vision_loss(model: MiniCPMV46, aux: AuxHeads, images: list[Encoded]) -> torch.Tensor:
+    """Mean probe loss over images (sheets or task images): trains the vision tower and merger
+    without running the decoder, so a step costs a fraction of a question-answering step."""
+    terms = []
+    for group in by_mode(images):
+        terms += probe_terms(
+            aux, group, vision_batched(model, [s for ex in group for s in ex.slices], group[0].mode)
+        )
+    return torch.stack(terms).mean()
 
 
 def batch_loss(
@@ -431,17 +476,7 @@ def batch_loss(
         total = total + F.cross_entropy(model.lm_head(hidden[keep]), target[keep], reduction="sum")
         count += int(keep.sum())
         if aux is not None:
-            k = 0
-            for ex in group:
-                source = feats[k]
-                k += len(ex.slices)
-                if ex.aux is not None:
-                    aux_terms.append(F.cross_entropy(aux.colour(source), ex.aux[:, 0]))
-                    aux_terms.append(F.cross_entropy(aux.shape(source), ex.aux[:, 1]))
-                if ex.digits is not None:
-                    aux_terms.append(F.cross_entropy(aux.digits(source.mean(0)).view(2, 10), ex.digits))
-                if ex.digit_map is not None:
-                    aux_terms.append(F.cross_entropy(aux.digit_map(source), ex.digit_map))
+            aux_terms += probe_terms(aux, group, feats)
     loss = total / count + mean_penalty * penalty
     if aux_terms:
         loss = loss + aux_weight * torch.stack(aux_terms).mean()
@@ -496,15 +531,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "edge_runtime" / "data" / "demo-checkpoint")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1300, help="optimizer steps")
+    ap.add_argument("--steps", type=int, default=1100, help="question-answering optimizer steps")
     ap.add_argument("--batch", type=int, default=12, help="images (conversations) per optimizer step")
     ap.add_argument("--turns", type=int, default=4, help="questions per image in training conversations")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--eval-every", type=int, default=40)
+    ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-samples", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads (use 1 on a shared machine)")
+    ap.add_argument(
+        "--vision-steps", type=int, default=600, help="vision-only probe steps on sheets before the QA phase"
+    )
+    ap.add_argument("--vision-batch", type=int, default=32, help="images per vision-only step")
+    ap.add_argument("--sheets", type=int, default=8, help="sheets added to every QA step (probe loss only)")
     ap.add_argument("--deltanet-chunk", type=int, default=16)
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the training-only probes")
     ap.add_argument(
@@ -557,6 +597,43 @@ def main(argv: list[str] | None = None) -> int:
 
         model.train()
         k = args.start_item
+        sheet_index = 0
+
+        def next_sheets(n: int) -> list[Encoded]:
+            nonlocal sheet_index
+            out = []
+            for _ in range(n):
+                image, objects = make_sheet(sheet_index, args.seed)
+                out.append(encode.vision_only(image, objects, MODES[(sheet_index // 10) % 2], nps))
+                sheet_index += 1
+            return out
+
+        # Phase 1: the vision tower alone, on dense sheets plus task images (probe targets only).
+        # Each sheet labels several objects per image, which trains shape and digit recognition
+        # several times faster per second than question answering does (measured: centre-token
+        # shape accuracy 76 % vs 50 % after the same 250 steps).
+        t_loop = time.perf_counter()
+        for step in range(args.vision_steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args.vision_steps, args.lr, args.warmup)
+            images = next_sheets(args.vision_batch * 3 // 4)
+            while len(images) < args.vision_batch:
+                sample_index, mode = train_item(k)
+                sample, objects = make_scene(TRAIN, sample_index, args.seed)
+                images.append(encode(sample, mode, nps, (), objects))
+                k += 1
+            loss = vision_loss(model, aux, images)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if (step + 1) % 50 == 0:
+                rate = (step + 1) / (time.perf_counter() - t_loop)
+                log(
+                    f"vision step {step + 1}/{args.vision_steps} probe loss {loss.item():.4f} {rate:.2f} step/s"
+                )
+
+        # Phase 2: question answering end to end, with sheets still feeding the probes.
         t_loop = time.perf_counter()
         running = []
         for step in range(args.steps):
@@ -572,6 +649,8 @@ def main(argv: list[str] | None = None) -> int:
             if step == 0:
                 log(f"batched vs reference forward: max |logit diff| {check_batched(model, batch):.2e}")
             loss = batch_loss(model, batch, args.mean_penalty, aux, args.aux_weight)
+            if args.sheets:
+                loss = loss + args.aux_weight * vision_loss(model, aux, next_sheets(args.sheets))
             loss.backward()
             total = loss.item()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
