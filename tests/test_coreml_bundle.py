@@ -17,7 +17,7 @@ from edge_runtime.backends.coreml.executor import MILProgram  # noqa: E402
 from edge_runtime.bundle import MANIFEST, file_entry, open_bundle_session  # noqa: E402
 from edge_runtime.cli import main  # noqa: E402
 from edge_runtime.init_checkpoint import init_checkpoint  # noqa: E402
-from edge_runtime.parity import SAMPLES_DIR, compare, load_cases  # noqa: E402
+from edge_runtime.parity import SAMPLES_DIR, compare  # noqa: E402
 from edge_runtime.runtime import open_checkpoint_session  # noqa: E402
 from export.coreml.quantize import QUANTIZATIONS  # noqa: E402
 from export.pipeline import ExportRequest, export_bundle  # noqa: E402
@@ -43,17 +43,8 @@ def bundles(ckpt_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cases") / "cases.json"
-    square = {"name": "square-16x", "images": [str(SAMPLES_DIR / "square.png")], "prompt": "What colour?"}
-    tiny = {
-        "name": "tiny-4x",
-        "images": [str(SAMPLES_DIR / "tiny.png")],
-        "prompt": "What is it?",
-        "downsample_mode": "4x",
-    }
-    path.write_text(json.dumps({"cases": [square, tiny]}))
-    return load_cases(path)
+def cases(two_mode_cases):
+    return two_mode_cases
 
 
 @pytest.fixture(scope="module")

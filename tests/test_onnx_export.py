@@ -21,7 +21,7 @@ from edge_runtime.bundle import open_bundle, open_bundle_session
 from edge_runtime.checkpoint import load_checkpoint
 from edge_runtime.cli import main
 from edge_runtime.init_checkpoint import init_checkpoint
-from edge_runtime.parity import SAMPLES_DIR, compare, load_cases
+from edge_runtime.parity import SAMPLES_DIR, compare
 from edge_runtime.runtime import open_checkpoint_session
 from export.onnx.lower import lower_graphs
 from export.onnx.quantize import BLOCK, dequant_int4, int4_blocks, int8_per_channel, quantize_model
@@ -62,17 +62,8 @@ def bundles(ckpt_dir, lowered, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cases") / "cases.json"
-    square = {"name": "square-16x", "images": [str(SAMPLES_DIR / "square.png")], "prompt": "What colour?"}
-    tiny = {
-        "name": "tiny-4x",
-        "images": [str(SAMPLES_DIR / "tiny.png")],
-        "prompt": "What is in this small image?",
-        "downsample_mode": "4x",
-    }
-    path.write_text(json.dumps({"cases": [square, tiny]}))
-    return load_cases(path)
+def cases(two_mode_cases):
+    return two_mode_cases
 
 
 @pytest.fixture(scope="module")
