@@ -184,12 +184,21 @@ def _place_objects(rng: random.Random, width: int, height: int, qtype: str) -> l
     objects = []
     for cell, colour, shape in zip(cells, colours, shapes, strict=True):
         r, c = divmod(cell, cols)
-        size = rng.uniform(0.55, 0.8) * min(cw, ch)
-        slack_x, slack_y = (cw - size) / 2, (ch - size) / 2
-        cx = (c + 0.5) * cw + rng.uniform(-slack_x, slack_x) * 0.8
-        cy = (r + 0.5) * ch + rng.uniform(-slack_y, slack_y) * 0.8
+        size, cx, cy = _in_cell(rng, r, c, cw, ch, 0.8)
         objects.append(_Object(colour, shape, cx, cy, size, r, c))
     return objects
+
+
+def _in_cell(
+    rng: random.Random, row: int, col: int, cw: float, ch: float, max_fill: float
+) -> tuple[float, float, float]:
+    """(size, cx, cy) of an object in grid cell (row, col): 55 % to `max_fill` of the cell's short
+    side, its centre jittered within the cell's slack."""
+    size = rng.uniform(0.55, max_fill) * min(cw, ch)
+    slack_x, slack_y = (cw - size) / 2, (ch - size) / 2
+    cx = (col + 0.5) * cw + rng.uniform(-slack_x, slack_x) * 0.8
+    cy = (row + 0.5) * ch + rng.uniform(-slack_y, slack_y) * 0.8
+    return size, cx, cy
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, obj: _Object) -> None:
@@ -262,10 +271,7 @@ def make_sheet(index: int, seed: int = DEFAULT_SEED) -> tuple[Image.Image, list[
         if rng.random() < 0.25:
             continue
         r, c = divmod(cell, cols)
-        size = rng.uniform(0.55, 0.85) * min(cw, ch)
-        slack_x, slack_y = (cw - size) / 2, (ch - size) / 2
-        cx = (c + 0.5) * cw + rng.uniform(-slack_x, slack_x) * 0.8
-        cy = (r + 0.5) * ch + rng.uniform(-slack_y, slack_y) * 0.8
+        size, cx, cy = _in_cell(rng, r, c, cw, ch, 0.85)
         if rng.random() < 0.5:
             digit = rng.randrange(10)
             font = _font(max(16, int(size * 1.1)))

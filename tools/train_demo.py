@@ -51,7 +51,7 @@ from edge_runtime.models.qwen35_text import TextConfig, chunked_delta_rule, l2no
 from edge_runtime.models.siglip_navit import VisionConfig  # noqa: E402
 from edge_runtime.processing.patches import slice_to_patches  # noqa: E402
 from edge_runtime.processing.prompt import ImageLayout, PromptBuilder  # noqa: E402
-from edge_runtime.processing.slicing import SliceConfig, slice_image  # noqa: E402
+from edge_runtime.processing.slicing import SliceConfig, merge_factor, slice_image  # noqa: E402
 from edge_runtime.processing.tokenizer import Tokenizer  # noqa: E402
 from edge_runtime.tokenizer_build import build_tokenizer_files  # noqa: E402
 
@@ -201,36 +201,39 @@ class Encoder:
         targets = torch.full_like(ids, -100)
         for start, end in spans:
             targets[start - 1 : end - 1] = ids[start:end]
-        slices = []
-        for s in prepared.slices:
-            patches, pos = slice_to_patches(s, mode, config.patch_size, num_patches_per_side)
-            slices.append((torch.from_numpy(patches), torch.from_numpy(pos)))
+        slices = self._patches(prepared, mode, num_patches_per_side)
         ex = Encoded(ids, spans[0][0], spans[0][1], targets, slices, mode, sample.qtype)
         if objects is not None:
-            m = 4 if mode == "16x" else 2
-            h, w = prepared.patch_grids[0]
-            ex.aux = scene_targets(sample.image.size, (h // m, w // m), objects)
+            ex.aux = scene_targets(sample.image.size, source_token_grid(prepared, mode), objects)
         elif sample.qtype == "text":
             ex.digits = torch.tensor([int(d) for d in sample.answer[:2]])
-            m = 4 if mode == "16x" else 2
-            h, w = prepared.patch_grids[0]
-            ex.digit_map = digit_targets(sample.image, (h // m, w // m), sample.answer)
+            ex.digit_map = digit_targets(sample.image, source_token_grid(prepared, mode), sample.answer)
         return ex
 
     def vision_only(self, image, objects: list[_Object], mode: str, num_patches_per_side: int) -> Encoded:
         """A sheet for the vision probes alone: slices and per-token targets, no text."""
-        config = self.configs[mode]
-        prepared = slice_image(image, config)
-        slices = []
-        for s in prepared.slices:
-            patches, pos = slice_to_patches(s, mode, config.patch_size, num_patches_per_side)
-            slices.append((torch.from_numpy(patches), torch.from_numpy(pos)))
-        m = 4 if mode == "16x" else 2
-        h, w = prepared.patch_grids[0]
+        prepared = slice_image(image, self.configs[mode])
         empty = torch.zeros(0, dtype=torch.long)
-        ex = Encoded(empty, 0, 0, empty, slices, mode, "sheet")
-        ex.aux = scene_targets(image.size, (h // m, w // m), objects)
+        ex = Encoded(empty, 0, 0, empty, self._patches(prepared, mode, num_patches_per_side), mode, "sheet")
+        ex.aux = scene_targets(image.size, source_token_grid(prepared, mode), objects)
         return ex
+
+    def _patches(
+        self, prepared, mode: str, num_patches_per_side: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every slice as the vision graph's (patches, position ids), window-major."""
+        patch_size = self.configs[mode].patch_size
+        return [
+            tuple(torch.from_numpy(a) for a in slice_to_patches(s, mode, patch_size, num_patches_per_side))
+            for s in prepared.slices
+        ]
+
+
+def source_token_grid(prepared, mode: str) -> tuple[int, int]:
+    """(rows, cols) of LLM tokens of the source view: its patch grid over the merge factor."""
+    m = merge_factor(mode)
+    h, w = prepared.patch_grids[0]
+    return h // m, w // m
 
 
 def sample_mode(index: int) -> str:

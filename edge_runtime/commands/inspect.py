@@ -90,20 +90,10 @@ def _coreml_packages(path: Path, graphs: dict[str, Any]) -> dict[str, Any]:
             out[name] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
             continue
 
-        def specs(items) -> list[dict[str, Any]]:
-            return [
-                {
-                    "name": s.name,
-                    "shape": [d if isinstance(d, int) else None for d in s.shape],
-                    "dtype": str(s.dtype),
-                }
-                for s in items
-            ]
-
         functions = {
             fname: {
-                "inputs": specs(fn.inputs),
-                "states": specs(fn.states),
+                "inputs": _tensor_specs(fn.inputs),
+                "states": _tensor_specs(fn.states),
                 "outputs": list(fn.outputs),
                 "ops": dict(sorted(fn.op_histogram().items(), key=lambda kv: (-kv[1], kv[0]))),
             }
@@ -111,6 +101,14 @@ def _coreml_packages(path: Path, graphs: dict[str, Any]) -> dict[str, Any]:
         }
         out[name] = {"functions": functions, "weight_bytes_by_dtype": program.weight_stats_by_dtype()}
     return out
+
+
+def _tensor_specs(items) -> list[dict[str, Any]]:  # noqa: ANN001 - executor TensorSpecs
+    """Executor TensorSpecs as JSON: a flexible dimension becomes null."""
+    return [
+        {"name": s.name, "shape": [d if isinstance(d, int) else None for d in s.shape], "dtype": str(s.dtype)}
+        for s in items
+    ]
 
 
 def _graph_files(graphs: dict[str, Any]) -> set[str]:
