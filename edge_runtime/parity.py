@@ -13,6 +13,8 @@ Stages, per case:
            dtypes, and a state that matters shows up in the decode stage.
 - decode   logits of N teacher-forced decode steps (both sides are fed the reference's greedy
            tokens, so they stay on one token path even after their samples would diverge).
+           max abs diff and KL cover all N steps; the top-1 gate counts the steps up to the
+           reference's first stop token, the ones whose tokens a user sees (as the greedy stage).
 - greedy   free-running greedy tokens vs the reference's, up to and including the reference's first
            stop token (at most N): the answer a user sees. Tokens after a stop are never shown, and
            on a trained model they come from near-uniform logits where any quantization flips ties.
@@ -385,16 +387,18 @@ def _run_case(ref: Session, cand: Session, case: Case, n_steps: int) -> CaseResu
         if list(cand_in.prompt.ids) != list(ref_in.prompt.ids):
             raise InputError("prompt token ids differ: the bundle's host files (tokenizer, template) differ")
 
+        shown = _until_stop(ref_tokens[:n_steps], ref.assets.stop_ids)
+        stopped = len(shown) < n_steps or (bool(shown) and shown[-1] in ref.assets.stop_ids)
         stage = "prefill"
         cand_logits = teacher_forced_logits(cand.backend, cand_in.embeds, ref_tokens[:n_steps])
         result.stages["prefill"] = _logits_stage(ref_logits[:1], cand_logits[:1])
         stage = "state"
         result.stages["state"] = _state_stage(ref, cand, ref_in, cand_in)
-        stage = "decode"
-        result.stages["decode"] = _logits_stage(ref_logits[1:], cand_logits[1:])
+        stage = "decode"  # decode step i predicts token i: steps 1..s reach the stop token s
+        shown_steps = len(shown) - 1 if stopped else n_steps
+        result.stages["decode"] = _logits_stage(ref_logits[1:], cand_logits[1:], shown_steps)
         stage = "greedy"
         cand_run = generate(cand.backend, cand_in.embeds, SamplingConfig(max_new_tokens=n_steps, stop_ids=()))
-        shown = _until_stop(ref_tokens[:n_steps], ref.assets.stop_ids)
         result.stages["greedy"] = _greedy_stage(shown, cand_run.token_ids[: len(shown)])
     except Exception as exc:  # a broken candidate is a finding, reported per stage, not a crash
         result.errors[stage] = _error_text(exc)
@@ -420,19 +424,25 @@ def _vision_stage(ref_in: PreparedInput, cand_in: PreparedInput) -> dict[str, An
     }
 
 
-def _logits_stage(ref: Sequence[np.ndarray], cand: Sequence[np.ndarray]) -> dict[str, Any]:
+def _logits_stage(
+    ref: Sequence[np.ndarray], cand: Sequence[np.ndarray], top1_positions: int | None = None
+) -> dict[str, Any]:
+    """Per-position comparison; top-1 agreement over the first `top1_positions` (default: all)."""
     if len(ref) != len(cand):
         raise ValueError(f"candidate gave {len(cand)} logit vectors, reference {len(ref)}")
     diffs = [max_abs(a, b) for a, b in zip(ref, cand, strict=True)]
-    agree = [int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(ref, cand, strict=True)]
+    agree_all = [int(np.argmax(a)) == int(np.argmax(b)) for a, b in zip(ref, cand, strict=True)]
+    agree = agree_all[: len(ref) if top1_positions is None else top1_positions]
     kls = [kl_divergence(a, b) for a, b in zip(ref, cand, strict=True)]
     first_bad = next((i for i, ok in enumerate(agree) if not ok), None)
     return {
         "positions": len(ref),
         "max_abs": _finite(max(diffs, default=0.0)),
         "max_abs_per_position": [_finite(d) for d in diffs],
+        "top1_positions": len(agree),
         "top1_agree": int(sum(agree)),
         "top1_rate": sum(agree) / len(agree) if agree else None,
+        "top1_rate_all_positions": sum(agree_all) / len(agree_all) if agree_all else None,
         "first_top1_mismatch": first_bad,
         "kl_mean": _finite(float(np.mean(kls))) if kls else None,
         "kl_max": _finite(max(kls, default=0.0)),
@@ -585,7 +595,7 @@ def _gate_logits(report: ParityReport, stage: str) -> None:
                     f"case {c.name}: {stage} logits max abs diff {_fmt(s['max_abs'])} > {g.logits_max_abs} "
                     f"at {at}",
                 ))  # fmt: skip
-    positions = sum(s["positions"] for _, s in rows)
+    positions = sum(s["top1_positions"] for _, s in rows)
     agree = sum(s["top1_agree"] for _, s in rows)
     rate = agree / positions if positions else None
     if g.top1_rate is not None and rate is not None and rate < g.top1_rate:
@@ -606,6 +616,7 @@ def _gate_logits(report: ParityReport, stage: str) -> None:
         "top1_rate": rate,
         "kl_mean": float(np.mean(kls)) if kls else None,
         "kl_max": _worst([s["kl_max"] for _, s in rows], max),
-        "positions": positions,
+        "positions": sum(s["positions"] for _, s in rows),
+        "top1_positions": positions,
         "cases": len(rows),
     }

@@ -163,7 +163,49 @@ def test_greedy_compares_up_to_the_reference_stop_token(reference, cases):
     greedy = report.cases[0].stages["greedy"]
     assert greedy["reference_tokens"] == [first] and greedy["identical"] is True
     assert report.stages["greedy"]["passed"] is True
-    assert report.stages["decode"]["passed"] is False  # teacher-forced logits still see every step
+    decode = report.cases[0].stages["decode"]
+    assert decode["top1_positions"] == 0 and decode["positions"] == STEPS  # the answer ended at once
+    assert report.stages["decode"]["passed"] is False  # but fp32's max abs diff still sees every step
+
+
+class CountingBackend(DivergeAfterBackend):
+    """The reference with token 100 + k pushed to the top at decode step k: a random checkpoint
+    repeats one token, and this gives an answer whose every token is new (so any can be a stop)."""
+
+    name = "torch+counting"
+
+    def __init__(self, inner: Backend):
+        super().__init__(inner, n_ok=STEPS)
+
+    def decode_step(self, embed, pos, state):
+        logits, state = self.inner.decode_step(embed, pos, state)
+        logits = np.array(logits, copy=True)
+        logits[100 + self.steps] = logits.max() + 10.0
+        self.steps += 1
+        return logits, state
+
+    def prefill_chunk(self, embeds, n_valid, start_pos, state):
+        logits, state = super().prefill_chunk(embeds, n_valid, start_pos, state)
+        logits = np.array(logits, copy=True)
+        logits[99] = logits.max() + 10.0
+        return logits, state
+
+
+def test_decode_top1_counts_the_steps_up_to_the_reference_stop(reference, cases):
+    """int4 gates decode top-1 (90 %), not max abs: a candidate that diverges right after the
+    reference's stop token passes; the same candidate fails when the reference does not stop."""
+    counting = CountingBackend(reference.backend)
+    free = Session(counting, dataclasses.replace(reference.assets, stop_ids=()))
+    candidate = Session(DivergeAfterBackend(counting, n_ok=2), reference.assets)
+    report = compare(free, candidate, cases[:1], "int4", n_steps=STEPS)
+    assert report.cases[0].stages["greedy"]["reference_tokens"][:3] == [99, 100, 101]
+    assert report.stages["decode"]["passed"] is False and report.stages["decode"]["top1_positions"] == STEPS
+    stopping = Session(counting, dataclasses.replace(reference.assets, stop_ids=(101,)))
+    report = compare(stopping, candidate, cases[:1], "int4", n_steps=STEPS)
+    decode = report.cases[0].stages["decode"]
+    assert decode["top1_positions"] == 2 and decode["top1_rate"] == 1.0
+    assert decode["top1_rate_all_positions"] < 0.9
+    assert report.passed, "\n".join(report.summary_lines())
 
 
 def test_perturbed_decoder_weight_fails_prefill(ckpt_dir, reference, cases):
