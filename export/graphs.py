@@ -55,6 +55,45 @@ class TextDecoderGraph(nn.Module):
         return (logits, *new_state)
 
 
+# Parameters and buffers that stay fp32 in a half-precision graph: the DeltaNet decay parameters
+# and the rotary frequencies (fp16 would round them), and the norm weights (norms compute in fp32).
+FP32_KEEP_SUFFIXES = ("A_log", "dt_bias", "inv_freq")
+FP32_KEEP_NORMS = ("ZeroCenteredRMSNorm", "GatedRMSNorm")
+
+
+def to_half_precision(model: MiniCPMV46) -> MiniCPMV46:
+    """`model` in fp16 (in place) except the tensors DESIGN.md keeps in fp32: what a fp16-activation
+    graph is traced from. The reference modules upcast where the numerics need it (norms, softmax,
+    the delta rule and its decay), so tracing this model gives those islands in fp32."""
+    model.half()
+    for module in model.modules():
+        keep_all = type(module).__name__ in FP32_KEEP_NORMS
+        for name, param in module.named_parameters(recurse=False):
+            if keep_all or name.endswith(FP32_KEEP_SUFFIXES):
+                param.data = param.data.float()
+        for name, buf in module.named_buffers(recurse=False):
+            if name.endswith(FP32_KEEP_SUFFIXES):
+                setattr(module, name, buf.float())
+    return model
+
+
+class Fp32Boundary(nn.Module):
+    """A graph with fp32 inputs and outputs around a half-precision body, so every variant of a
+    format has the same I/O dtypes and the host code never changes. Only the first `n_args` inputs
+    and `n_outs` outputs are cast; the state tensors after them keep their own dtypes."""
+
+    def __init__(self, graph: nn.Module, compute: torch.dtype, n_args: int, n_outs: int):
+        super().__init__()
+        self.inner, self.compute, self.n_args, self.n_outs = graph, compute, n_args, n_outs
+
+    def forward(self, *args: torch.Tensor):
+        head = [a.to(self.compute) if a.is_floating_point() else a for a in args[: self.n_args]]
+        out = self.inner(*head, *args[self.n_args :])
+        out = out if isinstance(out, tuple) else (out,)
+        cast = tuple(o.float() for o in out[: self.n_outs]) + tuple(out[self.n_outs :])
+        return cast if len(cast) > 1 else cast[0]
+
+
 @dataclass(frozen=True)
 class DecoderSignature:
     """Names and shapes of the decoder graph's inputs and outputs for a given cache length."""
@@ -73,17 +112,26 @@ class DecoderSignature:
 
 
 def decoder_signature(
-    model: MiniCPMV46, cache_len: int, kv_dtype: torch.dtype = torch.float32
+    model: MiniCPMV46,
+    cache_len: int,
+    kv_dtype: torch.dtype = torch.float32,
+    conv_dtype: torch.dtype | None = None,
 ) -> DecoderSignature:
     cfg = model.cfg.text
-    return DecoderSignature(state_specs(cfg, cache_len, kv_dtype), cfg.hidden_size, cfg.vocab_size)
+    return DecoderSignature(
+        state_specs(cfg, cache_len, kv_dtype, conv_dtype), cfg.hidden_size, cfg.vocab_size
+    )
 
 
 def decoder_example_inputs(
-    model: MiniCPMV46, chunk: int, cache_len: int, kv_dtype: torch.dtype = torch.float32
+    model: MiniCPMV46,
+    chunk: int,
+    cache_len: int,
+    kv_dtype: torch.dtype = torch.float32,
+    conv_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """Inputs for tracing the decoder at chunk length `chunk` (zeros: values do not matter to export)."""
-    sig = decoder_signature(model, cache_len, kv_dtype)
+    sig = decoder_signature(model, cache_len, kv_dtype, conv_dtype)
     embeds = torch.zeros(1, chunk, sig.hidden_size)
     state = [torch.zeros(s.shape, dtype=s.dtype) for s in sig.state]
     return (embeds, torch.tensor([0]), torch.tensor([chunk]), *state)

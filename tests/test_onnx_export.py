@@ -40,10 +40,13 @@ def ckpt_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lowered(ckpt_dir):
-    """Serialized fp32 graphs, lowered once; each export gets fresh copies."""
-    model = load_checkpoint(ckpt_dir).model
-    graphs = lower_graphs(model, CHUNK, MAX_CONTEXT + CHUNK, lambda _m: None)
-    return {name: proto.SerializeToString() for name, proto in graphs.items()}
+    """Serialized graphs, fp32 and half precision, lowered once; each export gets fresh copies."""
+    out = {}
+    for half in (False, True):
+        model = load_checkpoint(ckpt_dir).model
+        graphs = lower_graphs(model, CHUNK, MAX_CONTEXT + CHUNK, lambda _m: None, half=half)
+        out[half] = {name: proto.SerializeToString() for name, proto in graphs.items()}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,9 @@ def bundles(ckpt_dir, lowered, tmp_path_factory):
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(
-            onnx_bundle, "lower_graphs", lambda *_a: {k: onnx.load_from_string(v) for k, v in lowered.items()}
+            onnx_bundle,
+            "lower_graphs",
+            lambda *_a, half=False: {k: onnx.load_from_string(v) for k, v in lowered[half].items()},
         )
         for quant in QUANTS:
             request = ExportRequest(ckpt_dir, root / quant, "harmonyos", None, quant, MAX_CONTEXT, CHUNK)
@@ -105,6 +110,30 @@ def test_weights_stored_once(bundles):
     int4 = json.loads((bundles["int4"] / "manifest.json").read_text())["onnx"]["quantized_weights"]
     assert int4["decoder_decode"].get("int4", 0) > 0 and int4["token_embedding"] == {"int4-embedding": 1}
     assert "int4" not in int4["vision_16x"]  # vision stays int8
+
+
+def test_fp16_bundle_computes_in_half_precision(bundles):
+    """fp16 = fp16 weights *and* activations: MatMuls read fp16 weights directly (no Cast back to
+    fp32), the KV cache is fp16, DeltaNet conv + recurrent state and the graph I/O stay fp32."""
+    root = bundles["fp16"]
+    model = onnx.load(str(root / "decoder_decode.onnx"), load_external_data=False)
+    fp16_inits = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert matmuls
+    assert sum(n.input[1] in fp16_inits for n in matmuls) >= len(matmuls) // 2
+    assert not any(n.op_type == "Cast" and n.input[0] in fp16_inits for n in model.graph.node)
+    dtypes = {
+        s["name"].rsplit(".", 1)[1]: s["dtype"]
+        for s in json.loads((root / "manifest.json").read_text())["state"]
+    }
+    assert dtypes == {
+        "k_cache": "float16",
+        "v_cache": "float16",
+        "conv_state": "float32",
+        "recurrent_state": "float32",
+    }
+    io = {i.name: i.type.tensor_type.elem_type for i in list(model.graph.input) + list(model.graph.output)}
+    assert io["embeds"] == io["logits"] == onnx.TensorProto.FLOAT
 
 
 def test_backend_threads_and_padding(bundles):

@@ -86,8 +86,15 @@ class StateSpec:
     dtype: torch.dtype
 
 
-def state_specs(cfg: TextConfig, cache_len: int, kv_dtype: torch.dtype = torch.float32) -> list[StateSpec]:
-    """The decoder state layout, in the order every graph takes and returns it."""
+def state_specs(
+    cfg: TextConfig,
+    cache_len: int,
+    kv_dtype: torch.dtype = torch.float32,
+    conv_dtype: torch.dtype | None = None,
+) -> list[StateSpec]:
+    """The decoder state layout, in the order every graph takes and returns it. The DeltaNet
+    recurrent state is always fp32; the conv state follows `conv_dtype` (default: `kv_dtype`)."""
+    conv_dtype = kv_dtype if conv_dtype is None else conv_dtype
     specs: list[StateSpec] = []
     for i, kind in enumerate(cfg.layer_types):
         if kind == "full_attention":
@@ -97,7 +104,7 @@ def state_specs(cfg: TextConfig, cache_len: int, kv_dtype: torch.dtype = torch.f
         else:
             conv = (1, cfg.conv_dim, cfg.linear_conv_kernel_dim - 1)
             rec = (1, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim)
-            specs.append(StateSpec(f"layers.{i}.conv_state", conv, kv_dtype))
+            specs.append(StateSpec(f"layers.{i}.conv_state", conv, conv_dtype))
             specs.append(StateSpec(f"layers.{i}.recurrent_state", rec, torch.float32))
     return specs
 

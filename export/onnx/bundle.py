@@ -8,13 +8,14 @@ from typing import Any
 
 import onnx
 import onnxruntime
+import torch
 
 from edge_runtime.checkpoint import load_checkpoint
 from edge_runtime.models.qwen35_text import state_specs
 
 from ..pipeline import ExportContext, GraphSet, io_spec
 from .check import check_graphs
-from .lower import lower_graphs
+from .lower import kv_dtype, lower_graphs
 from .quantize import ACCURACY_LEVEL, BLOCK, quantize_model
 from .store import WEIGHTS_FILE, write_graphs
 
@@ -47,12 +48,20 @@ def decode_weight_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
+def onnx_state(ctx: ExportContext, cache_len: int) -> list[dict[str, Any]]:
+    """The manifest's state list: fp16 KV cache in the fp16 variant, fp32 everywhere else."""
+    specs = state_specs(ctx.config.text, cache_len, kv_dtype(ctx.quantization == "fp16"), torch.float32)
+    return [
+        {"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")} for s in specs
+    ]
+
+
 def manifest_graphs(ctx: ExportContext, cache_len: int) -> dict[str, Any]:
     cfg = ctx.config
     d, v, patch_dim = cfg.text.hidden_size, cfg.text.vocab_size, cfg.vision.patch_dim
-    state = state_specs(cfg.text, cache_len)
-    past = [io_spec(f"past.{s.name}", list(s.shape), "float32") for s in state]
-    present = [io_spec(f"present.{s.name}", list(s.shape), "float32") for s in state]
+    state = onnx_state(ctx, cache_len)
+    past = [io_spec(f"past.{s['name']}", s["shape"], s["dtype"]) for s in state]
+    present = [io_spec(f"present.{s['name']}", s["shape"], s["dtype"]) for s in state]
     return {
         "vision_encoder": {
             "files": {"16x": FILES["vision_16x"], "4x": FILES["vision_4x"]},
@@ -88,7 +97,7 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
     t0 = time.perf_counter()
     model = load_checkpoint(ctx.checkpoint).model
     cache_len = ctx.max_context + ctx.chunk_size  # the padding of the last prefill chunk lands here
-    models = lower_graphs(model, ctx.chunk_size, cache_len, say)
+    models = lower_graphs(model, ctx.chunk_size, cache_len, say, half=ctx.quantization == "fp16")
     del model
     say(f"lowered {len(models)} graphs in {time.perf_counter() - t0:.1f} s")
     stats = quantize_graphs(models, ctx.quantization, say)
@@ -107,7 +116,7 @@ def write_bundle_graphs(
         f"({sizes['shared_bytes'] / 1e6:.1f} MB shared between graphs, stored once)"
     )
     decode_bytes = decode_weight_bytes(models["decoder_decode"])
-    check_graphs(out, FILES, ctx.config, ctx.chunk_size, cache_len, say)
+    check_graphs(out, FILES, ctx.config, ctx.chunk_size, onnx_state(ctx, cache_len), say)
     say(f"onnx export done in {time.perf_counter() - t0:.1f} s")
     extra = {
         "onnx": {
@@ -121,4 +130,9 @@ def write_bundle_graphs(
             "quantized_weights": stats,
         }
     }
-    return GraphSet(graphs=manifest_graphs(ctx, cache_len), decode_weight_bytes=decode_bytes, extra=extra)
+    return GraphSet(
+        graphs=manifest_graphs(ctx, cache_len),
+        decode_weight_bytes=decode_bytes,
+        state=onnx_state(ctx, cache_len),
+        extra=extra,
+    )

@@ -12,7 +12,6 @@ import numpy as np
 from edge_runtime.backends.onnxruntime import make_session
 from edge_runtime.errors import EdgeError
 from edge_runtime.models.minicpm_v46 import MiniCPMV46Config
-from edge_runtime.models.qwen35_text import state_specs
 
 VISION_LENGTHS = (64, 128)
 EMBED_LENGTHS = (1, 5)
@@ -28,8 +27,19 @@ def _expect(graph: str, got: tuple, want: tuple) -> None:
 
 
 def check_graphs(
-    out: Path, files: dict[str, str], cfg: MiniCPMV46Config, chunk: int, cache_len: int, say: Callable
+    out: Path, files: dict[str, str], cfg: MiniCPMV46Config, chunk: int, state: list[dict], say: Callable
 ) -> None:
+    """`state`: the manifest's state entries (name, shape, dtype), fed as zeros."""
+    try:
+        _check(out, files, cfg, chunk, state)
+    except EdgeError:
+        raise
+    except Exception as exc:  # onnxruntime's errors: one line is enough to name the graph's fault
+        raise ExportCheckError(f"onnxruntime rejected a written graph: {str(exc).splitlines()[0]}") from None
+    say("onnxruntime shape checks passed (vision L=64/128, embedding T=1/5, decoder prefill + decode)")
+
+
+def _check(out: Path, files: dict[str, str], cfg: MiniCPMV46Config, chunk: int, state: list[dict]) -> None:
     d = cfg.text.hidden_size
     for mode, factor in (("16x", 16), ("4x", 4)):
         sess = make_session(out / files[f"vision_{mode}"], threads=1)
@@ -42,19 +52,17 @@ def check_graphs(
     sess = make_session(out / files["token_embedding"], threads=1)
     for length in EMBED_LENGTHS:
         _expect("token_embedding", sess.run(None, {"ids": np.zeros(length, np.int64)})[0].shape, (length, d))
-    specs = state_specs(cfg.text, cache_len)
     for name, c in (("decoder_prefill", chunk), ("decoder_decode", 1)):
         sess = make_session(out / files[name], threads=1)
         feeds = {
             "embeds": np.zeros((1, c, d), np.float32),
             "start_pos": np.zeros(1, np.int64),
             "n_valid": np.full(1, c, np.int64),
-            **{f"past.{s.name}": np.zeros(s.shape, np.float32) for s in specs},
+            **{f"past.{s['name']}": np.zeros(s["shape"], np.dtype(s["dtype"])) for s in state},
         }
         outs = sess.run(None, feeds)
         _expect(name, outs[0].shape, (1, cfg.text.vocab_size))
-        for spec, value in zip(specs, outs[1:], strict=True):
-            _expect(f"{name} present.{spec.name}", value.shape, spec.shape)
+        for spec, value in zip(state, outs[1:], strict=True):
+            _expect(f"{name} present.{spec['name']}", value.shape, tuple(spec["shape"]))
         if not np.isfinite(outs[0]).all():
             raise ExportCheckError(f"{name}: non-finite logits on zero input")
-    say("onnxruntime shape checks passed (vision L=64/128, embedding T=1/5, decoder prefill + decode)")

@@ -25,11 +25,13 @@ from torch.export import Dim
 from edge_runtime.errors import EdgeError
 from edge_runtime.models.minicpm_v46 import MiniCPMV46
 from export.graphs import (
+    Fp32Boundary,
     TextDecoderGraph,
     TokenEmbeddingGraph,
     VisionEncoderGraph,
     decoder_example_inputs,
     decoder_signature,
+    to_half_precision,
     vision_example_inputs,
 )
 
@@ -61,6 +63,8 @@ def _one_line_errors(module: torch.nn.Module):
 
 def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic=None):
     """torch.onnx.export (dynamo) with its console chatter silenced; returns the optimized ModelProto."""
+    if isinstance(module, Fp32Boundary) and dynamic is not None:
+        dynamic = (dynamic,)  # its forward takes *args: one nested spec
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _one_line_errors(module):
         warnings.simplefilter("ignore")
         level = logging.root.manager.disable
@@ -84,17 +88,32 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: li
     return model
 
 
+def kv_dtype(half: bool) -> torch.dtype:
+    """KV cache dtype of a graph: fp16 in a half-precision graph (DeltaNet state stays fp32)."""
+    return torch.float16 if half else torch.float32
+
+
 def lower_graphs(
-    model: MiniCPMV46, chunk: int, cache_len: int, progress: Callable[[str], None]
+    model: MiniCPMV46, chunk: int, cache_len: int, progress: Callable[[str], None], half: bool = False
 ) -> dict[str, onnx.ModelProto]:
-    """Export every entry point of `model` (fp32, eval mode) to an ONNX model, in graph_names() order."""
+    """Export every entry point of `model` (eval mode) to an ONNX model, in graph_names() order.
+
+    `half`: fp16 weights and activations inside fp32 graph I/O (`to_half_precision` keeps norms,
+    DeltaNet decay and recurrent + conv state fp32; the KV cache is fp16)."""
     model = model.eval()
+    if half:
+        model = to_half_precision(model)
+
+    def wrap(graph: torch.nn.Module, n_args: int, n_outs: int) -> torch.nn.Module:
+        return Fp32Boundary(graph, torch.float16, n_args, n_outs) if half else graph
+
+    kv = kv_dtype(half)
     out: dict[str, onnx.ModelProto] = {}
     with torch.inference_mode(False), torch.no_grad():
         for mode in VISION_MODES:
             progress(f"lowering vision encoder ({mode}, dynamic L)")
             out[f"vision_{mode}"] = _export(
-                VisionEncoderGraph(model, mode),
+                wrap(VisionEncoderGraph(model, mode), 2, 1),
                 vision_example_inputs(model, VISION_EXAMPLE_L),
                 ["patches", "position_ids"],
                 ["embeds"],
@@ -102,18 +121,18 @@ def lower_graphs(
             )
         progress("lowering token embedding (dynamic T)")
         out["token_embedding"] = _export(
-            TokenEmbeddingGraph(model),
+            wrap(TokenEmbeddingGraph(model), 1, 1),
             (torch.zeros(EMBED_EXAMPLE_T, dtype=torch.int64),),
             ["ids"],
             ["embeds"],
             ({0: Dim("T")},),
         )
-        sig = decoder_signature(model, cache_len)
+        sig = decoder_signature(model, cache_len, kv, torch.float32)
         for name, c in (("decoder_prefill", chunk), ("decoder_decode", 1)):
             progress(f"lowering text decoder ({name.split('_')[1]}, C={c}, cache {cache_len})")
             out[name] = _export(
-                TextDecoderGraph(model),
-                decoder_example_inputs(model, c, cache_len),
+                wrap(TextDecoderGraph(model), 3, 1),
+                decoder_example_inputs(model, c, cache_len, kv, torch.float32),
                 sig.input_names,
                 sig.output_names,
             )

@@ -1,12 +1,11 @@
-"""Weight quantization of the lowered ONNX graphs: fp16, int8 and int4 variants of one fp32 export.
+"""Weight quantization of the lowered ONNX graphs: int8 and int4 variants of one fp32 export.
 
 Graph surgery with onnx.helper, so the byte layout of every quantized tensor is ours and two
 graphs that hold the same weight (prefill / decode decoder, tied head / token embedding) produce
 the same bytes and share them in the weight file. Schemes, per weight role:
 
-* fp16: weights stored fp16, each followed by a Cast back to fp32; compute stays fp32. The
-  HarmonyOS onnxruntime builds have their fp16 MLAS kernels removed (prior-art.md §4.4) and the
-  x86 CPU provider has no fp16 MatMul, so fp16 activations would not run where these bundles go.
+* fp16 is not a rewrite: lower.py traces a half-precision model (fp16 weights and activations,
+  fp32 norms, DeltaNet decay and state), and this module only counts its fp16 weights.
 * int8: every linear layer per-output-channel symmetric int8 (DequantizeLinear on an int8
   initializer, zero point 0); embedding tables per-row int8, gathered as int8 and scaled after the
   gather, so the table is never dequantized whole.
@@ -33,11 +32,9 @@ from .store import tensor_bytes
 QUANTIZATIONS = ("fp32", "fp16", "int8", "int4")
 BLOCK = 32
 MIN_QUANT_N = 32  # narrower outputs (DeltaNet decay / beta projections) stay fp32
-MIN_FP16_NUMEL = 1024
 ACCURACY_LEVEL = 0  # MatMulNBits computes in fp32 (4 = int8 activations: faster, known parity risk)
 MS_DOMAIN = "com.microsoft"
 _LINEAR_OPS = ("MatMul", "Gemm")
-_FP16_OPS = ("MatMul", "Gemm", "Gather", "Conv")
 
 
 @dataclass
@@ -164,13 +161,6 @@ def _is_embedding(uses: list) -> bool:
     return True
 
 
-def _fp16(s: _Surgery, name: str) -> None:
-    s.add(name + ".fp16", s.array(name).astype(np.float16))
-    s.prologue.append(helper.make_node("Cast", [name + ".fp16"], [name], to=TensorProto.FLOAT))
-    s.drop(name)
-    s.count("fp16")
-
-
 def _int8_linear(s: _Surgery, name: str, n_axis: int) -> None:
     """Weight -> DequantizeLinear(int8, per-output-channel scale) under the original name."""
     q, scale = int8_per_channel(s.array(name), n_axis)
@@ -257,9 +247,12 @@ def quantize_model(model: onnx.ModelProto, quant: str, vision: bool) -> QuantSta
     """Rewrite one lowered graph in place for `quant` (fp32 leaves it as is)."""
     if quant not in QUANTIZATIONS:
         raise ValueError(f"unknown ONNX quantization {quant!r}")
-    s = _Surgery(model)
     if quant == "fp32":
         return QuantStats({})
+    if quant == "fp16":  # traced in half precision already (lower.py)
+        stored = [t for t in model.graph.initializer if len(t.dims) >= 2]
+        return QuantStats({"fp16": sum(t.data_type == TensorProto.FLOAT16 for t in stored)})
+    s = _Surgery(model)
     for name, uses in list(s.consumers.items()):
         t = s.inits[name]
         if t.data_type != TensorProto.FLOAT or len(t.dims) < 2:
@@ -268,10 +261,6 @@ def quantize_model(model: onnx.ModelProto, quant: str, vision: bool) -> QuantSta
         n_dim = t.dims[layout[1]] if layout else 0
         if layout and n_dim < MIN_QUANT_N:
             continue  # DeltaNet decay / beta projections stay fp32
-        if quant == "fp16":
-            if all(node.op_type in _FP16_OPS for node, _ in uses) and np.prod(t.dims) >= MIN_FP16_NUMEL:
-                _fp16(s, name)
-            continue
         if layout:
             k_dim = t.dims[layout[0]]
             if quant == "int4" and not vision and k_dim % BLOCK == 0:
