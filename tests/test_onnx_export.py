@@ -57,8 +57,8 @@ def bundles(ckpt_dir, lowered, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(
             onnx_bundle,
-            "lower_graphs",
-            lambda *_a, half=False: {k: onnx.load_from_string(v) for k, v in lowered[half].items()},
+            "iter_graphs",
+            lambda *_a, half=False: ((k, onnx.load_from_string(v)) for k, v in lowered[half].items()),
         )
         for quant in QUANTS:
             request = ExportRequest(ckpt_dir, root / quant, "harmonyos", None, quant, MAX_CONTEXT, CHUNK)

@@ -15,9 +15,9 @@ from edge_runtime.models.qwen35_text import state_specs
 
 from ..pipeline import ExportContext, GraphSet, io_spec
 from .check import check_graphs
-from .lower import kv_dtype, lower_graphs
+from .lower import iter_graphs, kv_dtype
 from .quantize import ACCURACY_LEVEL, BLOCK, quantize_model
-from .store import WEIGHTS_FILE, write_graphs
+from .store import WEIGHTS_FILE, WeightStore, write_graph
 
 FILES = {
     "vision_16x": "vision_16x.onnx",
@@ -26,17 +26,6 @@ FILES = {
     "decoder_prefill": "decoder_prefill.onnx",
     "decoder_decode": "decoder_decode.onnx",
 }
-
-
-def quantize_graphs(models: dict[str, onnx.ModelProto], quant: str, say) -> dict[str, dict[str, int]]:
-    """Quantize every lowered graph in place; returns the scheme counts per graph."""
-    stats = {}
-    for name, model in models.items():
-        result = quantize_model(model, quant, vision=name.startswith("vision"))
-        stats[name] = result.counts
-        if quant != "fp32":
-            say(f"quantized {name} ({quant}): {result.summary()}")
-    return stats
 
 
 def decode_weight_bytes(model: onnx.ModelProto) -> int:
@@ -93,36 +82,39 @@ def manifest_graphs(ctx: ExportContext, cache_len: int) -> dict[str, Any]:
 
 
 def export_onnx(ctx: ExportContext) -> GraphSet:
+    """Lower, quantize and write one graph at a time (peak memory: the checkpoint plus one graph),
+    then check the written bundle in onnxruntime."""
     say = ctx.progress
     t0 = time.perf_counter()
     model = load_checkpoint(ctx.checkpoint).model
     cache_len = ctx.max_context + ctx.chunk_size  # the padding of the last prefill chunk lands here
-    models = lower_graphs(model, ctx.chunk_size, cache_len, say, half=ctx.quantization == "fp16")
-    del model
-    say(f"lowered {len(models)} graphs in {time.perf_counter() - t0:.1f} s")
-    stats = quantize_graphs(models, ctx.quantization, say)
-    return write_bundle_graphs(ctx, models, stats, cache_len, t0)
-
-
-def write_bundle_graphs(
-    ctx: ExportContext, models: dict[str, onnx.ModelProto], stats: dict, cache_len: int, t0: float
-) -> GraphSet:
-    """Write quantized graphs into ctx.out, check them in onnxruntime, describe them for the manifest."""
-    say = ctx.progress
     out = Path(ctx.out)
-    sizes = write_graphs({name: models[name] for name in FILES}, out)
+    stats: dict[str, dict[str, int]] = {}
+    written: dict[str, onnx.ModelProto] = {}  # after write_graph: structure only, weights on disk
+    store = WeightStore(out / WEIGHTS_FILE)
+    try:
+        graphs = iter_graphs(model, ctx.chunk_size, cache_len, say, half=ctx.quantization == "fp16")
+        for name, graph in graphs:
+            result = quantize_model(graph, ctx.quantization, vision=name.startswith("vision"))
+            stats[name] = result.counts
+            if ctx.quantization != "fp32":
+                say(f"quantized {name} ({ctx.quantization}): {result.summary()}")
+            write_graph(graph, out / FILES[name], store)
+            written[name] = graph
+    finally:
+        store.close()
+    del model
     say(
-        f"wrote {WEIGHTS_FILE}: {sizes['weights_bytes'] / 1e6:.1f} MB "
-        f"({sizes['shared_bytes'] / 1e6:.1f} MB shared between graphs, stored once)"
+        f"lowered and wrote {len(written)} graphs in {time.perf_counter() - t0:.1f} s; {WEIGHTS_FILE}: "
+        f"{store.size / 1e6:.1f} MB ({store.shared_bytes / 1e6:.1f} MB shared between graphs, stored once)"
     )
-    decode_bytes = decode_weight_bytes(models["decoder_decode"])
     check_graphs(out, FILES, ctx.config, ctx.chunk_size, onnx_state(ctx, cache_len), say)
     say(f"onnx export done in {time.perf_counter() - t0:.1f} s")
     extra = {
         "onnx": {
             "weights_file": WEIGHTS_FILE,
             "opset": next(
-                o.version for o in models["decoder_decode"].opset_import if o.domain in ("", "ai.onnx")
+                o.version for o in written["decoder_decode"].opset_import if o.domain in ("", "ai.onnx")
             ),
             "onnxruntime_version": onnxruntime.__version__,
             "int4_block_size": BLOCK,
@@ -132,7 +124,7 @@ def write_bundle_graphs(
     }
     return GraphSet(
         graphs=manifest_graphs(ctx, cache_len),
-        decode_weight_bytes=decode_bytes,
+        decode_weight_bytes=decode_weight_bytes(written["decoder_decode"]),
         state=onnx_state(ctx, cache_len),
         extra=extra,
     )

@@ -16,7 +16,7 @@ import contextlib
 import io
 import logging
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import onnx
 import torch
@@ -96,7 +96,16 @@ def kv_dtype(half: bool) -> torch.dtype:
 def lower_graphs(
     model: MiniCPMV46, chunk: int, cache_len: int, progress: Callable[[str], None], half: bool = False
 ) -> dict[str, onnx.ModelProto]:
-    """Export every entry point of `model` (eval mode) to an ONNX model, in graph_names() order.
+    """Every graph of `iter_graphs` at once (tests; the exporter streams them)."""
+    return dict(iter_graphs(model, chunk, cache_len, progress, half))
+
+
+def iter_graphs(
+    model: MiniCPMV46, chunk: int, cache_len: int, progress: Callable[[str], None], half: bool = False
+) -> Iterator[tuple[str, onnx.ModelProto]]:
+    """Export every entry point of `model` (eval mode) to an ONNX model, in graph_names() order,
+    one at a time: the caller writes each graph's weights away before the next is lowered, so a
+    full-size export holds one graph's weights, not five.
 
     `half`: fp16 weights and activations inside fp32 graph I/O (`to_half_precision` keeps norms,
     DeltaNet decay and recurrent + conv state fp32; the KV cache is fp16)."""
@@ -108,32 +117,39 @@ def lower_graphs(
         return Fp32Boundary(graph, torch.float16, n_args, n_outs) if half else graph
 
     kv = kv_dtype(half)
-    out: dict[str, onnx.ModelProto] = {}
     with torch.inference_mode(False), torch.no_grad():
         for mode in VISION_MODES:
             progress(f"lowering vision encoder ({mode}, dynamic L)")
-            out[f"vision_{mode}"] = _export(
-                wrap(VisionEncoderGraph(model, mode), 2, 1),
-                vision_example_inputs(model, VISION_EXAMPLE_L),
-                ["patches", "position_ids"],
-                ["embeds"],
-                ({0: Dim("L")}, {0: Dim("L")}),
+            yield (
+                f"vision_{mode}",
+                _export(
+                    wrap(VisionEncoderGraph(model, mode), 2, 1),
+                    vision_example_inputs(model, VISION_EXAMPLE_L),
+                    ["patches", "position_ids"],
+                    ["embeds"],
+                    ({0: Dim("L")}, {0: Dim("L")}),
+                ),
             )
         progress("lowering token embedding (dynamic T)")
-        out["token_embedding"] = _export(
-            wrap(TokenEmbeddingGraph(model), 1, 1),
-            (torch.zeros(EMBED_EXAMPLE_T, dtype=torch.int64),),
-            ["ids"],
-            ["embeds"],
-            ({0: Dim("T")},),
+        yield (
+            "token_embedding",
+            _export(
+                wrap(TokenEmbeddingGraph(model), 1, 1),
+                (torch.zeros(EMBED_EXAMPLE_T, dtype=torch.int64),),
+                ["ids"],
+                ["embeds"],
+                ({0: Dim("T")},),
+            ),
         )
         sig = decoder_signature(model, cache_len, kv, torch.float32)
         for name, c in (("decoder_prefill", chunk), ("decoder_decode", 1)):
             progress(f"lowering text decoder ({name.split('_')[1]}, C={c}, cache {cache_len})")
-            out[name] = _export(
-                wrap(TextDecoderGraph(model), 3, 1),
-                decoder_example_inputs(model, c, cache_len, kv, torch.float32),
-                sig.input_names,
-                sig.output_names,
+            yield (
+                name,
+                _export(
+                    wrap(TextDecoderGraph(model), 3, 1),
+                    decoder_example_inputs(model, c, cache_len, kv, torch.float32),
+                    sig.input_names,
+                    sig.output_names,
+                ),
             )
-    return out

@@ -77,13 +77,8 @@ def externalize(model: onnx.ModelProto, store: WeightStore) -> None:
             entry.key, entry.value = key, value
 
 
-def write_graphs(models: dict[str, onnx.ModelProto], out: Path) -> dict[str, int]:
-    """Write `<name>.onnx` for every model plus the shared weight file; returns byte counts."""
-    store = WeightStore(out / WEIGHTS_FILE)
-    try:
-        for name, model in models.items():
-            externalize(model, store)
-            onnx.save_model(model, str(out / f"{name}.onnx"))
-    finally:
-        store.close()
-    return {"weights_bytes": store.size, "shared_bytes": store.shared_bytes}
+def write_graph(model: onnx.ModelProto, path: Path, store: WeightStore) -> None:
+    """Write `model` to `path` with its large tensors moved into `store` (the proto keeps
+    references only, so the caller's copy shrinks to the graph structure)."""
+    externalize(model, store)
+    onnx.save_model(model, str(path))
