@@ -15,6 +15,7 @@ from edge_runtime.models.qwen35_text import state_specs
 
 from ..pipeline import ExportContext, GraphSet, io_spec
 from .check import check_graphs
+from .fuse import contrib_op_counts
 from .lower import iter_graphs, kv_dtype
 from .quantize import ACCURACY_LEVEL, BLOCK, quantize_model
 from .store import WEIGHTS_FILE, WeightStore, write_graph
@@ -117,6 +118,10 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
                 o.version for o in written["decoder_decode"].opset_import if o.domain in ("", "ai.onnx")
             ),
             "onnxruntime_version": onnxruntime.__version__,
+            # contrib ops in the decode graph (fuse.py; not in fp16 graphs). LinearAttention and
+            # CausalConvWithState are recent (onnxruntime PR #27907): a runtime older than the one
+            # above may not load them.
+            "decode_contrib_ops": contrib_op_counts(written["decoder_decode"]),
             "int4_block_size": BLOCK,
             "matmulnbits_accuracy_level": ACCURACY_LEVEL,
             "quantized_weights": stats,

@@ -35,6 +35,8 @@ from export.graphs import (
     vision_example_inputs,
 )
 
+from .fuse import fused_decoder
+
 VISION_MODES = ("16x", "4x")
 VISION_EXAMPLE_L = 64
 EMBED_EXAMPLE_T = 8
@@ -144,12 +146,11 @@ def iter_graphs(
         sig = decoder_signature(model, cache_len, kv, torch.float32)
         for name, c in (("decoder_prefill", chunk), ("decoder_decode", 1)):
             progress(f"lowering text decoder ({name.split('_')[1]}, C={c}, cache {cache_len})")
-            yield (
-                name,
-                _export(
+            with fused_decoder(model, cache_len):  # onnxruntime contrib ops, fp32 graphs only (fuse.py)
+                graph = _export(
                     wrap(TextDecoderGraph(model), 3, 1),
                     decoder_example_inputs(model, c, cache_len, kv, torch.float32),
                     sig.input_names,
                     sig.output_names,
-                ),
-            )
+                )
+            yield name, graph
