@@ -35,9 +35,14 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
-def make_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
+def make_session(path: Path, threads: int | None = None, prepack: bool = True) -> ort.InferenceSession:
+    """`prepack=False` skips the kernels' repacked weight copies (a one-off check does not need the
+    speed, and at full size the copies are gigabytes)."""
+    options = session_options(threads)
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types; report one line
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(f"{path.name}: onnxruntime cannot load it ({first})") from None

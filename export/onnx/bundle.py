@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,14 @@ FILES = {
     "decoder_prefill": "decoder_prefill.onnx",
     "decoder_decode": "decoder_decode.onnx",
 }
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by the lowering back to the OS before onnxruntime loads the graphs:
+    glibc keeps freed heap pages mapped, so the check would otherwise stack on top of them."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def decode_weight_bytes(model: onnx.ModelProto) -> int:
@@ -94,7 +105,9 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
     written: dict[str, onnx.ModelProto] = {}  # after write_graph: structure only, weights on disk
     store = WeightStore(out / WEIGHTS_FILE)
     try:
-        graphs = iter_graphs(model, ctx.chunk_size, cache_len, say, half=ctx.quantization == "fp16")
+        graphs = iter_graphs(
+            model, ctx.chunk_size, cache_len, say, half=ctx.quantization == "fp16", release_vision=True
+        )
         for name, graph in graphs:
             result = quantize_model(graph, ctx.quantization, vision=name.startswith("vision"))
             stats[name] = result.counts
@@ -105,6 +118,7 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
     finally:
         store.close()
     del model
+    release_freed_memory()
     say(
         f"lowered and wrote {len(written)} graphs in {time.perf_counter() - t0:.1f} s; {WEIGHTS_FILE}: "
         f"{store.size / 1e6:.1f} MB ({store.shared_bytes / 1e6:.1f} MB shared between graphs, stored once)"
