@@ -117,6 +117,7 @@ class Encoded:
     aux: torch.Tensor | None = None  # [tokens of the source view, 2]: colour, shape/digit class (0 = none)
     digits: torch.Tensor | None = None  # [2] the two digits of a number image
     digit_map: torch.Tensor | None = None  # [tokens of the source view]: 0 ink-free, 1+d first, 11+d second
+    lookup: torch.Tensor | None = None  # [T, 6]: what a question names (see LOOKUP_CLASSES), -100 elsewhere
 
 
 def scene_targets(size: tuple[int, int], token_grid: tuple[int, int], objects: list[_Object]) -> torch.Tensor:
@@ -163,6 +164,66 @@ def digit_targets(image, token_grid: tuple[int, int], answer: str) -> torch.Tens
     return out
 
 
+# colour, shape, grid row, grid column of a named object; first and second digit of a number image
+LOOKUP_CLASSES = (len(COLOURS), len(SHAPES), 4, 4, 10, 10)
+
+
+def named_objects(question: str, lang: str, objects: list[_Object]) -> list[tuple[int, _Object]]:
+    """(end offset in `question`, object) for every object the question names, in question order:
+    by its full name ("red circle") where the question has it, else by its one unique attribute
+    ("the circle", "the red object"); every object of a task image has a distinct colour."""
+    en = lang == "en"
+    found = []
+    for o in objects:
+        colour, shape = COLOURS[o.colour][0 if en else 1], SHAPES[o.shape][0 if en else 1]
+        full = f"{colour} {shape}" if en else f"{colour}{shape}"
+        for key in (full, colour, shape):
+            at = question.find(key)
+            if at >= 0 and (key != shape or sum(p.shape == o.shape for p in objects) == 1):
+                found.append((at + len(key), o))
+                break
+    return sorted(found, key=lambda f: f[0])
+
+
+def lookup_targets(
+    tokenizer: Tokenizer, seq: list[int], questions: list[tuple[str, str]], objects: list[_Object]
+) -> torch.Tensor:
+    """Per sequence position: (colour, shape, row, col) of the object the question named most
+    recently, from the token that completes its name to the question's last token; -100 elsewhere.
+
+    A training-only signal for the decoder: "what shape is the red object" needs the model to find
+    the red object among the image tokens. Supervising the looked-up attributes where the name is
+    read gives that lookup a direct gradient instead of one through the whole answer path."""
+    out = torch.full((len(seq), len(LOOKUP_CLASSES)), -100, dtype=torch.long)
+    cursor = 0
+    for question, lang in questions:
+        q_ids = tokenizer.encode(question)
+        start = next(
+            (i for i in range(cursor, len(seq) - len(q_ids) + 1) if seq[i : i + len(q_ids)] == q_ids), None
+        )
+        if start is None:
+            continue
+        cursor = start + len(q_ids)
+        for end, o in named_objects(question, lang, objects):
+            first = next(
+                k
+                for k in range(1, len(q_ids) + 1)
+                if len(tokenizer.decode(q_ids[:k]).rstrip("\ufffd")) >= end
+            )
+            out[start + first - 1 : cursor, :4] = torch.tensor([o.colour, o.shape, o.row, o.col])
+    return out
+
+
+def reading_targets(tokenizer: Tokenizer, seq: list[int], question: str, answer: str) -> torch.Tensor:
+    """The number image's counterpart of `lookup_targets`: its two digits at every token of the
+    question, so the decoder is taught to read them out of the image tokens before it answers."""
+    out = torch.full((len(seq), len(LOOKUP_CLASSES)), -100, dtype=torch.long)
+    q_ids = tokenizer.encode(question)
+    start = next(i for i in range(len(seq) - len(q_ids) + 1) if seq[i : i + len(q_ids)] == q_ids)
+    out[start : start + len(q_ids), 4:] = torch.tensor([int(answer[0]), int(answer[1])])
+    return out
+
+
 class Encoder:
     """Sample -> model inputs, through the same host code as Session.prepare."""
 
@@ -205,8 +266,11 @@ class Encoder:
         ex = Encoded(ids, spans[0][0], spans[0][1], targets, slices, mode, sample.qtype)
         if objects is not None:
             ex.aux = scene_targets(sample.image.size, source_token_grid(prepared, mode), objects)
+            asked = [(sample.question, sample.lang)] + [(f[0], sample.lang) for f in follow_up]
+            ex.lookup = lookup_targets(self.tokenizer, seq, asked, objects)
         elif sample.qtype == "text":
             ex.digits = torch.tensor([int(d) for d in sample.answer[:2]])
+            ex.lookup = reading_targets(self.tokenizer, seq, sample.question, sample.answer)
             ex.digit_map = digit_targets(sample.image, source_token_grid(prepared, mode), sample.answer)
         return ex
 
@@ -376,12 +440,15 @@ def _deltanet_batched(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return net.out_proj(out)
 
 
-def text_batched(model: MiniCPMV46, embeds: torch.Tensor) -> torch.Tensor:
-    """language_model over [B, T, D] right-padded embeddings from position 0 -> normed hidden."""
+def text_batched(
+    model: MiniCPMV46, embeds: torch.Tensor, tap: int = -1
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """language_model over [B, T, D] right-padded embeddings from position 0 -> (normed hidden,
+    residual stream after layer `tap`, None when tap < 0)."""
     lm = model.language_model
     cos, sin = rope_cos_sin(torch.arange(embeds.shape[1]), lm.inv_freq)
-    x = embeds
-    for layer in lm.layers:
+    x, tapped = embeds, None
+    for index, layer in enumerate(lm.layers):
         h = layer.input_layernorm(x)
         if layer.kind == "full_attention":
             h = _attention_batched(layer.self_attn, h, cos, sin)
@@ -389,12 +456,14 @@ def text_batched(model: MiniCPMV46, embeds: torch.Tensor) -> torch.Tensor:
             h = _deltanet_batched(layer.linear_attn, h)
         x = x + h
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-    return lm.norm(x)
+        if index == tap:
+            tapped = x
+    return lm.norm(x), tapped
 
 
-def hidden_batched(model: MiniCPMV46, group: list[Encoded], return_features: bool = False):
+def hidden_batched(model: MiniCPMV46, group: list[Encoded], return_features: bool = False, tap: int = -1):
     """Vision + splice + decoder for examples of one downsample mode -> hidden [B, T_max, D]
-    (and all image features [N, D] when asked).
+    (and all image features [N, D] and the residual stream after layer `tap` when asked).
 
     Left alone, the image features grow a large constant component (the same vector on every
     image token, tens of times the per-image variation) and the decoder, which RMS-normalises
@@ -407,8 +476,8 @@ def hidden_batched(model: MiniCPMV46, group: list[Encoded], return_features: boo
         k += len(ex.slices)
         e = model.embed(ex.ids).masked_scatter((ex.ids == model.cfg.image_token_id).unsqueeze(-1), f)
         rows.append(F.pad(e, (0, 0, 0, longest - ex.ids.shape[0])))
-    hidden = text_batched(model, torch.stack(rows))
-    return (hidden, feats) if return_features else hidden
+    hidden, tapped = text_batched(model, torch.stack(rows), tap)
+    return (hidden, feats, tapped) if return_features else hidden
 
 
 def by_mode(batch: list[Encoded]) -> list[list[Encoded]]:
@@ -429,6 +498,33 @@ class AuxHeads(torch.nn.Module):
         self.shape = torch.nn.Linear(dim, n_shapes + 10 + 1)  # shapes, then sheet digits 0-9
         self.digits = torch.nn.Linear(dim, 20)
         self.digit_map = torch.nn.Linear(dim, 21)
+        self.lookup = torch.nn.Linear(dim, sum(LOOKUP_CLASSES))
+
+
+def lookup_terms(aux: AuxHeads, group: list[Encoded], tapped: torch.Tensor) -> list[torch.Tensor]:
+    """Losses of the decoder lookup probe (see `lookup_targets`) on the tapped residual stream."""
+    rows = [ex.lookup for ex in group if ex.lookup is not None]
+    if not rows:
+        return []
+    longest = tapped.shape[1]
+    target = torch.stack(
+        [
+            F.pad(ex.lookup, (0, 0, 0, longest - ex.lookup.shape[0]), value=-100)
+            if ex.lookup is not None
+            else torch.full((longest, len(LOOKUP_CLASSES)), -100, dtype=torch.long)
+            for ex in group
+        ]
+    )
+    keep = (target != -100).any(dim=-1)
+    if not bool(keep.any()):
+        return []
+    x, target = tapped[keep], target[keep]
+    logits = torch.split(aux.lookup(F.rms_norm(x, (x.shape[-1],))), LOOKUP_CLASSES, dim=-1)
+    return [
+        F.cross_entropy(part, target[:, i])
+        for i, part in enumerate(logits)
+        if bool((target[:, i] != -100).any())
+    ]
 
 
 def probe_terms(aux: AuxHeads, group: list[Encoded], feats: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -464,6 +560,7 @@ def batch_loss(
     mean_penalty: float = 0.0,
     aux: AuxHeads | None = None,
     aux_weight: float = 0.0,
+    lookup_layer: int = -1,
 ) -> torch.Tensor:
     """Mean cross-entropy over every answer token of every turn of every example, plus
     `mean_penalty` x the squared mean image feature (see `hidden_batched`), plus the auxiliary
@@ -471,7 +568,7 @@ def batch_loss(
     total, count, penalty = torch.zeros(()), 0, torch.zeros(())
     aux_terms: list[torch.Tensor] = []
     for group in by_mode(batch):
-        hidden, feats = hidden_batched(model, group, return_features=True)
+        hidden, feats, tapped = hidden_batched(model, group, return_features=True, tap=lookup_layer)
         penalty = penalty + torch.cat(feats).mean(dim=0).pow(2).mean()
         longest = hidden.shape[1]
         target = torch.stack([F.pad(ex.targets, (0, longest - ex.ids.shape[0]), value=-100) for ex in group])
@@ -480,6 +577,8 @@ def batch_loss(
         count += int(keep.sum())
         if aux is not None:
             aux_terms += probe_terms(aux, group, feats)
+            if tapped is not None:
+                aux_terms += lookup_terms(aux, group, tapped)
     loss = total / count + mean_penalty * penalty
     if aux_terms:
         loss = loss + aux_weight * torch.stack(aux_terms).mean()
@@ -550,6 +649,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sheets", type=int, default=8, help="sheets added to every QA step (probe loss only)")
     ap.add_argument("--deltanet-chunk", type=int, default=16)
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the training-only probes")
+    ap.add_argument(
+        "--lookup-layer",
+        type=int,
+        default=2,
+        help="decoder layer whose output the training-only lookup probe reads (-1: no lookup probe)",
+    )
     ap.add_argument(
         "--mean-penalty", type=float, default=0.01, help="weight of the image-feature mean penalty"
     )
@@ -651,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
                 k += 1
             if step == 0:
                 log(f"batched vs reference forward: max |logit diff| {check_batched(model, batch):.2e}")
-            loss = batch_loss(model, batch, args.mean_penalty, aux, args.aux_weight)
+            loss = batch_loss(model, batch, args.mean_penalty, aux, args.aux_weight, args.lookup_layer)
             if args.sheets:
                 loss = loss + args.aux_weight * vision_loss(model, aux, next_sheets(args.sheets))
             loss.backward()
