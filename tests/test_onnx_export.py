@@ -58,7 +58,7 @@ def bundles(ckpt_dir, lowered, tmp_path_factory):
         mp.setattr(
             onnx_bundle,
             "iter_graphs",
-            lambda *_a, half=False: ((k, onnx.load_from_string(v)) for k, v in lowered[half].items()),
+            lambda *_a, half=False, **_kw: ((k, onnx.load_from_string(v)) for k, v in lowered[half].items()),
         )
         for quant in QUANTS:
             request = ExportRequest(ckpt_dir, root / quant, "harmonyos", None, quant, MAX_CONTEXT, CHUNK)
