@@ -388,7 +388,7 @@ def _run_case(ref: Session, cand: Session, case: Case, n_steps: int) -> CaseResu
             raise InputError("prompt token ids differ: the bundle's host files (tokenizer, template) differ")
 
         shown = _until_stop(ref_tokens[:n_steps], ref.assets.stop_ids)
-        stopped = len(shown) < n_steps or (bool(shown) and shown[-1] in ref.assets.stop_ids)
+        stopped = bool(shown) and shown[-1] in ref.assets.stop_ids
         stage = "prefill"
         cand_logits = teacher_forced_logits(cand.backend, cand_in.embeds, ref_tokens[:n_steps])
         result.stages["prefill"] = _logits_stage(ref_logits[:1], cand_logits[:1])

@@ -183,6 +183,13 @@ def copy_host_files(checkpoint: Path, out: Path) -> list[str]:
     return copied
 
 
+def state_entries(specs: list) -> list[dict[str, Any]]:
+    """The manifest's `state` list for these StateSpecs: name, shape and numpy dtype name."""
+    return [
+        {"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")} for s in specs
+    ]
+
+
 def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str]) -> dict[str, Any]:
     """Every manifest field (docs/bundle.md), with the sha256 and size of every file now in ctx.out."""
     from edge_runtime.processing.tokenizer import Tokenizer
@@ -192,10 +199,7 @@ def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str
     pre_path = ctx.checkpoint / "preprocessor_config.json"
     preprocessing = json.loads(pre_path.read_text(encoding="utf-8")) if pre_path.is_file() else {}
     cache_len = ctx.max_context + ctx.chunk_size
-    state = graph_set.state or [
-        {"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")}
-        for s in state_specs(cfg.text, cache_len)
-    ]
+    state = graph_set.state or state_entries(state_specs(cfg.text, cache_len))
     special = {
         name: tok.token_to_id(token)
         for name, token in {

@@ -43,19 +43,14 @@ def bundles(ckpt_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cases(two_mode_cases):
-    return two_mode_cases
-
-
-@pytest.fixture(scope="module")
 def reference(ckpt_dir):
     return open_checkpoint_session(ckpt_dir, max_context=MAX_CONTEXT, threads=1)
 
 
 @pytest.mark.parametrize("quant", QUANTIZATIONS)
-def test_parity_through_the_mil_executor(quant, bundles, reference, cases):
+def test_parity_through_the_mil_executor(quant, bundles, reference, two_mode_cases):
     candidate = open_bundle_session(bundles[quant], threads=1)
-    report = compare(reference, candidate, cases, quant, n_steps=STEPS)
+    report = compare(reference, candidate, two_mode_cases, quant, n_steps=STEPS)
     assert report.passed, "\n".join(report.summary_lines())
 
 

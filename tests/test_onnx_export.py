@@ -67,20 +67,15 @@ def bundles(ckpt_dir, lowered, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cases(two_mode_cases):
-    return two_mode_cases
-
-
-@pytest.fixture(scope="module")
 def reference(ckpt_dir):
     return open_checkpoint_session(ckpt_dir, max_context=MAX_CONTEXT, threads=1)
 
 
 @pytest.mark.parametrize("quant", QUANTS)
-def test_parity_gates(quant, bundles, reference, cases):
+def test_parity_gates(quant, bundles, reference, two_mode_cases):
     candidate = open_bundle_session(bundles[quant], threads=1)
     assert candidate.backend.name == f"onnxruntime:{quant}"
-    report = compare(reference, candidate, cases, quant, n_steps=STEPS)
+    report = compare(reference, candidate, two_mode_cases, quant, n_steps=STEPS)
     assert report.passed, "\n".join(report.summary_lines())
     if quant == "fp32":
         assert report.stages["greedy"]["identical_cases"] == 1

@@ -185,6 +185,11 @@ def named_objects(question: str, lang: str, objects: list[_Object]) -> list[tupl
     return sorted(found, key=lambda f: f[0])
 
 
+def find_tokens(seq: list[int], ids: list[int], start: int = 0) -> int | None:
+    """Index of the first occurrence of `ids` in `seq` at or after `start` (None if absent)."""
+    return next((i for i in range(start, len(seq) - len(ids) + 1) if seq[i : i + len(ids)] == ids), None)
+
+
 def lookup_targets(
     tokenizer: Tokenizer, seq: list[int], questions: list[tuple[str, str]], objects: list[_Object]
 ) -> torch.Tensor:
@@ -198,9 +203,7 @@ def lookup_targets(
     cursor = 0
     for question, lang in questions:
         q_ids = tokenizer.encode(question)
-        start = next(
-            (i for i in range(cursor, len(seq) - len(q_ids) + 1) if seq[i : i + len(q_ids)] == q_ids), None
-        )
+        start = find_tokens(seq, q_ids, cursor)
         if start is None:
             continue
         cursor = start + len(q_ids)
@@ -219,7 +222,7 @@ def reading_targets(tokenizer: Tokenizer, seq: list[int], question: str, answer:
     question, so the decoder is taught to read them out of the image tokens before it answers."""
     out = torch.full((len(seq), len(LOOKUP_CLASSES)), -100, dtype=torch.long)
     q_ids = tokenizer.encode(question)
-    start = next(i for i in range(len(seq) - len(q_ids) + 1) if seq[i : i + len(q_ids)] == q_ids)
+    start = find_tokens(seq, q_ids)
     out[start : start + len(q_ids), 4:] = torch.tensor([int(answer[0]), int(answer[1])])
     return out
 

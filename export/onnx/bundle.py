@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +13,7 @@ import torch
 from edge_runtime.checkpoint import load_checkpoint
 from edge_runtime.models.qwen35_text import state_specs
 
-from ..pipeline import ExportContext, GraphSet, io_spec
+from ..pipeline import ExportContext, GraphSet, io_spec, state_entries
 from .check import check_graphs
 from .fuse import contrib_op_counts
 from .lower import iter_graphs, kv_dtype
@@ -32,14 +29,6 @@ FILES = {
 }
 
 
-def release_freed_memory() -> None:
-    """Hand memory freed by the lowering back to the OS before onnxruntime loads the graphs:
-    glibc keeps freed heap pages mapped, so the check would otherwise stack on top of them."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def decode_weight_bytes(model: onnx.ModelProto) -> int:
     """Bytes of every initializer the decode graph reads per token (as stored: quantized sizes)."""
     total = 0
@@ -51,16 +40,14 @@ def decode_weight_bytes(model: onnx.ModelProto) -> int:
 
 def onnx_state(ctx: ExportContext, cache_len: int) -> list[dict[str, Any]]:
     """The manifest's state list: fp16 KV cache in the fp16 variant, fp32 everywhere else."""
-    specs = state_specs(ctx.config.text, cache_len, kv_dtype(ctx.quantization == "fp16"), torch.float32)
-    return [
-        {"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")} for s in specs
-    ]
+    return state_entries(
+        state_specs(ctx.config.text, cache_len, kv_dtype(ctx.quantization == "fp16"), torch.float32)
+    )
 
 
-def manifest_graphs(ctx: ExportContext, cache_len: int) -> dict[str, Any]:
+def manifest_graphs(ctx: ExportContext, cache_len: int, state: list[dict[str, Any]]) -> dict[str, Any]:
     cfg = ctx.config
     d, v, patch_dim = cfg.text.hidden_size, cfg.text.vocab_size, cfg.vision.patch_dim
-    state = onnx_state(ctx, cache_len)
     past = [io_spec(f"past.{s['name']}", s["shape"], s["dtype"]) for s in state]
     present = [io_spec(f"present.{s['name']}", s["shape"], s["dtype"]) for s in state]
     return {
@@ -94,12 +81,14 @@ def manifest_graphs(ctx: ExportContext, cache_len: int) -> dict[str, Any]:
 
 
 def export_onnx(ctx: ExportContext) -> GraphSet:
-    """Lower, quantize and write one graph at a time (peak memory: the checkpoint plus one graph),
-    then check the written bundle in onnxruntime."""
+    """Lower, quantize and write one graph at a time, then check the written bundle in onnxruntime.
+    (Streaming did not lower the full preset's measured peak, about 21 GB: memory still grows with
+    every graph lowered; see export/onnx/lower.py.)"""
     say = ctx.progress
     t0 = time.perf_counter()
     model = load_checkpoint(ctx.checkpoint).model
     cache_len = ctx.max_context + ctx.chunk_size  # the padding of the last prefill chunk lands here
+    state = onnx_state(ctx, cache_len)
     out = Path(ctx.out)
     stats: dict[str, dict[str, int]] = {}
     written: dict[str, onnx.ModelProto] = {}  # after write_graph: structure only, weights on disk
@@ -118,12 +107,11 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
     finally:
         store.close()
     del model
-    release_freed_memory()
     say(
         f"lowered and wrote {len(written)} graphs in {time.perf_counter() - t0:.1f} s; {WEIGHTS_FILE}: "
         f"{store.size / 1e6:.1f} MB ({store.shared_bytes / 1e6:.1f} MB shared between graphs, stored once)"
     )
-    check_graphs(out, FILES, ctx.config, ctx.chunk_size, onnx_state(ctx, cache_len), say)
+    check_graphs(out, FILES, ctx.config, ctx.chunk_size, state, say)
     say(f"onnx export done in {time.perf_counter() - t0:.1f} s")
     extra = {
         "onnx": {
@@ -142,8 +130,8 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
         }
     }
     return GraphSet(
-        graphs=manifest_graphs(ctx, cache_len),
+        graphs=manifest_graphs(ctx, cache_len, state),
         decode_weight_bytes=decode_weight_bytes(written["decoder_decode"]),
-        state=onnx_state(ctx, cache_len),
+        state=state,
         extra=extra,
     )

@@ -112,13 +112,14 @@ def iter_graphs(
     release_vision: bool = False,
 ) -> Iterator[tuple[str, onnx.ModelProto]]:
     """Export every entry point of `model` (eval mode) to an ONNX model, in graph_names() order,
-    one at a time: the caller writes each graph's weights away before the next is lowered, so a
-    full-size export holds one graph's weights, not five.
+    one at a time, so the caller can write each graph's weights away before the next is lowered.
+    Measured on the full preset, the process still grows with every graph lowered (peak about
+    21 GB for int4); I have not found what keeps each lowering's memory.
 
     `half`: fp16 weights and activations inside fp32 graph I/O (`to_half_precision` keeps norms,
     DeltaNet decay and recurrent + conv state fp32; the KV cache is fp16). `release_vision`: drop
-    the vision tower and merger from `model` once their graphs are out (the decoder exports, the
-    memory peak, do not need them: 1.7 GB at the full preset's fp32)."""
+    the vision tower and merger from `model` once their graphs are out (the decoder exports do not
+    need them: 1.7 GB at the full preset's fp32)."""
     model = model.eval()
     if half:
         model = to_half_precision(model)
@@ -165,5 +166,3 @@ def iter_graphs(
                     sig.output_names,
                 )
             yield name, graph
-            del graph
-            gc.collect()
