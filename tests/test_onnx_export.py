@@ -57,8 +57,8 @@ def bundles(ckpt_dir, lowered, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(
             onnx_bundle,
-            "iter_graphs",
-            lambda *_a, half=False, **_kw: ((k, onnx.load_from_string(v)) for k, v in lowered[half].items()),
+            "lower_graph",
+            lambda _model, name, _chunk, _cache, half: onnx.load_from_string(lowered[half][name]),
         )
         for quant in QUANTS:
             request = ExportRequest(ckpt_dir, root / quant, "harmonyos", None, quant, MAX_CONTEXT, CHUNK)
@@ -105,6 +105,64 @@ def test_weights_stored_once(bundles):
     int4 = json.loads((bundles["int4"] / "manifest.json").read_text())["onnx"]["quantized_weights"]
     assert int4["decoder_decode"].get("int4", 0) > 0 and int4["token_embedding"] == {"int4-embedding": 1}
     assert "int4" not in int4["vision_16x"]  # vision stays int8
+
+
+def test_large_checkpoint_lowers_each_graph_in_a_child_process(ckpt_dir, bundles, tmp_path, monkeypatch):
+    """Above ISOLATE_ABOVE_BYTES every graph is lowered, quantized and written by a fresh child
+    process that appends to the shared weights.bin: the bundle is byte-identical to the in-process one."""
+    monkeypatch.setattr(onnx_bundle, "ISOLATE_ABOVE_BYTES", 0)
+    said: list[str] = []
+    out = export_bundle(
+        ExportRequest(ckpt_dir, tmp_path / "b", "harmonyos", None, "int4", MAX_CONTEXT, CHUNK), said.append
+    )
+    assert sum("in a child process" in line for line in said) == 5
+    for name in ("weights.bin", *onnx_bundle.FILES.values()):
+        assert (out / name).read_bytes() == (bundles["int4"] / name).read_bytes(), name
+
+
+def test_a_killed_lowering_process_is_one_line(ckpt_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_bundle, "ISOLATE_ABOVE_BYTES", 0)
+    monkeypatch.setattr(onnx_bundle, "_child_job", _die)
+    with pytest.raises(onnx_bundle.LoweringProcessError, match="lowering vision_16x died"):
+        export_bundle(ExportRequest(ckpt_dir, tmp_path / "b", "harmonyos", None, "int4", MAX_CONTEXT, CHUNK))
+    assert not (tmp_path / "b").exists()
+
+
+def _die(*_args):
+    """Stands in for the child's job: the process exits as the kernel's OOM killer would leave it."""
+    import os
+
+    os._exit(137)
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_kv_cache_is_updated_in_place(quant, bundles):
+    """The fused graphs' KV caches are listed as in-place state; the backend binds present to past's
+    buffer (same data pointer after a step) and the logits equal those of fresh output buffers."""
+    manifest = json.loads((bundles[quant] / "manifest.json").read_text())
+    attention = [s["name"] for s in manifest["state"] if s["name"].endswith(("k_cache", "v_cache"))]
+    assert attention and manifest["onnx"]["in_place_state"] == sorted(attention)
+    rng = np.random.default_rng(0)
+    embeds = rng.normal(size=(CHUNK + 6, manifest["model"]["hidden_size"])).astype(np.float32)
+
+    def run(in_place: bool) -> tuple[list[np.ndarray], bool]:
+        backend = open_bundle_session(bundles[quant], threads=1).backend
+        if not in_place:
+            backend._in_place = frozenset()
+        state = backend.new_state()
+        logits, state = backend.prefill_chunk(embeds[:CHUNK], CHUNK - 3, 0, state)
+        out, shared = [logits], True
+        for i in range(6):
+            before = state.tensors[attention[0]].data_ptr()
+            logits, state = backend.decode_step(embeds[CHUNK + i], CHUNK - 3 + i, state)
+            out.append(logits)
+            shared &= state.tensors[attention[0]].data_ptr() == before
+        return out, shared
+
+    (got, shared), (want, copied) = run(True), run(False)
+    assert shared and not copied
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
 def test_fp16_bundle_computes_in_half_precision(bundles):

@@ -79,9 +79,10 @@ KNOWN_DIFFERENCES = [
     "DeltaNet q/k l2-norm: the builder's LpNormalization has no epsilon, ours (and transformers) add 1e-6 "
     "inside the sqrt; this is the whole fp32 logit difference on random weights (with eps 1e-20 it drops to "
     "~2e-7), negligible for real activations",
-    "attention state: ours passes a static cache of max_context + chunk positions in and out of every "
-    "step (the manifest's state); theirs keeps one max_length buffer (past_present_share_buffer) updated in "
-    "place; see decode_graph.ops for which attention / DeltaNet ops each side runs",
+    "attention state: both keep one KV buffer per layer updated in place by GroupQueryAttention (ours: a "
+    "static max_context + chunk positions, bound as input and output, manifest onnx.in_place_state; theirs: "
+    "max_length, past_present_share_buffer); ours passes the DeltaNet conv / recurrent state in and out; see "
+    "decode_graph.ops for which attention / DeltaNet ops each side runs",
     "host loop: ours is Python (embedding session + decoder session + numpy argmax per step); "
     "onnxruntime-genai's is C++ (embedding inside the decoder graph)",
 ]
@@ -683,7 +684,7 @@ def _settings_record(s: Settings, built: dict[str, Any], n_prompt: int, max_cont
             "accuracy_level": ACCURACY_LEVEL,
             "symmetric": True,
             "embedding": "int4 GatherBlockQuantized shared with the tied head",
-            "state": f"static, {max_context} + chunk KV positions, passed in and out every step",
+            "state": f"static, {max_context} + chunk KV positions; KV updated in place (onnx.in_place_state)",
         },
         "builder_options": dict(BUILDER_OPTIONS),
         "builder_defaults": BUILDER_DEFAULTS_NOTE,

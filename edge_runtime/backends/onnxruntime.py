@@ -2,8 +2,12 @@
 
 Five sessions over one weight file: vision encoder per downsample mode, token embedding, and the
 text decoder at the prefill chunk C and at C = 1. All sessions open when the backend opens, as an
-app would at start-up, so session creation never lands inside a measured TTFT. Decoder state stays in onnxruntime as OrtValues between calls, so the
-KV cache is not converted to numpy and back on every token.
+app would at start-up, so session creation never lands inside a measured TTFT. Decoder state stays
+in onnxruntime as OrtValues between calls, so the KV cache is not converted to numpy and back on
+every token. The state entries the manifest lists under `onnx.in_place_state` (KV caches that
+GroupQueryAttention updates) are bound as input and output to the same buffer, so each call writes
+its new rows in place instead of copying the whole static cache: the state passed in is consumed,
+as with the ExecuTorch backend's one-sequence state; only the returned one is current.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class OnnxRuntimeBackend(Backend):
             video_token_id=int(model["video_token_id"]),
         )
         self._state = [(s["name"], tuple(s["shape"]), np.dtype(s["dtype"])) for s in manifest["state"]]
+        self._in_place = frozenset(manifest.get("onnx", {}).get("in_place_state", ()))
         self.name = f"onnxruntime:{manifest.get('quantization', '?')}"
         for key in self._files:
             self.session(key)
@@ -130,9 +135,25 @@ class OnnxRuntimeBackend(Backend):
                 if isinstance(value, ort.OrtValue)
                 else ort.OrtValue.ortvalue_from_numpy(np.asarray(value, dtype))
             )
-        names = ["logits"] + [f"present.{name}" for name, _, _ in self._state]
-        outs = sess.run_with_ort_values(names, feeds)
-        new = _OrtState({name: outs[i + 1] for i, (name, _, _) in enumerate(self._state)})
+        binding = sess.io_binding()
+        for key, value in feeds.items():
+            binding.bind_ortvalue_input(key, value)
+        binding.bind_output("logits")
+        for name, _, _ in self._state:
+            if name in self._in_place:
+                binding.bind_ortvalue_output(f"present.{name}", feeds[f"past.{name}"])
+            else:
+                binding.bind_output(f"present.{name}")
+        sess.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        # in place: keep the bound input object, which owns the buffer (the output object returned
+        # by the binding is a view that does not keep a numpy-backed buffer alive)
+        new = _OrtState(
+            {
+                name: feeds[f"past.{name}"] if name in self._in_place else outs[i + 1]
+                for i, (name, _, _) in enumerate(self._state)
+            }
+        )
         return outs[0].numpy()[0], new
 
     def prefill_chunk(self, embeds, n_valid, start_pos, state):

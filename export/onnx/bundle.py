@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +15,15 @@ import onnxruntime
 import torch
 
 from edge_runtime.checkpoint import load_checkpoint
+from edge_runtime.errors import EdgeError
+from edge_runtime.models.minicpm_v46 import MiniCPMV46
 from edge_runtime.models.qwen35_text import state_specs
 
 from ..pipeline import ExportContext, GraphSet, io_spec, state_entries
 from .check import check_graphs
 from .fuse import contrib_op_counts
-from .lower import iter_graphs, kv_dtype
-from .quantize import ACCURACY_LEVEL, BLOCK, quantize_model
+from .lower import describe, graph_names, kv_dtype, lower_graph, prepare
+from .quantize import ACCURACY_LEVEL, BLOCK, QuantStats, quantize_model
 from .store import WEIGHTS_FILE, WeightStore, write_graph
 
 FILES = {
@@ -36,6 +42,24 @@ def decode_weight_bytes(model: onnx.ModelProto) -> int:
         ext = {e.key: e.value for e in t.external_data}
         total += int(ext["length"]) if "length" in ext else len(t.raw_data)
     return total
+
+
+def in_place_state(decoders: list[onnx.ModelProto]) -> list[str]:
+    """State entries every decoder graph updates inside GroupQueryAttention (present.X is the op's
+    output for input past.X): a runtime may bind present.X to past.X's buffer, and the op then
+    writes the new rows in place instead of copying the whole cache (onnxruntime-genai's
+    past_present_share_buffer). The other state entries must get fresh output buffers."""
+    common: set[str] | None = None
+    for graph in decoders:
+        names = {
+            out.removeprefix("present.")
+            for node in graph.graph.node
+            if node.op_type == "GroupQueryAttention" and node.domain == "com.microsoft"
+            for out in node.output
+            if out.startswith("present.") and f"past.{out.removeprefix('present.')}" in node.input
+        }
+        common = names if common is None else common & names
+    return sorted(common or ())
 
 
 def onnx_state(ctx: ExportContext, cache_len: int) -> list[dict[str, Any]]:
@@ -80,33 +104,108 @@ def manifest_graphs(ctx: ExportContext, cache_len: int, state: list[dict[str, An
     }
 
 
-def export_onnx(ctx: ExportContext) -> GraphSet:
-    """Lower, quantize and write one graph at a time, then check the written bundle in onnxruntime.
-    (Streaming did not lower the full preset's measured peak, about 21 GB: memory still grows with
-    every graph lowered; see export/onnx/lower.py.)"""
+# Checkpoints whose weight files exceed this lower each graph in a fresh child process: the torch
+# exporter's memory is not returned between graphs (measured on the full preset, fp32 weights
+# 5.2 GB: in one process the peak grew to 21 GB over the five lowerings).
+ISOLATE_ABOVE_BYTES = 1 << 30
+
+
+class LoweringProcessError(EdgeError):
+    """The child process lowering a graph died without an answer (killed, e.g. out of memory)."""
+
+
+@dataclass(frozen=True)
+class GraphJob:
+    """What lowering one graph needs; picklable, so a child process can run it."""
+
+    checkpoint: Path
+    name: str
+    quantization: str
+    chunk: int
+    cache_len: int
+    graph_path: Path
+
+
+def run_graph_job(
+    job: GraphJob, model: MiniCPMV46 | None, store: WeightStore
+) -> tuple[dict[str, int], onnx.ModelProto]:
+    """Lower, quantize and write one graph; returns its quantization counts and its written
+    structure (weights moved to `store`). `model`: a `prepare`d model, or None to load the
+    checkpoint here (child processes)."""
+    half = job.quantization == "fp16"
+    if model is None:
+        model = load_checkpoint(job.checkpoint).model
+        if not job.name.startswith("vision_"):
+            del model.vision_tower, model.merger  # 1.7 GB at the full preset's fp32
+        model = prepare(model, half)
+    graph = lower_graph(model, job.name, job.chunk, job.cache_len, half)
+    result = quantize_model(graph, job.quantization, vision=job.name.startswith("vision"))
+    write_graph(graph, job.graph_path, store)
+    return result.counts, graph
+
+
+def _child_job(job: GraphJob, store: WeightStore) -> tuple[dict[str, int], onnx.ModelProto, WeightStore]:
+    counts, graph = run_graph_job(job, None, store)
+    store.close()  # flushed; unpickled in the parent, the store reopens its file (store.py)
+    return counts, graph, store
+
+
+def checkpoint_bytes(checkpoint: Path) -> int:
+    return sum(p.stat().st_size for p in Path(checkpoint).glob("*.safetensors"))
+
+
+def _in_child(job: GraphJob, store: WeightStore) -> tuple[dict[str, int], onnx.ModelProto, WeightStore]:
+    spawn = get_context("spawn")  # a fresh interpreter: nothing of the last lowering survives
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        try:
+            return pool.submit(_child_job, job, store).result()
+        except BrokenProcessPool:
+            raise LoweringProcessError(
+                f"the process lowering {job.name} died without an answer (out of memory?)"
+            ) from None
+
+
+def lower_all(
+    ctx: ExportContext, cache_len: int
+) -> tuple[dict[str, dict[str, int]], dict[str, onnx.ModelProto], WeightStore]:
+    """Every graph, one at a time: in this process for small checkpoints, each in its own child
+    process above ISOLATE_ABOVE_BYTES. Returns counts, written structures, and the closed store."""
     say = ctx.progress
-    t0 = time.perf_counter()
-    model = load_checkpoint(ctx.checkpoint).model
-    cache_len = ctx.max_context + ctx.chunk_size  # the padding of the last prefill chunk lands here
-    state = onnx_state(ctx, cache_len)
     out = Path(ctx.out)
+    isolate = checkpoint_bytes(ctx.checkpoint) > ISOLATE_ABOVE_BYTES
+    model = None if isolate else prepare(load_checkpoint(ctx.checkpoint).model, ctx.quantization == "fp16")
     stats: dict[str, dict[str, int]] = {}
     written: dict[str, onnx.ModelProto] = {}  # after write_graph: structure only, weights on disk
     store = WeightStore(out / WEIGHTS_FILE)
     try:
-        graphs = iter_graphs(
-            model, ctx.chunk_size, cache_len, say, half=ctx.quantization == "fp16", release_vision=True
-        )
-        for name, graph in graphs:
-            result = quantize_model(graph, ctx.quantization, vision=name.startswith("vision"))
-            stats[name] = result.counts
+        for name in graph_names():
+            job = GraphJob(
+                ctx.checkpoint, name, ctx.quantization, ctx.chunk_size, cache_len, out / FILES[name]
+            )
+            say(describe(name, ctx.chunk_size, cache_len) + (" in a child process" if isolate else ""))
+            if isolate:
+                store.close()  # the child appends to the file; the store comes back reopened
+                counts, graph, store = _in_child(job, store)
+            else:
+                if name.startswith("decoder") and hasattr(model, "vision_tower"):
+                    del model.vision_tower, model.merger  # the decoder graphs do not need them
+                counts, graph = run_graph_job(job, model, store)
+            stats[name], written[name] = counts, graph
             if ctx.quantization != "fp32":
-                say(f"quantized {name} ({ctx.quantization}): {result.summary()}")
-            write_graph(graph, out / FILES[name], store)
-            written[name] = graph
+                say(f"quantized {name} ({ctx.quantization}): {QuantStats(counts).summary()}")
     finally:
         store.close()
-    del model
+    return stats, written, store
+
+
+def export_onnx(ctx: ExportContext) -> GraphSet:
+    """Lower, quantize and write one graph at a time, then check the written bundle in onnxruntime."""
+    say = ctx.progress
+    t0 = time.perf_counter()
+    cache_len = ctx.max_context + ctx.chunk_size  # the padding of the last prefill chunk lands here
+    state = onnx_state(ctx, cache_len)
+    stats, written, store = lower_all(ctx, cache_len)
+    out = Path(ctx.out)
     say(
         f"lowered and wrote {len(written)} graphs in {time.perf_counter() - t0:.1f} s; {WEIGHTS_FILE}: "
         f"{store.size / 1e6:.1f} MB ({store.shared_bytes / 1e6:.1f} MB shared between graphs, stored once)"
@@ -124,6 +223,7 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
             # CausalConvWithState are recent (onnxruntime PR #27907): a runtime older than the one
             # above may not load them.
             "decode_contrib_ops": contrib_op_counts(written["decoder_decode"]),
+            "in_place_state": in_place_state([written["decoder_prefill"], written["decoder_decode"]]),
             "int4_block_size": BLOCK,
             "matmulnbits_accuracy_level": ACCURACY_LEVEL,
             "quantized_weights": stats,

@@ -86,6 +86,7 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: li
             logging.disable(level)
     model = program.model_proto
     model.graph.ClearField("value_info")  # intermediate shapes: recomputed by onnxruntime, not needed
+    model.graph.ClearField("metadata_props")  # the torch program's signature: every parameter's name
     for node in model.graph.node:
         node.ClearField("metadata_props")  # torch source locations: a third of the graph file
     return model
@@ -103,6 +104,59 @@ def lower_graphs(
     return dict(iter_graphs(model, chunk, cache_len, progress, half))
 
 
+def prepare(model: MiniCPMV46, half: bool) -> MiniCPMV46:
+    """The model as the graphs are traced from: eval mode, and in `half` a half-precision copy
+    (`to_half_precision` keeps norms, DeltaNet decay and recurrent + conv state fp32)."""
+    model = model.eval()
+    return to_half_precision(model) if half else model
+
+
+def describe(name: str, chunk: int, cache_len: int) -> str:
+    """The progress line of one graph's lowering."""
+    if name.startswith("vision_"):
+        return f"lowering vision encoder ({name.removeprefix('vision_')}, dynamic L)"
+    if name == "token_embedding":
+        return "lowering token embedding (dynamic T)"
+    c = chunk if name == "decoder_prefill" else 1
+    return f"lowering text decoder ({name.split('_')[1]}, C={c}, cache {cache_len})"
+
+
+def lower_graph(model: MiniCPMV46, name: str, chunk: int, cache_len: int, half: bool) -> onnx.ModelProto:
+    """One entry point of a `prepare`d model as an ONNX model. `half`: fp16 weights and activations
+    inside fp32 graph I/O; the KV cache is fp16."""
+
+    def wrap(graph: torch.nn.Module, n_args: int, n_outs: int) -> torch.nn.Module:
+        return Fp32Boundary(graph, torch.float16, n_args, n_outs) if half else graph
+
+    kv = kv_dtype(half)
+    with torch.inference_mode(False), torch.no_grad():
+        if name.startswith("vision_"):
+            return _export(
+                wrap(VisionEncoderGraph(model, name.removeprefix("vision_")), 2, 1),
+                vision_example_inputs(model, VISION_EXAMPLE_L),
+                ["patches", "position_ids"],
+                ["embeds"],
+                ({0: Dim("L")}, {0: Dim("L")}),
+            )
+        if name == "token_embedding":
+            return _export(
+                wrap(TokenEmbeddingGraph(model), 1, 1),
+                (torch.zeros(EMBED_EXAMPLE_T, dtype=torch.int64),),
+                ["ids"],
+                ["embeds"],
+                ({0: Dim("T")},),
+            )
+        c = {"decoder_prefill": chunk, "decoder_decode": 1}[name]
+        sig = decoder_signature(model, cache_len, kv, torch.float32)
+        with fused_decoder(model, cache_len):  # onnxruntime contrib ops, fp32 graphs only (fuse.py)
+            return _export(
+                wrap(TextDecoderGraph(model), 3, 1),
+                decoder_example_inputs(model, c, cache_len, kv, torch.float32),
+                sig.input_names,
+                sig.output_names,
+            )
+
+
 def iter_graphs(
     model: MiniCPMV46,
     chunk: int,
@@ -111,58 +165,15 @@ def iter_graphs(
     half: bool = False,
     release_vision: bool = False,
 ) -> Iterator[tuple[str, onnx.ModelProto]]:
-    """Export every entry point of `model` (eval mode) to an ONNX model, in graph_names() order,
-    one at a time, so the caller can write each graph's weights away before the next is lowered.
-    Measured on the full preset, the process still grows with every graph lowered (peak about
-    21 GB for int4); I have not found what keeps each lowering's memory.
-
-    `half`: fp16 weights and activations inside fp32 graph I/O (`to_half_precision` keeps norms,
-    DeltaNet decay and recurrent + conv state fp32; the KV cache is fp16). `release_vision`: drop
-    the vision tower and merger from `model` once their graphs are out (the decoder exports do not
-    need them: 1.7 GB at the full preset's fp32)."""
-    model = model.eval()
-    if half:
-        model = to_half_precision(model)
-
-    def wrap(graph: torch.nn.Module, n_args: int, n_outs: int) -> torch.nn.Module:
-        return Fp32Boundary(graph, torch.float16, n_args, n_outs) if half else graph
-
-    kv = kv_dtype(half)
-    with torch.inference_mode(False), torch.no_grad():
-        for mode in VISION_MODES:
-            progress(f"lowering vision encoder ({mode}, dynamic L)")
-            yield (
-                f"vision_{mode}",
-                _export(
-                    wrap(VisionEncoderGraph(model, mode), 2, 1),
-                    vision_example_inputs(model, VISION_EXAMPLE_L),
-                    ["patches", "position_ids"],
-                    ["embeds"],
-                    ({0: Dim("L")}, {0: Dim("L")}),
-                ),
-            )
-        progress("lowering token embedding (dynamic T)")
-        yield (
-            "token_embedding",
-            _export(
-                wrap(TokenEmbeddingGraph(model), 1, 1),
-                (torch.zeros(EMBED_EXAMPLE_T, dtype=torch.int64),),
-                ["ids"],
-                ["embeds"],
-                ({0: Dim("T")},),
-            ),
-        )
-        if release_vision:
+    """Export every entry point of `model` to an ONNX model, in graph_names() order, one at a time
+    in this process. The process keeps most of each lowering's memory (measured on the full preset:
+    it grows with every graph, to about 21 GB), so a large checkpoint lowers each graph in a child
+    process instead (bundle.py). `release_vision`: drop the vision tower and merger from `model`
+    once their graphs are out (the decoder exports do not need them)."""
+    model = prepare(model, half)
+    for name in graph_names():
+        if release_vision and name.startswith("decoder") and hasattr(model, "vision_tower"):
             del model.vision_tower, model.merger
             gc.collect()
-        sig = decoder_signature(model, cache_len, kv, torch.float32)
-        for name, c in (("decoder_prefill", chunk), ("decoder_decode", 1)):
-            progress(f"lowering text decoder ({name.split('_')[1]}, C={c}, cache {cache_len})")
-            with fused_decoder(model, cache_len):  # onnxruntime contrib ops, fp32 graphs only (fuse.py)
-                graph = _export(
-                    wrap(TextDecoderGraph(model), 3, 1),
-                    decoder_example_inputs(model, c, cache_len, kv, torch.float32),
-                    sig.input_names,
-                    sig.output_names,
-                )
-            yield name, graph
+        progress(describe(name, chunk, cache_len))
+        yield name, lower_graph(model, name, chunk, cache_len, half)

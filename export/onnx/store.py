@@ -33,7 +33,9 @@ class WeightStore:
     shared_bytes: int = 0  # bytes that would have been written again without sharing
 
     def __post_init__(self) -> None:
-        self._fh = self.path.open("wb")
+        # a store handed on from another process (`handoff`) continues its file where it ended
+        self._fh = self.path.open("r+b" if self.size else "wb")
+        self._fh.seek(self.size)
 
     def put(self, data: bytes) -> tuple[int, int]:
         key = hashlib.sha256(data).hexdigest()
@@ -50,6 +52,15 @@ class WeightStore:
 
     def close(self) -> None:
         self._fh.close()
+
+    def __getstate__(self) -> dict:
+        """Pickled without the file handle: a store is handed to the process lowering the next
+        graph (close it first) and back; unpickling reopens the file and appends after `size`."""
+        return {k: v for k, v in self.__dict__.items() if k != "_fh"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__post_init__()
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> bytes:
