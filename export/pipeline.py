@@ -9,11 +9,14 @@ module is not present fails with one line before any work is done.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
 import shutil
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -67,6 +70,7 @@ class ExportContext:
     chunk_size: int
     progress: Progress
     max_undelegated: float | None = None  # formats with a delegate: the share of ops it may leave behind
+    onnx_fusions: bool = True  # ONNX: decoder contrib ops (export/onnx/fuse.py)
 
 
 @dataclass
@@ -90,11 +94,32 @@ class ExportRequest:
     max_context: int = DEFAULT_MAX_CONTEXT
     chunk_size: int = DEFAULT_CHUNK
     max_undelegated: float | None = None  # None: the format's default
+    onnx_fusions: bool = True  # ONNX: decoder contrib ops; False = standard ops only
 
 
 def io_spec(name: str, shape: list, dtype: str) -> dict[str, Any]:
     """One graph input/output as the manifest describes it (docs/bundle.md)."""
     return {"name": name, "shape": shape, "dtype": dtype}
+
+
+@contextlib.contextmanager
+def heartbeat(say: Progress, stage: str, every_s: float = 30.0) -> Iterator[None]:
+    """Report `stage ... N s` every `every_s` while a long call that has no progress of its own runs
+    (XNNPACK lowering, Core ML conversion), so a user can tell slow from stuck."""
+    done = threading.Event()
+    started = time.perf_counter()
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            say(f"{stage}: still running, {time.perf_counter() - started:.0f} s")
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def register_exporter(format_name: str, module: str) -> None:
@@ -153,7 +178,7 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> P
     with atomic_directory(request.out) as tmp:
         ctx = ExportContext(
             request.checkpoint, config, raw, tmp, request.target, fmt, request.quantization,
-            max_context, request.chunk_size, say, request.max_undelegated,
+            max_context, request.chunk_size, say, request.max_undelegated, request.onnx_fusions,
         )  # fmt: skip
         say(f"exporting graphs (format {fmt}, {request.quantization})")
         graph_set: GraphSet = module.export_graphs(ctx)

@@ -114,6 +114,39 @@ def test_pte_methods_and_metadata_match_manifest(fp32_bundle):
     assert backend.metadata("get_bos_id") == meta["get_bos_id"]
     assert backend.metadata("get_chunk_size") == manifest["chunk_size"]
     assert manifest["format"] == "executorch" and manifest["target"] == "android"
+    # the prefill method calls ExecuTorch's gated delta rule kernel, one per DeltaNet layer
+    et = manifest["executorch"]
+    assert et["custom_ops"] == ["llama::gated_delta_rule"]
+    n_deltanet = manifest["model"]["layer_types"].count("linear_attention")
+    for method, undelegated in et["delegation"]["per_method"].items():
+        calls = undelegated["undelegated"].get("llama.gated_delta_rule", 0)
+        assert calls == (n_deltanet if method in et["custom_op_methods"]["llama::gated_delta_rule"] else 0)
+
+
+@pytest.mark.parametrize("t", [1, 16, 37])
+def test_delta_rule_kernel_matches_the_reference_maths(tiny, t):
+    """The decoder with ExecuTorch's llama::gated_delta_rule swapped in (eager, its ATen kernel) gives
+    the reference logits and state, padding rows included; outside the context the maths is ours."""
+    from edge_runtime.models import qwen35_text
+    from export.executorch.custom_ops import delta_rule_op
+
+    model = load_checkpoint(tiny).model
+    specs = qwen35_text.state_specs(model.cfg.text, 64)
+    state = [torch.randn(s.shape, dtype=s.dtype) * 0.1 for s in specs]
+    embeds = torch.randn(1, t, model.cfg.text.hidden_size)
+    args = (embeds, torch.tensor([3]), torch.tensor([max(t - 2, 1)]))
+    want, want_state = model.decode(*args, [x.clone() for x in state])
+    with delta_rule_op(True):
+        assert (
+            qwen35_text.chunked_delta_rule.__name__
+            == qwen35_text.recurrent_delta_rule.__name__
+            == "_op_delta_rule"
+        )
+        got, got_state = model.decode(*args, [x.clone() for x in state])
+    assert qwen35_text.chunked_delta_rule.__name__ == "chunked_delta_rule"
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for a, b in zip(got_state, want_state, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_fp32_parity_with_reference(tiny, fp32_bundle):

@@ -58,7 +58,7 @@ def bundles(ckpt_dir, lowered, tmp_path_factory):
         mp.setattr(
             onnx_bundle,
             "lower_graph",
-            lambda _model, name, _chunk, _cache, half: onnx.load_from_string(lowered[half][name]),
+            lambda _model, name, _chunk, _cache, half, _fusions: onnx.load_from_string(lowered[half][name]),
         )
         for quant in QUANTS:
             request = ExportRequest(ckpt_dir, root / quant, "harmonyos", None, quant, MAX_CONTEXT, CHUNK)
@@ -118,6 +118,33 @@ def test_large_checkpoint_lowers_each_graph_in_a_child_process(ckpt_dir, bundles
     assert sum("in a child process" in line for line in said) == 5
     for name in ("weights.bin", *onnx_bundle.FILES.values()):
         assert (out / name).read_bytes() == (bundles["int4"] / name).read_bytes(), name
+
+
+def test_export_without_decoder_fusions_uses_standard_ops(ckpt_dir, bundles, tmp_path):
+    """`--onnx-fusions none` (runtimes without the recent contrib ops): no decoder contrib op, no
+    in-place state, and the same logits as the fused bundle."""
+    out = tmp_path / "plain"
+    args = ["export", "--checkpoint", str(ckpt_dir), "--target", "harmonyos", "--quant", "fp32"]
+    args += ["--max-context", str(MAX_CONTEXT), "--chunk-size", str(CHUNK), "--onnx-fusions", "none"]
+    assert main([*args, "--out", str(out)]) == 0
+    full = json.loads((out / "manifest.json").read_text())
+    manifest = full["onnx"]
+    assert manifest["fusions"] == [] and manifest["in_place_state"] == []
+    assert manifest["decode_contrib_ops"] == {}
+    for name in ("decoder_prefill.onnx", "decoder_decode.onnx"):
+        graph = onnx.load(str(out / name), load_external_data=False)
+        assert not {n.domain for n in graph.graph.node} - {"", "ai.onnx"}, name
+    assert json.loads((bundles["fp32"] / "manifest.json").read_text())["onnx"]["decode_contrib_ops"]
+    rng = np.random.default_rng(1)
+    embeds = rng.normal(size=(CHUNK, full["model"]["hidden_size"])).astype(np.float32)
+    logits = []
+    for root in (out, bundles["fp32"]):
+        backend = open_bundle_session(root, threads=1).backend
+        state = backend.new_state()
+        first, state = backend.prefill_chunk(embeds, CHUNK - 2, 0, state)
+        logits.append([first, backend.decode_step(embeds[-1:], CHUNK - 2, state)[0]])
+    for a, b in zip(*logits, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_a_killed_lowering_process_is_one_line(ckpt_dir, tmp_path, monkeypatch):

@@ -20,10 +20,15 @@ from .base import Backend, DecoderState, ModelInfo
 SEQUENCE_KEY = "executorch_sequence"
 
 
-def _runtime() -> Any:
+def _runtime(custom_ops: list[str]) -> Any:
+    """ExecuTorch's runtime with the kernels the program needs registered: the quantized kernels
+    always, ExecuTorch's LLM custom ops (`llama::*`) when the manifest lists one."""
     try:
         import executorch.kernels.quantized  # noqa: F401 - registers quantized_decomposed::embedding_*
         from executorch.runtime import Runtime
+
+        if any(op.startswith("llama::") for op in custom_ops):
+            from executorch.extension.llm.custom_ops import custom_ops as _llm_ops  # noqa: F401
     except ImportError as exc:  # pragma: no cover - executorch is a dependency of the project
         raise BundleError(
             f"executorch is not installed ({exc}); it is needed to run android bundles"
@@ -40,7 +45,8 @@ class ExecuTorchBackend(Backend):
         self._torch = torch
         graphs = manifest["graphs"]
         try:
-            self.program = _runtime().load_program(Path(pte))
+            runtime = _runtime(list(manifest.get("executorch", {}).get("custom_ops", [])))
+            self.program = runtime.load_program(Path(pte))
         except Exception as exc:  # noqa: BLE001 - the runtime raises bare RuntimeError/MemoryError
             raise BundleError(f"{pte}: ExecuTorch could not load the program ({exc})") from None
         self.method_names = set(self.program.method_names)

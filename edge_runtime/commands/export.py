@@ -37,9 +37,26 @@ QUANTS = tuple(GATES)  # every quantization has a parity gate table, and only th
     default=None,
     help="ExecuTorch: fail when the delegate leaves more than this share of operators (default 0.5).",
 )
+@click.option(
+    "--onnx-fusions",
+    type=click.Choice(["all", "none"]),
+    default="all",
+    show_default=True,
+    help="ONNX: decoder contrib ops (LinearAttention, CausalConvWithState, GroupQueryAttention, "
+    "SimplifiedLayerNormalization); none = standard ops, for onnxruntime builds without them.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
 def export(
-    checkpoint, target, out, format_name, quant, max_context, chunk_size, max_undelegated, as_json
+    checkpoint,
+    target,
+    out,
+    format_name,
+    quant,
+    max_context,
+    chunk_size,
+    max_undelegated,
+    onnx_fusions,
+    as_json,
 ) -> None:
     """Export CHECKPOINT to a bundle for --target (ios|android|harmonyos|desktop)."""
     from export.pipeline import ExportRequest, export_bundle
@@ -48,8 +65,9 @@ def export(
     from ..cli import print_json
 
     request = ExportRequest(
-        checkpoint, out, target, format_name, quant, max_context, chunk_size, max_undelegated
-    )
+        checkpoint, out, target, format_name, quant, max_context, chunk_size, max_undelegated,
+        onnx_fusions == "all",
+    )  # fmt: skip
     path = export_bundle(request, progress=lambda msg: click.echo(f"[export] {msg}", err=True))
     if not as_json:
         click.echo(str(path))

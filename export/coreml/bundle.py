@@ -19,10 +19,10 @@ from edge_runtime.backends.coreml.executor import MILProgram
 from edge_runtime.checkpoint import load_checkpoint
 from edge_runtime.models.qwen35_text import state_specs
 
-from ..pipeline import ExportContext, GraphSet, io_spec
+from ..pipeline import ExportContext, GraphSet, heartbeat, io_spec
 from .convert import convert_decoder, convert_embedding, convert_vision, save_multifunction
 from .lower import state_buffer_name
-from .quantize import quantize
+from .quantize import presearch_int4_scales, quantize
 
 FILES = {
     "vision": "vision_encoder.mlpackage",
@@ -44,6 +44,9 @@ VISION_QUANT = {"int4": "int8", "int4-channel": "int8"}
 def export_coreml(ctx: ExportContext) -> GraphSet:
     say = ctx.progress
     model = load_checkpoint(ctx.checkpoint).model.eval()
+    if ctx.quantization == "int4":
+        n = presearch_int4_scales([model.language_model, model.lm_head])
+        say(f"int4: block scales searched for {n} text linear weights")
     cfg = ctx.config
     cache_len = ctx.max_context + ctx.chunk_size
     specs = state_specs(cfg.text, cache_len)
@@ -57,7 +60,9 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
             start = time.perf_counter()
             path = parts / f"{key}.mlpackage"
             quant = vision_quant if key.startswith("vision") else ctx.quantization
-            quantize(make(), quant).save(str(path))
+            say(f"converting {key}")
+            with heartbeat(say, f"converting {key}"):
+                quantize(make(), quant).save(str(path))
             timings[key] = round(time.perf_counter() - start, 2)
             say(f"converted {key} in {timings[key]} s")
             return path

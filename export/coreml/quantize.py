@@ -15,6 +15,10 @@ import warnings
 
 import coremltools as ct
 import coremltools.optimize.coreml as cto
+import torch
+from torch import nn
+
+from export.onnx.quantize import dequant_int4, int4_blocks
 
 QUANTIZATIONS = ("fp16", "int8", "int4", "int4-channel")
 BLOCK = 32
@@ -25,6 +29,31 @@ _CONFIGS = {
     "int4": dict(mode="linear_symmetric", dtype="int4", granularity="per_block", block_size=BLOCK),
     "int4-channel": dict(mode="linear_symmetric", dtype="int4", granularity="per_channel"),
 }
+
+
+def presearch_int4_scales(modules: list[nn.Module]) -> int:
+    """Before conversion: replace each Linear weight that int4 will quantize per block by its int4
+    rounding with searched block scales (the ONNX exporter's `int4_blocks`: least squared error over
+    fractions of amax / 7). Every block then holds a weight of exactly 7 x scale, so coremltools'
+    absmax int4 (scale = amax / 7, q in [-7, 7]) recovers the same scale and codes (fp16 storage
+    moves a weight by far less than half a step). Plain absmax rounding flipped one answer token of
+    the demo checkpoint; the searched scales are what made the ONNX int4 bundle pass. Returns the
+    number of weights replaced."""
+    count = 0
+    with torch.no_grad():
+        for root in modules:
+            for layer in root.modules():
+                w = getattr(layer, "weight", None)
+                if (
+                    not isinstance(layer, nn.Linear)
+                    or layer.in_features % BLOCK
+                    or w.numel() < WEIGHT_THRESHOLD
+                ):
+                    continue
+                rounded = dequant_int4(*int4_blocks(w.detach().float().numpy()))
+                w.copy_(torch.from_numpy(rounded).to(w.dtype))
+                count += 1
+    return count
 
 
 def quantize(model: ct.models.MLModel, quantization: str) -> ct.models.MLModel:

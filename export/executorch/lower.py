@@ -39,9 +39,9 @@ DEFAULT_MAX_UNDELEGATED = 0.5  # fraction of compute operators a method set may 
 def _op_name(target: Any) -> str:
     name = getattr(target, "__name__", None) or str(target)
     if hasattr(target, "_schema"):
-        name = target._schema.name.split("::")[-1]
+        namespace, _, op = target._schema.name.rpartition("::")
         overload = getattr(target, "_overloadname", "")
-        name = f"aten.{name}" + (f".{overload}" if overload and overload != "default" else "")
+        name = f"{namespace or 'aten'}.{op}" + (f".{overload}" if overload and overload != "default" else "")
     return name
 
 

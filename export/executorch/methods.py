@@ -18,6 +18,8 @@ from edge_runtime.models.minicpm_v46 import MiniCPMV46
 from edge_runtime.models.qwen35_text import state_specs
 from export.graphs import TokenEmbeddingGraph, VisionEncoderGraph
 
+from .custom_ops import delta_rule_op
+
 # Method names follow ExecuTorch's multimodal runner (extension/llm/runner/constants.h) where one
 # exists: `vision_encoder`, `token_embedding`, `text_decoder`. The rest are ours.
 VISION_METHODS = {"16x": "vision_encoder", "4x": "vision_encoder_4x"}
@@ -65,10 +67,16 @@ def max_slice_patches(model: MiniCPMV46, scale_resolution: int) -> int:
 
 
 def export_methods(
-    model: MiniCPMV46, chunk: int, cache_len: int, max_patches: int, max_tokens: int
+    model: MiniCPMV46,
+    chunk: int,
+    cache_len: int,
+    max_patches: int,
+    max_tokens: int,
+    delta_rule_methods: frozenset[str] = frozenset(),
 ) -> dict[str, ExportedProgram]:
     """torch.export every method. Vision has one dynamic dim L (a multiple of 16 / 4), token
-    embedding a dynamic T; the decoder is static (C = chunk and C = 1)."""
+    embedding a dynamic T; the decoder is static (C = chunk and C = 1). The decoder methods named
+    in `delta_rule_methods` call ExecuTorch's gated delta rule kernel (custom_ops.py)."""
     model = model.eval()
     d = model.cfg.text.hidden_size
     patch_dim = model.cfg.vision.patch_dim
@@ -87,7 +95,8 @@ def export_methods(
         )
         decoder = StatefulDecoder(model, cache_len)
         for name, c in ((PREFILL, chunk), (DECODE, 1)):
-            programs[name] = export(decoder, (torch.zeros(1, c, d), torch.tensor([0]), torch.tensor([c])))
+            with delta_rule_op(name in delta_rule_methods):
+                programs[name] = export(decoder, (torch.zeros(1, c, d), torch.tensor([0]), torch.tensor([c])))
         decoder.reset_mode = True
         programs[RESET] = export(decoder, (torch.zeros(1),))
         decoder.reset_mode = False

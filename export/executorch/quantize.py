@@ -53,11 +53,14 @@ def _linear_scheme(quantization: str, layer: nn.Linear) -> str:
     return "8da4w" if layer.in_features % GROUP_SIZE == 0 else "8da8w"
 
 
-def quantize_model(model: MiniCPMV46, quantization: str) -> tuple[MiniCPMV46, QuantSummary]:
-    """A quantized copy of `model` (the original is left untouched) and what was done."""
+def quantize_model(
+    model: MiniCPMV46, quantization: str, in_place: bool = False
+) -> tuple[MiniCPMV46, QuantSummary]:
+    """A quantized copy of `model` (the original is left untouched unless `in_place`: the exporter
+    does not need it, and a copy of the full preset's fp32 weights is 5.2 GB) and what was done."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r}")
-    model = copy.deepcopy(model).eval()
+    model = (model if in_place else copy.deepcopy(model)).eval()
     schemes = {
         name: _linear_scheme(quantization, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)
     }

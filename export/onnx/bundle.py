@@ -21,7 +21,7 @@ from edge_runtime.models.qwen35_text import state_specs
 
 from ..pipeline import ExportContext, GraphSet, io_spec, state_entries
 from .check import check_graphs
-from .fuse import contrib_op_counts
+from .fuse import FUSIONS, contrib_op_counts
 from .lower import describe, graph_names, kv_dtype, lower_graph, prepare
 from .quantize import ACCURACY_LEVEL, BLOCK, QuantStats, quantize_model
 from .store import WEIGHTS_FILE, WeightStore, write_graph
@@ -124,6 +124,7 @@ class GraphJob:
     chunk: int
     cache_len: int
     graph_path: Path
+    fusions: tuple[str, ...] = FUSIONS
 
 
 def run_graph_job(
@@ -138,7 +139,7 @@ def run_graph_job(
         if not job.name.startswith("vision_"):
             del model.vision_tower, model.merger  # 1.7 GB at the full preset's fp32
         model = prepare(model, half)
-    graph = lower_graph(model, job.name, job.chunk, job.cache_len, half)
+    graph = lower_graph(model, job.name, job.chunk, job.cache_len, half, job.fusions)
     result = quantize_model(graph, job.quantization, vision=job.name.startswith("vision"))
     write_graph(graph, job.graph_path, store)
     return result.counts, graph
@@ -179,8 +180,9 @@ def lower_all(
     store = WeightStore(out / WEIGHTS_FILE)
     try:
         for name in graph_names():
+            fusions = FUSIONS if ctx.onnx_fusions else ()
             job = GraphJob(
-                ctx.checkpoint, name, ctx.quantization, ctx.chunk_size, cache_len, out / FILES[name]
+                ctx.checkpoint, name, ctx.quantization, ctx.chunk_size, cache_len, out / FILES[name], fusions
             )
             say(describe(name, ctx.chunk_size, cache_len) + (" in a child process" if isolate else ""))
             if isolate:
@@ -222,6 +224,7 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
             # contrib ops in the decode graph (fuse.py; not in fp16 graphs). LinearAttention and
             # CausalConvWithState are recent (onnxruntime PR #27907): a runtime older than the one
             # above may not load them.
+            "fusions": list(FUSIONS) if ctx.onnx_fusions and ctx.quantization != "fp16" else [],
             "decode_contrib_ops": contrib_op_counts(written["decoder_decode"]),
             "in_place_state": in_place_state([written["decoder_prefill"], written["decoder_decode"]]),
             "int4_block_size": BLOCK,

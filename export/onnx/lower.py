@@ -17,7 +17,7 @@ import gc
 import io
 import logging
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import onnx
 import torch
@@ -36,7 +36,7 @@ from export.graphs import (
     vision_example_inputs,
 )
 
-from .fuse import fused_decoder
+from .fuse import FUSIONS, fused_decoder
 
 VISION_MODES = ("16x", "4x")
 VISION_EXAMPLE_L = 64
@@ -121,9 +121,11 @@ def describe(name: str, chunk: int, cache_len: int) -> str:
     return f"lowering text decoder ({name.split('_')[1]}, C={c}, cache {cache_len})"
 
 
-def lower_graph(model: MiniCPMV46, name: str, chunk: int, cache_len: int, half: bool) -> onnx.ModelProto:
+def lower_graph(
+    model: MiniCPMV46, name: str, chunk: int, cache_len: int, half: bool, fusions: Iterable[str] = FUSIONS
+) -> onnx.ModelProto:
     """One entry point of a `prepare`d model as an ONNX model. `half`: fp16 weights and activations
-    inside fp32 graph I/O; the KV cache is fp16."""
+    inside fp32 graph I/O; the KV cache is fp16. `fusions`: the decoder contrib ops (fuse.py)."""
 
     def wrap(graph: torch.nn.Module, n_args: int, n_outs: int) -> torch.nn.Module:
         return Fp32Boundary(graph, torch.float16, n_args, n_outs) if half else graph
@@ -148,7 +150,7 @@ def lower_graph(model: MiniCPMV46, name: str, chunk: int, cache_len: int, half: 
             )
         c = {"decoder_prefill": chunk, "decoder_decode": 1}[name]
         sig = decoder_signature(model, cache_len, kv, torch.float32)
-        with fused_decoder(model, cache_len):  # onnxruntime contrib ops, fp32 graphs only (fuse.py)
+        with fused_decoder(model, cache_len, fusions):  # onnxruntime contrib ops, fp32 graphs only
             return _export(
                 wrap(TextDecoderGraph(model), 3, 1),
                 decoder_example_inputs(model, c, cache_len, kv, torch.float32),
