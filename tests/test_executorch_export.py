@@ -201,14 +201,40 @@ def test_undelegated_gate_is_one_line_listing_ops():
     assert "\n" not in message and "aten.where x7" in message and "aten.cumsum x3" in message
 
 
-def test_8da4w_falls_back_to_8da8w_where_the_width_does_not_divide(tiny):
-    """The tiny SigLIP MLP (136 wide) cannot use groups of 32: those linears get per-channel int8."""
+def test_8da4w_is_for_text_linears_whose_width_divides_the_group(tiny):
+    """Text linears whose in_features a group of 32 divides get 8da4w; the rest of the text and every
+    vision / merger linear (the tiny SigLIP MLP is 136 wide) get per-channel int8."""
     model = load_checkpoint(tiny).model
     _, summary = quantize_model(model, "8da4w")
-    widths = Counter(m.in_features % 32 == 0 for m in model.modules() if isinstance(m, torch.nn.Linear))
-    assert summary.linear_schemes == {"8da4w": widths[True], "8da8w": widths[False]}
-    assert widths[False] > 0
+    kinds = Counter(
+        (name.startswith("language_model.") or name == "lm_head") and m.in_features % 32 == 0
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear)
+    )
+    assert summary.linear_schemes == {"8da4w": kinds[True], "8da8w": kinds[False]}
+    assert kinds[True] > 0 and kinds[False] > 0
     assert summary.decode_weight_bytes < quantize_model(model, "fp32")[1].decode_weight_bytes / 4
+
+
+def test_8da4w_weights_use_the_searched_block_scales(tiny):
+    """Every 8da4w linear holds int4_blocks' codes and scales (not torchao's absmax), so its
+    dequantized weight equals the ONNX int4 rounding exactly."""
+    from export.onnx.quantize import dequant_int4, int4_blocks
+
+    model = load_checkpoint(tiny).model
+    quantized, summary = quantize_model(model, "8da4w")
+    fp32 = dict(model.named_modules())
+    checked = 0
+    for name, module in quantized.named_modules():
+        text = name.startswith("language_model.") or name == "lm_head"
+        if not isinstance(module, torch.nn.Linear) or not text or fp32[name].in_features % 32:
+            continue
+        w = fp32[name].weight.detach().float()
+        searched = torch.from_numpy(dequant_int4(*int4_blocks(w.numpy())))
+        got = module.weight.dequantize()
+        torch.testing.assert_close(got, searched, atol=1e-6, rtol=0)
+        checked += 1
+    assert checked == summary.linear_schemes["8da4w"]
 
 
 @needs_slow_export

@@ -101,12 +101,18 @@ def _int4_rows(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return (q[:, 0::2] | (q[:, 1::2] << 4)).astype(np.uint8), best_scale
 
 
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """Signed codes [N, K] in [-7, 7] (int8) of int4_blocks' packed bytes."""
+    q = np.empty((packed.shape[0], packed.shape[1] * 2), dtype=np.int8)
+    q[:, 0::2], q[:, 1::2] = packed & 0x0F, packed >> 4
+    return q - 8
+
+
 def dequant_int4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """Inverse of int4_blocks (for tests and error reports)."""
     n = packed.shape[0]
-    q = np.empty((n, packed.shape[1] * 2), dtype=np.float32)
-    q[:, 0::2], q[:, 1::2] = packed & 0x0F, packed >> 4
-    return ((q.reshape(n, -1, BLOCK) - 8) * scale[..., None]).reshape(n, -1)
+    q = unpack_int4(packed).astype(np.float32)
+    return (q.reshape(n, -1, BLOCK) * scale[..., None]).reshape(n, -1)
 
 
 # ---------------------------------------------------------------------------------------------------
