@@ -43,12 +43,10 @@ def presearch_int4_scales(modules: list[nn.Module]) -> int:
     with torch.no_grad():
         for root in modules:
             for layer in root.modules():
-                w = getattr(layer, "weight", None)
-                if (
-                    not isinstance(layer, nn.Linear)
-                    or layer.in_features % BLOCK
-                    or w.numel() < WEIGHT_THRESHOLD
-                ):
+                if not isinstance(layer, nn.Linear) or layer.in_features % BLOCK:
+                    continue
+                w = layer.weight
+                if w.numel() < WEIGHT_THRESHOLD:
                     continue
                 rounded = dequant_int4(*int4_blocks(w.detach().float().numpy()))
                 w.copy_(torch.from_numpy(rounded).to(w.dtype))

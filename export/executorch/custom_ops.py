@@ -9,7 +9,7 @@ delegates, and a runtime must have the kernel registered (the Python runtime: im
 `custom_ops`). Padded prefill rows have beta = 0 and decay = exp(0) = 1, so they leave the state
 untouched, as in the reference.
 
-Which methods use it is a measured choice (DELTA_RULE_METHODS); see docs/bundle.md.
+Which methods use it is a measured choice (DELTA_RULE_METHODS in __init__.py); see docs/executorch.md.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from edge_runtime.models.qwen35_text import state_specs
 from ..pipeline import ExportContext, GraphSet, io_spec, state_entries
 from .check import check_graphs
 from .fuse import FUSIONS, contrib_op_counts
-from .lower import describe, graph_names, kv_dtype, lower_graph, prepare
+from .lower import describe, graph_names, kv_dtype, lower_graph, prepare, release_vision
 from .quantize import ACCURACY_LEVEL, BLOCK, QuantStats, quantize_model
 from .store import WEIGHTS_FILE, WeightStore, write_graph
 
@@ -135,10 +135,9 @@ def run_graph_job(
     checkpoint here (child processes)."""
     half = job.quantization == "fp16"
     if model is None:
-        model = load_checkpoint(job.checkpoint).model
-        if not job.name.startswith("vision_"):
-            del model.vision_tower, model.merger  # 1.7 GB at the full preset's fp32
-        model = prepare(model, half)
+        model = prepare(load_checkpoint(job.checkpoint).model, half)
+    if not job.name.startswith("vision_"):
+        release_vision(model)
     graph = lower_graph(model, job.name, job.chunk, job.cache_len, half, job.fusions)
     result = quantize_model(graph, job.quantization, vision=job.name.startswith("vision"))
     write_graph(graph, job.graph_path, store)
@@ -178,9 +177,9 @@ def lower_all(
     stats: dict[str, dict[str, int]] = {}
     written: dict[str, onnx.ModelProto] = {}  # after write_graph: structure only, weights on disk
     store = WeightStore(out / WEIGHTS_FILE)
+    fusions = FUSIONS if ctx.onnx_fusions else ()
     try:
         for name in graph_names():
-            fusions = FUSIONS if ctx.onnx_fusions else ()
             job = GraphJob(
                 ctx.checkpoint, name, ctx.quantization, ctx.chunk_size, cache_len, out / FILES[name], fusions
             )
@@ -189,8 +188,6 @@ def lower_all(
                 store.close()  # the child appends to the file; the store comes back reopened
                 counts, graph, store = _in_child(job, store)
             else:
-                if name.startswith("decoder") and hasattr(model, "vision_tower"):
-                    del model.vision_tower, model.merger  # the decoder graphs do not need them
                 counts, graph = run_graph_job(job, model, store)
             stats[name], written[name] = counts, graph
             if ctx.quantization != "fp32":

@@ -13,11 +13,10 @@ weight file (store.py) keeps each distinct tensor a single time.
 from __future__ import annotations
 
 import contextlib
-import gc
 import io
 import logging
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import onnx
 import torch
@@ -97,13 +96,6 @@ def kv_dtype(half: bool) -> torch.dtype:
     return torch.float16 if half else torch.float32
 
 
-def lower_graphs(
-    model: MiniCPMV46, chunk: int, cache_len: int, progress: Callable[[str], None], half: bool = False
-) -> dict[str, onnx.ModelProto]:
-    """Every graph of `iter_graphs` at once (tests; the exporter streams them)."""
-    return dict(iter_graphs(model, chunk, cache_len, progress, half))
-
-
 def prepare(model: MiniCPMV46, half: bool) -> MiniCPMV46:
     """The model as the graphs are traced from: eval mode, and in `half` a half-precision copy
     (`to_half_precision` keeps norms, DeltaNet decay and recurrent + conv state fp32)."""
@@ -159,23 +151,22 @@ def lower_graph(
             )
 
 
-def iter_graphs(
-    model: MiniCPMV46,
-    chunk: int,
-    cache_len: int,
-    progress: Callable[[str], None],
-    half: bool = False,
-    release_vision: bool = False,
-) -> Iterator[tuple[str, onnx.ModelProto]]:
-    """Export every entry point of `model` to an ONNX model, in graph_names() order, one at a time
-    in this process. The process keeps most of each lowering's memory (measured on the full preset:
-    it grows with every graph, to about 21 GB), so a large checkpoint lowers each graph in a child
-    process instead (bundle.py). `release_vision`: drop the vision tower and merger from `model`
-    once their graphs are out (the decoder exports do not need them)."""
+def release_vision(model: MiniCPMV46) -> None:
+    """Drop the vision tower and merger once their graphs are out: the token embedding and decoder
+    graphs do not use them (1.7 GB at the full preset's fp32)."""
+    if hasattr(model, "vision_tower"):
+        del model.vision_tower, model.merger
+
+
+def lower_graphs(
+    model: MiniCPMV46, chunk: int, cache_len: int, progress: Callable[[str], None], half: bool = False
+) -> dict[str, onnx.ModelProto]:
+    """Every graph of `model`, in graph_names() order, in this process (tests). The exporter lowers
+    one graph at a time instead (bundle.py): a process keeps most of each lowering's memory
+    (measured on the full preset: it grows with every graph, to about 21 GB)."""
     model = prepare(model, half)
+    graphs = {}
     for name in graph_names():
-        if release_vision and name.startswith("decoder") and hasattr(model, "vision_tower"):
-            del model.vision_tower, model.merger
-            gc.collect()
         progress(describe(name, chunk, cache_len))
-        yield name, lower_graph(model, name, chunk, cache_len, half)
+        graphs[name] = lower_graph(model, name, chunk, cache_len, half)
+    return graphs

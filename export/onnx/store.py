@@ -33,7 +33,7 @@ class WeightStore:
     shared_bytes: int = 0  # bytes that would have been written again without sharing
 
     def __post_init__(self) -> None:
-        # a store handed on from another process (`handoff`) continues its file where it ended
+        # a store unpickled in another process (see __getstate__) continues its file where it ended
         self._fh = self.path.open("r+b" if self.size else "wb")
         self._fh.seek(self.size)
 
