@@ -71,10 +71,21 @@ def test_inspect_reads_functions_states_ops_and_weight_dtypes(bundles, capsys):
     assert set(packages["vision_encoder.mlpackage"]["functions"]) == {"vision_16x", "vision_4x"}
     assert info["weights_by_dtype"]["int4"]["bytes"] > 0 and info["weights_by_dtype"]["int4"]["params"] > 0
     assert not any(k.startswith("opaque") for k in info["weights_by_dtype"])
+    # prefill and decode read the same linear weights, stored once: the package holds about one
+    # function's bytes, not the sum of both
+    for fn in decoder.values():
+        assert 0 <= fn["weight_bytes"] - fn["shared_weight_bytes"] < 0.01 * fn["weight_bytes"]
+    stored = sum(e["bytes"] for e in packages["text_decoder.mlpackage"]["weight_bytes_by_dtype"].values())
+    assert (
+        max(fn["weight_bytes"] for fn in decoder.values()) <= stored < 1.1 * decoder["decode"]["weight_bytes"]
+    )
+    embedding = packages["token_embedding.mlpackage"]["functions"]["main"]
+    assert embedding["shared_weight_bytes"] == 0 < embedding["weight_bytes"]
 
     assert main(["inspect", "--bundle", str(bundles["fp16"])]) == 0
     text = capsys.readouterr().out
     assert "text_decoder.mlpackage:" in text and "  function decode" in text and "    state " in text
+    assert "MB shared with other functions)" in text
     assert "constexpr_blockwise_shift_scale" not in text  # fp16: no dequantization ops
 
 

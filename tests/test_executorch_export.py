@@ -26,7 +26,12 @@ from edge_runtime.checkpoint import load_checkpoint  # noqa: E402
 from edge_runtime.errors import InputError  # noqa: E402
 from edge_runtime.generation import decode_one, prefill, teacher_forced_logits  # noqa: E402
 from edge_runtime.init_checkpoint import init_checkpoint  # noqa: E402
-from export.executorch.lower import DelegationReport, check_delegation  # noqa: E402
+from export.executorch.lower import (  # noqa: E402
+    DelegationReport,
+    check_delegation,
+    is_topologically_sorted,
+    sort_only_when_needed,
+)
 from export.executorch.quantize import quantize_model  # noqa: E402
 
 CHUNK = 16
@@ -188,6 +193,24 @@ def test_bundle_session_chat(fp32_bundle):
     _, backend = open_bundle(fp32_bundle)
     assert backend.name == "executorch:fp32"
     assert backend.token_embedding(np.array([1, 2, 3])).shape == (3, backend.info.hidden_size)
+
+
+def test_delegate_creation_resorts_only_out_of_order_graphs():
+    """The fp32 bundle above is lowered with the shortcut and passes parity; here: a sorted graph is
+    left as it is, an out-of-order one is still rebuilt in order."""
+    from executorch.exir import lowered_backend_module
+
+    gm = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Tanh()))
+    nodes = list(gm.graph.nodes)
+    assert is_topologically_sorted(gm)
+    with sort_only_when_needed():
+        assert lowered_backend_module.legalize_graph(gm).graph is gm.graph  # untouched
+        nodes[1].prepend(nodes[2])  # tanh now before the relu it reads
+        assert not is_topologically_sorted(gm)
+        lowered_backend_module.legalize_graph(gm)
+        assert is_topologically_sorted(gm)
+        assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "call_module", "output"]
+    assert lowered_backend_module.legalize_graph.__name__ == "legalize_graph"  # restored
 
 
 def test_undelegated_gate_is_one_line_listing_ops():

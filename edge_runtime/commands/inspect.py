@@ -90,12 +90,15 @@ def _coreml_packages(path: Path, graphs: dict[str, Any]) -> dict[str, Any]:
             out[name] = {"error": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
             continue
 
+        weights = program.weight_bytes_by_function()
         functions = {
             fname: {
                 "inputs": _tensor_specs(fn.inputs),
                 "states": _tensor_specs(fn.states),
                 "outputs": list(fn.outputs),
                 "ops": dict(sorted(fn.op_histogram().items(), key=lambda kv: (-kv[1], kv[0]))),
+                "weight_bytes": weights[fname]["bytes"],
+                "shared_weight_bytes": weights[fname]["shared_bytes"],
             }
             for fname, fn in program.functions.items()
         }
@@ -164,6 +167,10 @@ def render(info: dict[str, Any]) -> str:
             lines += [f"    in    {_io_line(io)}" for io in fn["inputs"]]
             lines += [f"    state {_io_line(io)}" for io in fn["states"]]
             lines.append(f"    out   {', '.join(fn['outputs'])}")
+            lines.append(
+                f"    weights {fn['weight_bytes'] / 1e6:.2f} MB"
+                f" ({fn['shared_weight_bytes'] / 1e6:.2f} MB shared with other functions)"
+            )
             top = ", ".join(f"{op} {n}" for op, n in list(fn["ops"].items())[:12])
             more = len(fn["ops"]) - 12
             lines.append(

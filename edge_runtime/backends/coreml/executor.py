@@ -147,6 +147,13 @@ def _binding_value(binding: MIL_pb2.Argument.Binding) -> Any:
     return _plain(immediate_to_numpy(binding.value))
 
 
+def _stored_bytes(val: MIL_pb2.Value) -> int:
+    """Bytes a weight-file value occupies (sub-byte types packed)."""
+    ttype = val.type.tensorType
+    count = int(np.prod(tensor_shape(ttype), dtype=np.int64))
+    return (count * DTYPES[ttype.dataType][1] + 7) // 8
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, np.ndarray) and value.ndim == 0:
         return value[()]
@@ -184,33 +191,45 @@ class MILProgram:
         """`{dtype: {bytes, tensors, params}}` over the package's blob-file consts (each stored
         tensor once, even when several functions share it)."""
         totals: dict[str, dict[str, int]] = {}
-        seen: set[tuple[str, int]] = set()
-        for val in self._blob_values():
-            key = (val.blobFileValue.fileName, val.blobFileValue.offset)
-            if key in seen:
-                continue
-            seen.add(key)
+        blobs = {key: val for fn in self.functions for key, val in self._blobs(fn).items()}
+        for val in blobs.values():
             ttype = val.type.tensorType
-            bits = DTYPES[ttype.dataType][1]
             count = int(np.prod(tensor_shape(ttype), dtype=np.int64))
             entry = totals.setdefault(
                 MIL_pb2.DataType.Name(ttype.dataType).lower(), {"bytes": 0, "tensors": 0, "params": 0}
             )
-            entry["bytes"] += (count * bits + 7) // 8
+            entry["bytes"] += _stored_bytes(val)
             entry["tensors"] += 1
             entry["params"] += count
         return totals
 
-    def _blob_values(self):
-        """Every weight-file value of the program: const ops' values and the values bound inline
-        to op inputs (how coremltools stores the quantized data and scales of constexpr ops)."""
-        for fn in self.package.program.functions.values():
-            for op in fn.block_specializations[fn.opset].operations:
-                if op.type == "const" and op.attributes["val"].HasField("blobFileValue"):
-                    yield op.attributes["val"]
-                for arg in op.inputs.values():
-                    for binding in arg.arguments:
-                        if binding.WhichOneof("binding") == "value" and binding.value.HasField(
-                            "blobFileValue"
-                        ):
-                            yield binding.value
+    def weight_bytes_by_function(self) -> dict[str, dict[str, int]]:
+        """`{function: {bytes, shared_bytes}}`: the weight-file bytes each function reads, and how
+        many of them another function of the package reads too (multifunction packages store
+        shared weights once, so the package is smaller than the sum of its functions)."""
+        blobs = {fn: self._blobs(fn) for fn in self.functions}
+        out = {}
+        for fn, mine in blobs.items():
+            others = set().union(*(keys for name, keys in blobs.items() if name != fn))
+            out[fn] = {
+                "bytes": sum(_stored_bytes(v) for v in mine.values()),
+                "shared_bytes": sum(_stored_bytes(v) for k, v in mine.items() if k in others),
+            }
+        return out
+
+    def _blobs(self, function: str) -> dict[tuple[str, int], MIL_pb2.Value]:
+        """The weight-file values one function reads, keyed by (file, offset): const ops' values
+        and the values bound inline to op inputs (how coremltools stores the quantized data and
+        scales of constexpr ops)."""
+        fn = self.package.program.functions[function]
+        return {(val.blobFileValue.fileName, val.blobFileValue.offset): val for val in self._blob_values(fn)}
+
+    @staticmethod
+    def _blob_values(fn: MIL_pb2.Function):
+        for op in fn.block_specializations[fn.opset].operations:
+            if op.type == "const" and op.attributes["val"].HasField("blobFileValue"):
+                yield op.attributes["val"]
+            for arg in op.inputs.values():
+                for binding in arg.arguments:
+                    if binding.WhichOneof("binding") == "value" and binding.value.HasField("blobFileValue"):
+                        yield binding.value
