@@ -6,6 +6,7 @@ inside a saved package makes `parity` fail at that layer's stage."""
 from __future__ import annotations
 
 import json
+import platform
 import shutil
 
 import numpy as np
@@ -13,9 +14,11 @@ import pytest
 
 pytest.importorskip("coremltools")
 
+from edge_runtime.backends.coreml.backend import ENGINE_ENV  # noqa: E402
 from edge_runtime.backends.coreml.executor import MILProgram  # noqa: E402
 from edge_runtime.bundle import MANIFEST, file_entry, open_bundle_session  # noqa: E402
 from edge_runtime.cli import main  # noqa: E402
+from edge_runtime.errors import BundleError  # noqa: E402
 from edge_runtime.init_checkpoint import init_checkpoint  # noqa: E402
 from edge_runtime.parity import SAMPLES_DIR, compare  # noqa: E402
 from edge_runtime.runtime import open_checkpoint_session  # noqa: E402
@@ -48,10 +51,31 @@ def reference(ckpt_dir):
 
 
 @pytest.mark.parametrize("quant", QUANTIZATIONS)
-def test_parity_through_the_mil_executor(quant, bundles, reference, two_mode_cases):
+def test_parity_through_the_mil_executor(quant, bundles, reference, two_mode_cases, monkeypatch):
+    monkeypatch.setenv(ENGINE_ENV, "mil")
     candidate = open_bundle_session(bundles[quant], threads=1)
+    assert candidate.backend.name == f"coreml-mil:{quant}"
     report = compare(reference, candidate, two_mode_cases, quant, n_steps=STEPS)
     assert report.passed, "\n".join(report.summary_lines())
+
+
+@pytest.mark.skipif(
+    platform.system() != "Darwin",
+    reason="Core ML itself runs only on Apple OSes; elsewhere the MIL executor is the engine (test above)",
+)
+@pytest.mark.parametrize("quant", QUANTIZATIONS)
+def test_parity_through_core_ml_on_macos(quant, bundles, reference, two_mode_cases, monkeypatch):
+    monkeypatch.setenv(ENGINE_ENV, "coremltools")
+    candidate = open_bundle_session(bundles[quant], threads=1)
+    assert candidate.backend.name == f"coreml-coremltools:{quant}"
+    report = compare(reference, candidate, two_mode_cases, quant, n_steps=STEPS)
+    assert report.passed, "\n".join(report.summary_lines())
+
+
+def test_unknown_engine_is_one_line(bundles, monkeypatch):
+    monkeypatch.setenv(ENGINE_ENV, "metal")
+    with pytest.raises(BundleError, match="unknown Core ML engine 'metal'"):
+        open_bundle_session(bundles["fp16"], threads=1)
 
 
 def test_inspect_reads_functions_states_ops_and_weight_dtypes(bundles, capsys):

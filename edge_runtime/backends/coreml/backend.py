@@ -9,6 +9,7 @@ them), as the generation loop expects of every backend.
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,13 @@ from ..base import Backend, DecoderState, ModelInfo
 from .executor import MILProgram
 
 ENGINES = ("mil", "coremltools")
+ENGINE_ENV = "MINICPMV_EDGE_COREML_ENGINE"
 
 
 def default_engine() -> str:
-    return "coremltools" if platform.system() == "Darwin" else "mil"
+    """`$MINICPMV_EDGE_COREML_ENGINE` when set (on a Mac, `mil` checks a bundle with the same
+    executor CI uses); otherwise Core ML itself where it exists, the executor elsewhere."""
+    return os.environ.get(ENGINE_ENV) or ("coremltools" if platform.system() == "Darwin" else "mil")
 
 
 class CoreMLBackend(Backend):
