@@ -119,13 +119,22 @@ def test_pte_methods_and_metadata_match_manifest(fp32_bundle):
     assert backend.metadata("get_bos_id") == meta["get_bos_id"]
     assert backend.metadata("get_chunk_size") == manifest["chunk_size"]
     assert manifest["format"] == "executorch" and manifest["target"] == "android"
-    # the prefill method calls ExecuTorch's gated delta rule kernel, one per DeltaNet layer
+    # ExecuTorch's kernels, as many calls per method as the manifest says: the gated delta rule once
+    # per DeltaNet layer, the cache update twice (K, V) and SDPA once per attention layer
     et = manifest["executorch"]
-    assert et["custom_ops"] == ["llama::gated_delta_rule"]
-    n_deltanet = manifest["model"]["layer_types"].count("linear_attention")
-    for method, undelegated in et["delegation"]["per_method"].items():
-        calls = undelegated["undelegated"].get("llama.gated_delta_rule", 0)
-        assert calls == (n_deltanet if method in et["custom_op_methods"]["llama::gated_delta_rule"] else 0)
+    assert et["custom_ops"] == ["llama::custom_sdpa", "llama::gated_delta_rule", "llama::update_cache"]
+    assert sorted(et["custom_op_methods"]["llama::custom_sdpa"]) == ["text_decoder", "text_decoder_decode"]
+    assert et["metadata"]["use_sdpa_with_kv_cache"] is True
+    kinds = manifest["model"]["layer_types"]
+    per_layer = {
+        "llama::gated_delta_rule": kinds.count("linear_attention"),
+        "llama::custom_sdpa": kinds.count("full_attention"),
+        "llama::update_cache": 2 * kinds.count("full_attention"),
+    }
+    for op, n in per_layer.items():
+        for method, undelegated in et["delegation"]["per_method"].items():
+            calls = undelegated["undelegated"].get(op.replace("::", "."), 0)
+            assert calls == (n if method in et["custom_op_methods"][op] else 0), (op, method)
 
 
 @pytest.mark.parametrize("t", [1, 16, 37])
@@ -152,6 +161,37 @@ def test_delta_rule_kernel_matches_the_reference_maths(tiny, t):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for a, b in zip(got_state, want_state, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("t", "start", "n_valid"), [(1, 3, 1), (1, 63, 1), (16, 3, 14), (16, 40, 16)])
+def test_attention_kernels_match_the_reference_maths(tiny, t, start, n_valid):
+    """The decoder with ExecuTorch's llama::update_cache / llama::custom_sdpa swapped in (eager, their
+    ATen kernels) on caches laid out [1, S, n_kv, D] gives the reference logits, and its caches,
+    updated in place, hold the reference's new caches transposed."""
+    from edge_runtime.models import qwen35_text
+    from export.executorch.custom_ops import attention_ops
+
+    model = load_checkpoint(tiny).model
+    specs = qwen35_text.state_specs(model.cfg.text, 64)
+    state = [torch.randn(s.shape, dtype=s.dtype) * 0.1 for s in specs]
+
+    def seq_major(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        cache = [s.name.endswith(("k_cache", "v_cache")) for s in specs]
+        return [
+            x.transpose(1, 2).contiguous() if c else x.clone() for x, c in zip(tensors, cache, strict=True)
+        ]
+
+    args = (torch.randn(1, t, model.cfg.text.hidden_size), torch.tensor([start]), torch.tensor([n_valid]))
+    want, want_state = model.decode(*args, [x.clone() for x in state])
+    buffers = seq_major(state)
+    with attention_ops(True):
+        got, got_state = model.decode(*args, buffers)
+    assert qwen35_text.cached_attention.__name__ == "cached_attention"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    caches = [i for i, s in enumerate(specs) if s.name.endswith("_cache")]
+    assert all(got_state[i] is buffers[i] for i in caches)  # in place: nothing to write back
+    for a, b in zip(got_state, seq_major(want_state), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_fp32_parity_with_reference(tiny, fp32_bundle):

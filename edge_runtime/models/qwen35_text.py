@@ -289,20 +289,37 @@ class GatedAttention(nn.Module):
         q = apply_partial_rope(q, cos.to(q.dtype), sin.to(q.dtype))
         k = apply_partial_rope(k, cos.to(k.dtype), sin.to(k.dtype))
 
-        k_cache = k_cache.index_copy(2, positions, k.to(k_cache.dtype))
-        v_cache = v_cache.index_copy(2, positions, v.to(v_cache.dtype))
-        groups = self.n_heads // self.n_kv
-        keys = k_cache.to(q.dtype).repeat_interleave(groups, dim=1)
-        values = v_cache.to(q.dtype).repeat_interleave(groups, dim=1)
-
-        key_pos = torch.arange(k_cache.shape[2], device=x.device)
-        visible = key_pos[None, :] <= positions[:, None]  # [T, S]
-        scores = (q @ keys.transpose(-1, -2)) * (self.head_dim**-0.5)
-        scores = scores.float().masked_fill(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        out = (probs @ values).transpose(1, 2).reshape(1, t, self.n_heads * self.head_dim)
+        out, k_cache, v_cache = cached_attention(q, k, v, positions, k_cache, v_cache)
         out = out * torch.sigmoid(gate)
         return self.o_proj(out), k_cache, v_cache
+
+
+def cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Write k, v [1, n_kv, T, D] into the static caches [1, n_kv, S, D] at `positions`, then causal
+    GQA attention of q [1, H, T, D] over the caches -> ([1, T, H * D], new k_cache, new v_cache).
+
+    A module-level function so an exporter can swap in a runtime's own cache-update and SDPA
+    kernels (export/executorch/custom_ops.py) with the same contract."""
+    n_heads, t, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    k_cache = k_cache.index_copy(2, positions, k.to(k_cache.dtype))
+    v_cache = v_cache.index_copy(2, positions, v.to(v_cache.dtype))
+    groups = n_heads // k_cache.shape[1]
+    keys = k_cache.to(q.dtype).repeat_interleave(groups, dim=1)
+    values = v_cache.to(q.dtype).repeat_interleave(groups, dim=1)
+
+    key_pos = torch.arange(k_cache.shape[2], device=q.device)
+    visible = key_pos[None, :] <= positions[:, None]  # [T, S]
+    scores = (q @ keys.transpose(-1, -2)) * (head_dim**-0.5)
+    scores = scores.float().masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return (probs @ values).transpose(1, 2).reshape(1, t, n_heads * head_dim), k_cache, v_cache
 
 
 class DecoderLayer(nn.Module):

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from ..pipeline import heartbeat, io_spec
+from .custom_ops import ATTENTION_OPS
 from .custom_ops import OP_NAME as DELTA_RULE_OP
 from .lower import DEFAULT_MAX_UNDELEGATED, check_delegation, lower, to_pte_bytes
 from .methods import (
@@ -38,6 +39,18 @@ MAX_UNDELEGATED_ENV = "MINICPMV_EDGE_MAX_UNDELEGATED"
 # 64-token chunk 8.8-9.9 ms (kernel, token by token) vs 7.4-8.2 ms (ours, chunked matmuls). So decode
 # only.
 DELTA_RULE_METHODS = frozenset({DECODE})
+# Both decoder methods update the KV cache in place and attend through ExecuTorch's kernels
+# (custom_ops.py): measured on the full preset, see docs/executorch.md.
+ATTENTION_KERNELS = True
+
+
+def custom_op_methods() -> dict[str, list[str]]:
+    """Each ExecuTorch kernel outside XNNPACK and the portable / quantized libraries the program
+    calls, with the methods that call it: a runtime must register these before loading."""
+    ops = {DELTA_RULE_OP: sorted(DELTA_RULE_METHODS)} if DELTA_RULE_METHODS else {}
+    if ATTENTION_KERNELS:
+        ops.update({op: sorted({PREFILL, DECODE}) for op in ATTENTION_OPS})
+    return ops
 
 
 def max_undelegated(ctx: Any) -> float:
@@ -59,7 +72,7 @@ def metadata_methods(ctx: Any, stop_ids: list[int], bos_id: int) -> dict[str, An
         "get_max_context_len": ctx.max_context,
         "get_vocab_size": cfg.text.vocab_size,
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": ATTENTION_KERNELS,
         "enable_dynamic_shape": False,  # the decoder is static: C = chunk (prefill) and C = 1 (decode)
         "get_chunk_size": ctx.chunk_size,
         "get_hidden_size": cfg.text.hidden_size,
@@ -87,7 +100,7 @@ def export_graphs(ctx: Any) -> Any:
         f"torch.export: {len(VISION_METHODS) + 4} methods (chunk {ctx.chunk_size}, cache {cache_len})"
     )
     programs = export_methods(
-        model, ctx.chunk_size, cache_len, max_patches, ctx.max_context, DELTA_RULE_METHODS
+        model, ctx.chunk_size, cache_len, max_patches, ctx.max_context, DELTA_RULE_METHODS, ATTENTION_KERNELS
     )
     ctx.progress("lowering to XNNPACK (to_edge_transform_and_lower)")
     with heartbeat(ctx.progress, "lowering to XNNPACK"):
@@ -116,8 +129,8 @@ def export_graphs(ctx: Any) -> Any:
                 "max_slice_patches": max_patches,
                 # kernels outside XNNPACK and the portable / quantized libraries that a runtime
                 # must register before loading the program, and the methods that call them
-                "custom_ops": [DELTA_RULE_OP] if DELTA_RULE_METHODS else [],
-                "custom_op_methods": {DELTA_RULE_OP: sorted(DELTA_RULE_METHODS)},
+                "custom_ops": sorted(custom_op_methods()),
+                "custom_op_methods": custom_op_methods(),
             }
         },
     )

@@ -1,4 +1,5 @@
-"""ExecuTorch's own LLM kernel for the gated delta rule, swapped into the decoder methods at export.
+"""ExecuTorch's own LLM kernels, swapped into the decoder methods at export: the gated delta rule, and
+the KV-cache update plus SDPA of the attention layers.
 
 `llama::gated_delta_rule(q, k, v, decay, beta, state) -> (out, new_state)` (executorch
 extension/llm/custom_ops) runs the same recurrence as our `recurrent_delta_rule` /
@@ -9,7 +10,16 @@ delegates, and a runtime must have the kernel registered (the Python runtime: im
 `custom_ops`). Padded prefill rows have beta = 0 and decay = exp(0) = 1, so they leave the state
 untouched, as in the reference.
 
-Which methods use it is a measured choice (DELTA_RULE_METHODS in __init__.py); see docs/executorch.md.
+`llama::update_cache(value, cache, start_pos)` writes rows in place into a cache laid out
+[1, S, n_kv, D], and `llama::custom_sdpa(q, k_cache, v_cache, start_pos, mask, dropout, is_causal,
+scale)` attends causally over positions 0 .. start_pos + T - 1 only, reading the grouped K/V heads
+without expanding them. Our reference (`qwen35_text.cached_attention`) instead copies the whole
+functional cache, repeats K/V per query head and multiplies over all S positions; at S = 4160 that
+was most of a full-preset decode step (docs/executorch.md). The in-place update needs the state
+buffers in the kernel's [1, S, n_kv, D] layout, which `StatefulDecoder` uses when the attention
+kernels are on (the state lives inside the program, so no caller sees the layout).
+
+Which methods use which kernel is a measured choice (__init__.py); see docs/executorch.md.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ import torch
 from edge_runtime.models import qwen35_text
 
 OP_NAME = "llama::gated_delta_rule"
+ATTENTION_OPS = ("llama::update_cache", "llama::custom_sdpa")
 
 
 def register_kernels() -> None:
@@ -57,3 +68,41 @@ def delta_rule_op(enabled: bool) -> Iterator[None]:
         yield
     finally:
         qwen35_text.recurrent_delta_rule, qwen35_text.chunked_delta_rule = saved
+
+
+def _op_cached_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same contract as qwen35_text.cached_attention, but the caches are [1, S, n_kv, D] buffers
+    updated in place (returned as they are, so the caller skips its write-back)."""
+    n_heads, t, head_dim = q.shape[1], q.shape[2], q.shape[3]
+    start = positions[0].item()
+    torch._check(start >= 0)
+    torch._check(start + t <= k_cache.shape[1])
+    torch.ops.llama.update_cache(k.transpose(1, 2).to(k_cache.dtype).contiguous(), k_cache, start)
+    torch.ops.llama.update_cache(v.transpose(1, 2).to(v_cache.dtype).contiguous(), v_cache, start)
+    out = torch.ops.llama.custom_sdpa(
+        q.transpose(1, 2).contiguous(), k_cache, v_cache, start, None, 0.0, True, head_dim**-0.5
+    )
+    return out.reshape(1, t, n_heads * head_dim), k_cache, v_cache
+
+
+@contextlib.contextmanager
+def attention_ops(enabled: bool) -> Iterator[None]:
+    """While active (and `enabled`), every GatedAttention updates its cache and attends through
+    ExecuTorch's kernels; the caches passed in must be in the [1, S, n_kv, D] layout."""
+    if not enabled:
+        yield
+        return
+    register_kernels()
+    saved = qwen35_text.cached_attention
+    qwen35_text.cached_attention = _op_cached_attention
+    try:
+        yield
+    finally:
+        qwen35_text.cached_attention = saved

@@ -93,8 +93,16 @@ class DelegationReport:
         }
 
 
+def _called_op(node: torch.fx.Node) -> Any:
+    """The operator a node runs: an in-place custom op (llama::update_cache) appears wrapped in
+    `auto_functionalized` until ExecuTorch re-inplaces it; count it as itself."""
+    if "auto_functionalized" in str(node.target) and node.args:
+        return node.args[0]
+    return node.target
+
+
 def _count_compute(gm: torch.fx.GraphModule) -> int:
-    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and not _is_bookkeeping(n.target))
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and not _is_bookkeeping(_called_op(n)))
 
 
 def delegation_report(edge_manager: Any, methods: list[str]) -> DelegationReport:
@@ -109,8 +117,8 @@ def delegation_report(edge_manager: Any, methods: list[str]) -> DelegationReport
             if "executorch_call_delegate" in str(node.target):
                 lowered = getattr(gm, node.args[0].target)
                 delegated += _count_compute(lowered.original_module.graph_module)
-            elif not _is_bookkeeping(node.target):
-                left[_op_name(node.target)] += 1
+            elif not _is_bookkeeping(_called_op(node)):
+                left[_op_name(_called_op(node))] += 1
         report.delegated[method] = delegated
         report.undelegated[method] = left
     return report

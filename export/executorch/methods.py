@@ -18,7 +18,7 @@ from edge_runtime.models.minicpm_v46 import MiniCPMV46
 from edge_runtime.models.qwen35_text import state_specs
 from export.graphs import TokenEmbeddingGraph, VisionEncoderGraph
 
-from .custom_ops import delta_rule_op
+from .custom_ops import attention_ops, delta_rule_op
 
 # Method names follow ExecuTorch's multimodal runner (extension/llm/runner/constants.h) where one
 # exists: `vision_encoder`, `token_embedding`, `text_decoder`. The rest are ours.
@@ -35,15 +35,22 @@ def buffer_name(state_name: str) -> str:
 
 
 class StatefulDecoder(nn.Module):
-    """TextDecoderGraph with the state held in buffers, written back in place after every call."""
+    """TextDecoderGraph with the state held in buffers, written back in place after every call.
 
-    def __init__(self, model: MiniCPMV46, cache_len: int):
+    `seq_major_cache` lays the KV caches out [1, S, n_kv, D] (ExecuTorch's cache kernels update
+    them in place and hand the buffer itself back, which then needs no write-back) instead of the
+    reference's [1, n_kv, S, D]."""
+
+    def __init__(self, model: MiniCPMV46, cache_len: int, seq_major_cache: bool = False):
         super().__init__()
         self.model = model
         self.specs = state_specs(model.cfg.text, cache_len)
         self.names = [buffer_name(s.name) for s in self.specs]
         for name, spec in zip(self.names, self.specs, strict=True):
-            self.register_buffer(name, torch.zeros(spec.shape, dtype=spec.dtype), persistent=False)
+            shape = spec.shape
+            if seq_major_cache and spec.name.endswith(("k_cache", "v_cache")):
+                shape = (shape[0], shape[2], shape[1], shape[3])
+            self.register_buffer(name, torch.zeros(shape, dtype=spec.dtype), persistent=False)
         self.reset_mode = False  # traced as a python constant: selects which method is exported
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
@@ -55,7 +62,8 @@ class StatefulDecoder(nn.Module):
         embeds, start_pos, n_valid = args
         logits, new_state = self.model.decode(embeds, start_pos, n_valid, state)
         for buf, new in zip(state, new_state, strict=True):
-            buf.copy_(new)
+            if new is not buf:
+                buf.copy_(new)
         return logits
 
 
@@ -73,10 +81,13 @@ def export_methods(
     max_patches: int,
     max_tokens: int,
     delta_rule_methods: frozenset[str] = frozenset(),
+    attention_kernels: bool = False,
 ) -> dict[str, ExportedProgram]:
     """torch.export every method. Vision has one dynamic dim L (a multiple of 16 / 4), token
     embedding a dynamic T; the decoder is static (C = chunk and C = 1). The decoder methods named
-    in `delta_rule_methods` call ExecuTorch's gated delta rule kernel (custom_ops.py)."""
+    in `delta_rule_methods` call ExecuTorch's gated delta rule kernel; with `attention_kernels`
+    both decoder methods (they share the cache layout) use its cache-update and SDPA kernels
+    (custom_ops.py)."""
     model = model.eval()
     d = model.cfg.text.hidden_size
     patch_dim = model.cfg.vision.patch_dim
@@ -93,9 +104,9 @@ def export_methods(
         programs[TOKEN_EMBEDDING] = export(
             TokenEmbeddingGraph(model), (torch.zeros(4, dtype=torch.int64),), dynamic_shapes=({0: t},)
         )
-        decoder = StatefulDecoder(model, cache_len)
+        decoder = StatefulDecoder(model, cache_len, seq_major_cache=attention_kernels)
         for name, c in ((PREFILL, chunk), (DECODE, 1)):
-            with delta_rule_op(name in delta_rule_methods):
+            with delta_rule_op(name in delta_rule_methods), attention_ops(attention_kernels):
                 programs[name] = export(decoder, (torch.zeros(1, c, d), torch.tensor([0]), torch.tensor([c])))
         decoder.reset_mode = True
         programs[RESET] = export(decoder, (torch.zeros(1),))
