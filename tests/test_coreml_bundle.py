@@ -50,13 +50,18 @@ def reference(ckpt_dir):
     return open_checkpoint_session(ckpt_dir, max_context=MAX_CONTEXT, threads=1)
 
 
+def _gated_parity(engine, quant, bundles, reference, cases, monkeypatch) -> None:
+    """Parity of the `quant` bundle run by `engine` against the torch reference, all gates."""
+    monkeypatch.setenv(ENGINE_ENV, engine)
+    candidate = open_bundle_session(bundles[quant], threads=1)
+    assert candidate.backend.name == f"coreml-{engine}:{quant}"
+    report = compare(reference, candidate, cases, quant, n_steps=STEPS)
+    assert report.passed, "\n".join(report.summary_lines())
+
+
 @pytest.mark.parametrize("quant", QUANTIZATIONS)
 def test_parity_through_the_mil_executor(quant, bundles, reference, two_mode_cases, monkeypatch):
-    monkeypatch.setenv(ENGINE_ENV, "mil")
-    candidate = open_bundle_session(bundles[quant], threads=1)
-    assert candidate.backend.name == f"coreml-mil:{quant}"
-    report = compare(reference, candidate, two_mode_cases, quant, n_steps=STEPS)
-    assert report.passed, "\n".join(report.summary_lines())
+    _gated_parity("mil", quant, bundles, reference, two_mode_cases, monkeypatch)
 
 
 @pytest.mark.skipif(
@@ -65,11 +70,7 @@ def test_parity_through_the_mil_executor(quant, bundles, reference, two_mode_cas
 )
 @pytest.mark.parametrize("quant", QUANTIZATIONS)
 def test_parity_through_core_ml_on_macos(quant, bundles, reference, two_mode_cases, monkeypatch):
-    monkeypatch.setenv(ENGINE_ENV, "coremltools")
-    candidate = open_bundle_session(bundles[quant], threads=1)
-    assert candidate.backend.name == f"coreml-coremltools:{quant}"
-    report = compare(reference, candidate, two_mode_cases, quant, n_steps=STEPS)
-    assert report.passed, "\n".join(report.summary_lines())
+    _gated_parity("coremltools", quant, bundles, reference, two_mode_cases, monkeypatch)
 
 
 def test_unknown_engine_is_one_line(bundles, monkeypatch):
