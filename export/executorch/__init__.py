@@ -111,6 +111,7 @@ def export_graphs(ctx: Any) -> Any:
         f"({report.fraction_undelegated:.1%})"
     )
     check_delegation(report, max_undelegated(ctx))
+    kernels = custom_op_methods()
     ctx.progress("serializing model.pte")
     data = to_pte_bytes(edge)
     (ctx.out / PTE_FILE).write_bytes(data)
@@ -129,8 +130,8 @@ def export_graphs(ctx: Any) -> Any:
                 "max_slice_patches": max_patches,
                 # kernels outside XNNPACK and the portable / quantized libraries that a runtime
                 # must register before loading the program, and the methods that call them
-                "custom_ops": sorted(custom_op_methods()),
-                "custom_op_methods": custom_op_methods(),
+                "custom_ops": sorted(kernels),
+                "custom_op_methods": kernels,
             }
         },
     )

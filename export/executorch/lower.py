@@ -114,11 +114,12 @@ def delegation_report(edge_manager: Any, methods: list[str]) -> DelegationReport
         for node in gm.graph.nodes:
             if node.op != "call_function":
                 continue
-            if "executorch_call_delegate" in str(node.target):
+            op = _called_op(node)
+            if "executorch_call_delegate" in str(op):
                 lowered = getattr(gm, node.args[0].target)
                 delegated += _count_compute(lowered.original_module.graph_module)
-            elif not _is_bookkeeping(_called_op(node)):
-                left[_op_name(_called_op(node))] += 1
+            elif not _is_bookkeeping(op):
+                left[_op_name(op)] += 1
         report.delegated[method] = delegated
         report.undelegated[method] = left
     return report
