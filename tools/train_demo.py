@@ -1,7 +1,8 @@
 """Train the embedded demo model: a small MiniCPM-V 4.6 on the synthetic task of edge_runtime.demo_task.
 
-From scratch, on CPU, reproducibly from --seed, in two phases: the vision tower alone on dense
-"sheets" (demo_task.make_sheet) with training-only probes, then question answering end to end.
+From scratch, on CPU, reproducibly from --seed, in three phases: the decoder alone on oracle image
+features (`OracleFeatures`), the vision tower alone on dense "sheets" (demo_task.make_sheet) with
+training-only probes and a pull onto the oracle codes, then question answering end to end.
 Every question-answering input is built exactly as
 `Session.prepare` builds it at inference (our slicing, `slice_to_patches`, the checkpoint's chat
 template and placeholder expansion), then the answer and `<|im_end|>` are appended and the loss is
@@ -40,6 +41,7 @@ from edge_runtime.demo_task import (  # noqa: E402
     _Object,
     eval_samples,
     make_conversation,
+    make_sample,
     make_scene,
     make_sheet,
 )
@@ -59,27 +61,46 @@ SCALE_RESOLUTION = 168  # 12x12 patches per full slice: 9 LLM tokens in 16x mode
 MAX_SLICE_NUMS = 4
 MODES = ("16x", "4x")
 EXTRA_TEXT_OFFSET = 10_000_000
+NUMBER_OFFSET = 20_000_000  # train-split indices of the vision phase's extra number images
 FOLLOW_UP = "\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
-def demo_config(vocab_size: int, image_token_id: int, video_token_id: int) -> MiniCPMV46Config:
+def demo_config(
+    vocab_size: int,
+    image_token_id: int,
+    video_token_id: int,
+    text_hidden: int = 128,
+    full_attention: tuple[int, ...] = (2, 5),
+    image_size: int = 980,
+) -> MiniCPMV46Config:
     """The demo preset: `tiny`'s structure, wider. Vision: 4 SigLIP layers, window merger after
-    layer 1. LLM: 6 layers, Gated DeltaNet with gated full attention at layers 2 and 5."""
-    vision = VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4)
-    text = TextConfig(
-        vocab_size=vocab_size,
+    layer 1. LLM: 6 layers of Gated DeltaNet, gated full attention at the `full_attention` layers;
+    heads of 32 dimensions, as many as `text_hidden` holds (key/value heads: 2)."""
+    # image_size / 14 patches a side of position table: 70x70 upstream; the demo's slices are at
+    # most ~13 patches a side and NaViT buckets positions into whatever table the checkpoint has,
+    # so 448 (32x32) would save 0.5 M parameters.
+    vision = VisionConfig(
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=6,
+        num_hidden_layers=4,
         num_attention_heads=4,
+        image_size=image_size,
+    )
+    heads = text_hidden // 32
+    text = TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=text_hidden,
+        intermediate_size=2 * text_hidden,
+        num_hidden_layers=6,
+        num_attention_heads=heads,
         num_key_value_heads=2,
         head_dim=32,
         max_position_embeddings=4096,
         linear_key_head_dim=32,
         linear_value_head_dim=32,
-        linear_num_key_heads=4,
-        linear_num_value_heads=4,
-        layer_types=["linear_attention", "linear_attention", "full_attention"] * 2,
+        linear_num_key_heads=heads,
+        linear_num_value_heads=heads,
+        layer_types=["full_attention" if i in full_attention else "linear_attention" for i in range(6)],
     )
     return MiniCPMV46Config(
         vision=vision,
@@ -90,11 +111,11 @@ def demo_config(vocab_size: int, image_token_id: int, video_token_id: int) -> Mi
     )
 
 
-def write_assets(out: Path) -> dict:
+def write_assets(out: Path, **arch) -> dict:
     """Tokenizer, chat template, generation + preprocessor config: the host files of the checkpoint."""
     tok = build_tokenizer_files(out)
     ids = tok["token_ids"]
-    cfg = demo_config(tok["vocab_size"], ids["<|image_pad|>"], ids["<|video_pad|>"])
+    cfg = demo_config(tok["vocab_size"], ids["<|image_pad|>"], ids["<|video_pad|>"], **arch)
     write_side_files(out, cfg, tok["stop_token_ids"], tok["pad_token_id"])
     pre_path = out / "preprocessor_config.json"
     pre = json.loads(pre_path.read_text())
@@ -118,6 +139,9 @@ class Encoded:
     digits: torch.Tensor | None = None  # [2] the two digits of a number image
     digit_map: torch.Tensor | None = None  # [tokens of the source view]: 0 ink-free, 1+d first, 11+d second
     lookup: torch.Tensor | None = None  # [T, 6]: what a question names (see LOOKUP_CLASSES), -100 elsewhere
+    grid: tuple[int, int] | None = None  # (rows, cols) of the source view's LLM tokens
+    source_start: int = 0  # sequence position of the source view's first image token
+    answer_objects: list[tuple[int, list[int]]] | None = None  # (position before an answer, colours named)
 
 
 def scene_targets(size: tuple[int, int], token_grid: tuple[int, int], objects: list[_Object]) -> torch.Tensor:
@@ -238,6 +262,7 @@ class Encoder:
             assets, self.tokenizer, use_image_id=self.configs["16x"].use_image_id
         )
         self.im_end = self.tokenizer.im_end_id
+        self.image_token_id = self.tokenizer.token_to_id("<|image_pad|>")
 
     def __call__(
         self,
@@ -268,13 +293,21 @@ class Encoder:
         slices = self._patches(prepared, mode, num_patches_per_side)
         ex = Encoded(ids, spans[0][0], spans[0][1], targets, slices, mode, sample.qtype)
         if objects is not None:
-            ex.aux = scene_targets(sample.image.size, source_token_grid(prepared, mode), objects)
+            ex.grid = source_token_grid(prepared, mode)
+            ex.aux = scene_targets(sample.image.size, ex.grid, objects)
             asked = [(sample.question, sample.lang)] + [(f[0], sample.lang) for f in follow_up]
             ex.lookup = lookup_targets(self.tokenizer, seq, asked, objects)
+            ex.source_start = seq.index(self.image_token_id)
+            ex.answer_objects = [
+                (start - 1, [o.colour for _, o in named_objects(q, lang, objects)])
+                for (start, _), (q, lang) in zip(spans, asked, strict=True)
+            ]
         elif sample.qtype == "text":
             ex.digits = torch.tensor([int(d) for d in sample.answer[:2]])
             ex.lookup = reading_targets(self.tokenizer, seq, sample.question, sample.answer)
-            ex.digit_map = digit_targets(sample.image, source_token_grid(prepared, mode), sample.answer)
+            ex.grid = source_token_grid(prepared, mode)
+            ex.digit_map = digit_targets(sample.image, ex.grid, sample.answer)
+            ex.source_start = seq.index(self.image_token_id)
         return ex
 
     def vision_only(self, image, objects: list[_Object], mode: str, num_patches_per_side: int) -> Encoded:
@@ -282,7 +315,8 @@ class Encoder:
         prepared = slice_image(image, self.configs[mode])
         empty = torch.zeros(0, dtype=torch.long)
         ex = Encoded(empty, 0, 0, empty, self._patches(prepared, mode, num_patches_per_side), mode, "sheet")
-        ex.aux = scene_targets(image.size, source_token_grid(prepared, mode), objects)
+        ex.grid = source_token_grid(prepared, mode)
+        ex.aux = scene_targets(image.size, ex.grid, objects)
         return ex
 
     def _patches(
@@ -416,7 +450,7 @@ def _attention_batched(attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor
     causal = torch.ones(t, t, dtype=torch.bool).tril()
     probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
     out = (probs @ values).transpose(1, 2).reshape(b, t, attn.n_heads * attn.head_dim)
-    return attn.o_proj(out * torch.sigmoid(gate))
+    return attn.o_proj(out * torch.sigmoid(gate)), probs
 
 
 def _deltanet_batched(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -444,17 +478,20 @@ def _deltanet_batched(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def text_batched(
-    model: MiniCPMV46, embeds: torch.Tensor, tap: int = -1
+    model: MiniCPMV46, embeds: torch.Tensor, tap: int = -1, probs: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """language_model over [B, T, D] right-padded embeddings from position 0 -> (normed hidden,
-    residual stream after layer `tap`, None when tap < 0)."""
+    residual stream after layer `tap`, None when tap < 0); attention probabilities [B, H, T, T]
+    of every full-attention layer go into `probs` by layer index when given."""
     lm = model.language_model
     cos, sin = rope_cos_sin(torch.arange(embeds.shape[1]), lm.inv_freq)
     x, tapped = embeds, None
     for index, layer in enumerate(lm.layers):
         h = layer.input_layernorm(x)
         if layer.kind == "full_attention":
-            h = _attention_batched(layer.self_attn, h, cos, sin)
+            h, p = _attention_batched(layer.self_attn, h, cos, sin)
+            if probs is not None:
+                probs[index] = p
         else:
             h = _deltanet_batched(layer.linear_attn, h)
         x = x + h
@@ -464,22 +501,35 @@ def text_batched(
     return lm.norm(x), tapped
 
 
-def hidden_batched(model: MiniCPMV46, group: list[Encoded], return_features: bool = False, tap: int = -1):
+def hidden_batched(
+    model: MiniCPMV46,
+    group: list[Encoded],
+    return_features: bool = False,
+    tap: int = -1,
+    probs: dict | None = None,
+    oracle: OracleFeatures | None = None,
+):
     """Vision + splice + decoder for examples of one downsample mode -> hidden [B, T_max, D]
-    (and all image features [N, D] and the residual stream after layer `tap` when asked).
+    (and the image features per slice and the residual stream after layer `tap` when asked).
+    With `oracle`, its features stand in for the vision tower's (features returned: None).
 
     Left alone, the image features grow a large constant component (the same vector on every
     image token, tens of times the per-image variation) and the decoder, which RMS-normalises
     its inputs, no longer sees image content. The mean penalty in `batch_loss` prevents that."""
-    feats = vision_batched(model, [s for ex in group for s in ex.slices], group[0].mode)
+    image_id = model.cfg.image_token_id
+    if oracle is None:
+        feats = vision_batched(model, [s for ex in group for s in ex.slices], group[0].mode)
+        counts = np.cumsum([0] + [len(ex.slices) for ex in group])
+        per_example = [torch.cat(feats[a:b]) for a, b in zip(counts[:-1], counts[1:], strict=True)]
+    else:
+        feats = None
+        per_example = [oracle(ex, int((ex.ids == image_id).sum())) for ex in group]
     longest = max(ex.ids.shape[0] for ex in group)
-    rows, k = [], 0
-    for ex in group:
-        f = torch.cat(feats[k : k + len(ex.slices)])
-        k += len(ex.slices)
-        e = model.embed(ex.ids).masked_scatter((ex.ids == model.cfg.image_token_id).unsqueeze(-1), f)
+    rows = []
+    for ex, f in zip(group, per_example, strict=True):
+        e = model.embed(ex.ids).masked_scatter((ex.ids == image_id).unsqueeze(-1), f)
         rows.append(F.pad(e, (0, 0, 0, longest - ex.ids.shape[0])))
-    hidden, tapped = text_batched(model, torch.stack(rows), tap)
+    hidden, tapped = text_batched(model, torch.stack(rows), tap, probs)
     return (hidden, feats, tapped) if return_features else hidden
 
 
@@ -502,6 +552,113 @@ class AuxHeads(torch.nn.Module):
         self.digits = torch.nn.Linear(dim, 20)
         self.digit_map = torch.nn.Linear(dim, 21)
         self.lookup = torch.nn.Linear(dim, sum(LOOKUP_CLASSES))
+        self.where = torch.nn.Linear(dim, 2 * WHERE_BINS)
+        self.feature_weight = 0.0  # see feature_target
+        self.where_weight = 0.0  # see where_targets
+        self.oracle: OracleFeatures | None = None  # the codes `feature_weight` pulls features onto
+
+
+WHERE_BINS = 6
+
+
+def where_targets(grid: tuple[int, int]) -> torch.Tensor:
+    """Per source-view token (row-major): the bins of its centre's (row, column) in the image,
+    WHERE_BINS per axis. Position questions compare where two objects are; this probe keeps each
+    image feature's location linearly readable, which nothing else asks the vision tower for."""
+    rows, cols = grid
+    r = ((torch.arange(rows) + 0.5) * WHERE_BINS / rows).long()
+    c = ((torch.arange(cols) + 0.5) * WHERE_BINS / cols).long()
+    return torch.stack([r[:, None].expand(rows, cols), c[None, :].expand(rows, cols)], -1).reshape(-1, 2)
+
+
+class OracleFeatures(torch.nn.Module):
+    """Image features as the decoder would want them: per source-view token, the sum of a code for
+    the colour and one for the shape or digit under it (`scene_targets` classes; a number image's
+    digits use the sheet-digit codes) and codes for its row and column bins; one shared code for
+    every tile token.
+
+    Three uses: the decoder-oracle diagnostic (tools/decoder_oracle.py: a decoder trained on these
+    learns colour binding in 500 steps), the `--oracle-steps` phase (the decoder learns the task on
+    them first, the codes are then frozen) and the `--feature-weight` target that pulls the vision
+    tower's features onto them."""
+
+    def __init__(self, dim: int, n_colours: int, n_shapes: int, seed: int, ordinal: bool = False):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.n_shapes = n_shapes
+        sizes = {
+            "colour": n_colours + 1,
+            "shape": n_shapes + 11,
+            "row": WHERE_BINS,
+            "col": WHERE_BINS,
+            "tile": 1,
+        }
+        self.codes = torch.nn.ParameterDict(
+            {k: torch.nn.Parameter(torch.randn(n, dim, generator=gen)) for k, n in sizes.items()}
+        )
+        if ordinal:  # location bins on a line (one direction per axis): "left of" becomes a difference
+            ramp = torch.linspace(-1.5, 1.5, WHERE_BINS)[:, None]
+            for axis in ("row", "col"):
+                self.codes[axis].data = ramp * torch.randn(1, dim, generator=gen)
+
+    def source(self, ex: Encoded) -> torch.Tensor | None:
+        """[tokens of the source view, dim], or None for an example without per-token labels."""
+        if ex.grid is None or (ex.aux is None and ex.digit_map is None):
+            return None
+        where = where_targets(ex.grid)
+        out = self.codes["row"][where[:, 0]] + self.codes["col"][where[:, 1]]
+        if ex.aux is not None:
+            return out + self.codes["colour"][ex.aux[:, 0]] + self.codes["shape"][ex.aux[:, 1]]
+        digit = torch.where(ex.digit_map > 0, self.n_shapes + 1 + (ex.digit_map - 1) % 10, 0)
+        return out + self.codes["colour"][torch.zeros_like(digit)] + self.codes["shape"][digit]
+
+    def forward(self, ex: Encoded, n_image_tokens: int) -> torch.Tensor:
+        """Features for every image token of `ex` (source view first, then tiles)."""
+        source = self.source(ex)
+        tiles = self.codes["tile"].expand(n_image_tokens - source.shape[0], -1)
+        return torch.cat([source, tiles])
+
+
+def attention_terms(
+    group: list[Encoded], probs: dict, question_layer: int, answer_layer: int
+) -> list[torch.Tensor]:
+    """Where one head (head 0) of a full-attention layer should look: -log of the attention mass
+    it puts on the source-view image tokens of the object in question.
+
+    At `question_layer`, from every question token after an object's name (the `lookup_targets`
+    range) to that object; at `answer_layer`, head k from the position that predicts an answer to
+    the k-th object its question named (a position question names two: heads 0 and 1 keep the two
+    locations apart, where one head looking at both would average them). Binding a name to the image token that shows it is the step the
+    answer loss alone did not teach in the training budget (answers stayed at "some colour in the
+    picture": 62 % colour / 69 % shape, chance-level positions); this supervises it directly."""
+    terms = []
+    for row, ex in enumerate(group):
+        if ex.digit_map is not None and answer_layer in probs:
+            # a number: the position before each digit of the answer looks at that digit's ink
+            src = slice(ex.source_start, ex.source_start + ex.digit_map.shape[0])
+            for k, (lo, hi) in enumerate(((1, 11), (11, 21))):
+                mask = (ex.digit_map >= lo) & (ex.digit_map < hi)
+                if bool(mask.any()):
+                    mass = (probs[answer_layer][row, 0, ex.answer_start - 1 + k, src] * mask).sum()
+                    terms.append(-torch.log(mass + 1e-6))
+        if ex.aux is None or ex.lookup is None:
+            continue
+        colour_of_token = ex.aux[:, 0] - 1  # [source tokens], -1 background
+        n = colour_of_token.shape[0]
+        src = slice(ex.source_start, ex.source_start + n)
+        if question_layer in probs:
+            named = ex.lookup[:, 0]
+            rows = (named != -100).nonzero().flatten()
+            if rows.numel():
+                mask = colour_of_token[None, :] == named[rows][:, None]
+                mass = (probs[question_layer][row, 0, rows, src] * mask).sum(-1)
+                terms.append(-torch.log(mass + 1e-6).mean())
+        if answer_layer in probs and ex.answer_objects:
+            for pos, colours in ex.answer_objects:
+                for head, colour in enumerate(colours):  # head k looks at the k-th named object
+                    mass = (probs[answer_layer][row, head, pos, src] * (colour_of_token == colour)).sum()
+                    terms.append(-torch.log(mass + 1e-6))
+    return terms
 
 
 def lookup_terms(aux: AuxHeads, group: list[Encoded], tapped: torch.Tensor) -> list[torch.Tensor]:
@@ -539,10 +696,17 @@ def probe_terms(aux: AuxHeads, group: list[Encoded], feats: list[torch.Tensor]) 
         if ex.aux is not None:
             terms.append(F.cross_entropy(aux.colour(source), ex.aux[:, 0]))
             terms.append(F.cross_entropy(aux.shape(source), ex.aux[:, 1]))
+        if aux.where_weight > 0 and ex.grid is not None:
+            where = aux.where(source).view(-1, 2, WHERE_BINS)
+            terms.append(aux.where_weight * F.cross_entropy(where.transpose(1, 2), where_targets(ex.grid)))
         if ex.digits is not None:
             terms.append(F.cross_entropy(aux.digits(source.mean(0)).view(2, 10), ex.digits))
         if ex.digit_map is not None:
             terms.append(F.cross_entropy(aux.digit_map(source), ex.digit_map))
+        if aux.feature_weight > 0 and aux.oracle is not None:
+            target = aux.oracle.source(ex)
+            if target is not None:
+                terms.append(aux.feature_weight * F.mse_loss(source, target))
     return terms
 
 
@@ -564,27 +728,39 @@ def batch_loss(
     aux: AuxHeads | None = None,
     aux_weight: float = 0.0,
     lookup_layer: int = -1,
+    attend: tuple[int, int, float] = (-1, -1, 0.0),
+    oracle: OracleFeatures | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy over every answer token of every turn of every example, plus
     `mean_penalty` x the squared mean image feature (see `hidden_batched`), plus the auxiliary
-    probe losses."""
+    probe losses. With `oracle` the decoder reads oracle features and the vision terms drop out."""
     total, count, penalty = torch.zeros(()), 0, torch.zeros(())
     aux_terms: list[torch.Tensor] = []
+    attend_terms: list[torch.Tensor] = []
     for group in by_mode(batch):
-        hidden, feats, tapped = hidden_batched(model, group, return_features=True, tap=lookup_layer)
-        penalty = penalty + torch.cat(feats).mean(dim=0).pow(2).mean()
+        probs: dict = {}
+        hidden, feats, tapped = hidden_batched(
+            model, group, return_features=True, tap=lookup_layer, probs=probs, oracle=oracle
+        )
+        if attend[2] > 0:
+            attend_terms += attention_terms(group, probs, attend[0], attend[1])
+        if feats is not None:
+            penalty = penalty + torch.cat(feats).mean(dim=0).pow(2).mean()
         longest = hidden.shape[1]
         target = torch.stack([F.pad(ex.targets, (0, longest - ex.ids.shape[0]), value=-100) for ex in group])
         keep = target != -100
         total = total + F.cross_entropy(model.lm_head(hidden[keep]), target[keep], reduction="sum")
         count += int(keep.sum())
         if aux is not None:
-            aux_terms += probe_terms(aux, group, feats)
+            if feats is not None:
+                aux_terms += probe_terms(aux, group, feats)
             if tapped is not None:
                 aux_terms += lookup_terms(aux, group, tapped)
     loss = total / count + mean_penalty * penalty
     if aux_terms:
         loss = loss + aux_weight * torch.stack(aux_terms).mean()
+    if attend_terms:
+        loss = loss + attend[2] * torch.stack(attend_terms).mean()
     return loss
 
 
@@ -636,7 +812,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "edge_runtime" / "data" / "demo-checkpoint")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1100, help="question-answering optimizer steps")
+    ap.add_argument("--steps", type=int, default=1300, help="question-answering optimizer steps")
     ap.add_argument("--batch", type=int, default=12, help="images (conversations) per optimizer step")
     ap.add_argument("--turns", type=int, default=4, help="questions per image in training conversations")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -649,6 +825,7 @@ def main(argv: list[str] | None = None) -> int:
         "--vision-steps", type=int, default=600, help="vision-only probe steps on sheets before the QA phase"
     )
     ap.add_argument("--vision-batch", type=int, default=32, help="images per vision-only step")
+    ap.add_argument("--vision-numbers", type=int, default=0, help="extra number images per vision-only step")
     ap.add_argument("--sheets", type=int, default=8, help="sheets added to every QA step (probe loss only)")
     ap.add_argument("--deltanet-chunk", type=int, default=16)
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the training-only probes")
@@ -657,6 +834,41 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=2,
         help="decoder layer whose output the training-only lookup probe reads (-1: no lookup probe)",
+    )
+    ap.add_argument(
+        "--attend-layers",
+        type=int,
+        nargs=2,
+        default=[2, 5],
+        help="full-attention layers taught where to look (see attention_terms): from questions, from answers",
+    )
+    ap.add_argument("--attend-weight", type=float, default=0.0, help="weight of the attention supervision")
+    ap.add_argument(
+        "--oracle-steps",
+        type=int,
+        default=500,
+        help="decoder steps on oracle features before the vision phase",
+    )
+    ap.add_argument(
+        "--oracle-ordinal", action="store_true", help="oracle location codes on a line instead of random"
+    )
+    ap.add_argument("--where-weight", type=float, default=0.0, help="weight of the image-location probe")
+    ap.add_argument(
+        "--feature-weight",
+        type=float,
+        default=1.0,
+        help="weight of pulling image features onto the oracle codes (MSE)",
+    )
+    ap.add_argument("--text-hidden", type=int, default=128, help="decoder width (multiple of 32)")
+    ap.add_argument(
+        "--image-size", type=int, default=980, help="vision position table: image_size / 14 patches a side"
+    )
+    ap.add_argument(
+        "--full-attention",
+        type=int,
+        nargs="+",
+        default=[2, 5],
+        help="decoder layers (of 6) with gated full attention; the others are Gated DeltaNet",
     )
     ap.add_argument(
         "--mean-penalty", type=float, default=0.01, help="weight of the image-feature mean penalty"
@@ -678,9 +890,14 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     assets = Path(tempfile.mkdtemp(prefix="demo-assets-"))
     try:
-        tok = write_assets(assets)
+        arch = {
+            "text_hidden": args.text_hidden,
+            "full_attention": tuple(args.full_attention),
+            "image_size": args.image_size,
+        }
+        tok = write_assets(assets, **arch)
         ids = tok["token_ids"]
-        cfg = demo_config(tok["vocab_size"], ids["<|image_pad|>"], ids["<|video_pad|>"])
+        cfg = demo_config(tok["vocab_size"], ids["<|image_pad|>"], ids["<|video_pad|>"], **arch)
         model = init_model(cfg, args.seed)
         if args.init_from is not None:
             weights = load_checkpoint(args.init_from).model.state_dict()
@@ -693,6 +910,12 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.manual_seed(args.seed + 1)
         aux = AuxHeads(cfg.text.hidden_size, len(COLOURS), len(SHAPES))
+        aux.feature_weight, aux.where_weight = args.feature_weight, args.where_weight
+        if args.oracle_steps or args.feature_weight:
+            aux.oracle = OracleFeatures(
+                cfg.text.hidden_size, len(COLOURS), len(SHAPES), args.seed + 2, ordinal=args.oracle_ordinal
+            )
+            aux.oracle.requires_grad_(args.oracle_steps > 0)  # learned only in the oracle phase
         decay, no_decay = [], []
         for name, p in list(model.named_parameters()) + list(aux.named_parameters()):
             (no_decay if p.ndim < 2 or "norm" in name or "embedding" in name else decay).append(p)
@@ -719,6 +942,38 @@ def main(argv: list[str] | None = None) -> int:
                 sheet_index += 1
             return out
 
+        def next_batch() -> list[Encoded]:
+            nonlocal k
+            batch = []
+            for _ in range(args.batch):
+                sample_index, mode = train_item(k)
+                sample, follow = make_conversation(TRAIN, sample_index, args.seed, args.turns)
+                objects = make_scene(TRAIN, sample_index, args.seed)[1]
+                batch.append(encode(sample, mode, nps, follow, objects))
+                k += 1
+            return batch
+
+        attend = (args.attend_layers[0], args.attend_layers[1], args.attend_weight)
+
+        # Phase 0 (optional): the decoder learns the task on oracle features (no vision tower),
+        # then the codes are frozen and become the target the vision tower's features are pulled to.
+        t_loop = time.perf_counter()
+        for step in range(args.oracle_steps):
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, args.oracle_steps, args.lr, args.warmup)
+            loss = batch_loss(
+                model, next_batch(), 0.0, aux, args.aux_weight, args.lookup_layer, attend, oracle=aux.oracle
+            )
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if (step + 1) % 50 == 0:
+                rate = (step + 1) / (time.perf_counter() - t_loop)
+                log(f"oracle step {step + 1}/{args.oracle_steps} loss {loss.item():.4f} {rate:.2f} step/s")
+        if aux.oracle is not None:
+            aux.oracle.requires_grad_(False)
+
         # Phase 1: the vision tower alone, on dense sheets plus task images (probe targets only).
         # Each sheet labels several objects per image, which trains shape and digit recognition
         # several times faster per second than question answering does (measured: centre-token
@@ -733,6 +988,9 @@ def main(argv: list[str] | None = None) -> int:
                 sample, objects = make_scene(TRAIN, sample_index, args.seed)
                 images.append(encode(sample, mode, nps, (), objects))
                 k += 1
+            for j in range(args.vision_numbers):  # extra number images: digit reading is the slowest skill
+                index = NUMBER_OFFSET + 10 * (step * args.vision_numbers + j) + (4 if j % 2 == 0 else 9)
+                images.append(encode(make_sample(TRAIN, index, args.seed), MODES[j % 2], nps))
             loss = vision_loss(model, aux, images)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -750,16 +1008,12 @@ def main(argv: list[str] | None = None) -> int:
         for step in range(args.steps):
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
-            batch = []
-            for _ in range(args.batch):
-                sample_index, mode = train_item(k)
-                sample, follow = make_conversation(TRAIN, sample_index, args.seed, args.turns)
-                objects = make_scene(TRAIN, sample_index, args.seed)[1]
-                batch.append(encode(sample, mode, nps, follow, objects))
-                k += 1
+            batch = next_batch()
             if step == 0:
                 log(f"batched vs reference forward: max |logit diff| {check_batched(model, batch):.2e}")
-            loss = batch_loss(model, batch, args.mean_penalty, aux, args.aux_weight, args.lookup_layer)
+            loss = batch_loss(
+                model, batch, args.mean_penalty, aux, args.aux_weight, args.lookup_layer, attend
+            )
             if args.sheets:
                 loss = loss + args.aux_weight * vision_loss(model, aux, next_sheets(args.sheets))
             loss.backward()

@@ -1,0 +1,194 @@
+"""tools/train_demo.py: the training-only signals and a two-step run of the real script."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+import train_demo  # noqa: E402
+
+from edge_runtime.demo_task import DIGIT_SHAPE, TRAIN, make_conversation, make_sample  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> train_demo.Encoder:
+    assets = tmp_path_factory.mktemp("demo-assets")
+    train_demo.write_assets(assets)
+    return train_demo.Encoder(assets)
+
+
+def test_where_targets_bin_each_token_centre() -> None:
+    got = train_demo.where_targets((3, 2))
+    bins = train_demo.WHERE_BINS
+    assert got.shape == (6, 2)
+    assert got[:, 0].tolist() == [bins // 6, bins // 6, bins // 2, bins // 2, 5 * bins // 6, 5 * bins // 6]
+    assert got[:, 1].tolist() == [bins // 4, 3 * bins // 4] * 3
+
+
+def _position_example(encoder: train_demo.Encoder) -> train_demo.Encoded:
+    """A position question (it names two objects), train split, 16x, one follow-up turn."""
+    index = 3  # question types cycle colour, shape, count, position, text
+    sample, follow = make_conversation(TRAIN, index, turns=2)
+    assert sample.qtype == "position"
+    return encoder(sample, "16x", 32, follow, train_demo.make_scene(TRAIN, index)[1])
+
+
+def _probs_on(ex: train_demo.Encoded, pick, heads: int = 2) -> torch.Tensor:
+    """[1, heads, T, T] attention putting all of row `row`'s mass in head `h` on source token `pick(row, h)`."""
+    t = ex.ids.shape[0]
+    probs = torch.zeros(1, heads, t, t)
+    for head in range(heads):
+        for row in range(t):
+            probs[0, head, row, ex.source_start + pick(row, head)] = 1.0
+    return probs
+
+
+def test_attention_terms_send_each_head_to_its_named_object(encoder: train_demo.Encoder) -> None:
+    ex = _position_example(encoder)
+    colour_of_token = (ex.aux[:, 0] - 1).tolist()
+    named = ex.lookup[:, 0]
+    first_turn = ex.answer_objects[0][1]
+    assert len(first_turn) == 2 and bool((named != -100).any())
+
+    def looking(swap: bool):
+        def pick(row: int, head: int) -> int:
+            wanted = int(named[row]) if int(named[row]) != -100 else first_turn[0]
+            for pos, colours in ex.answer_objects:
+                if row == pos and head < len(colours):
+                    wanted = colours[(head + swap) % len(colours)]
+            return colour_of_token.index(wanted)
+
+        return pick
+
+    n_terms = 1 + sum(len(colours) for _, colours in ex.answer_objects)
+    right = train_demo.attention_terms(
+        [ex], {2: _probs_on(ex, looking(False)), 5: _probs_on(ex, looking(False))}, 2, 5
+    )
+    swapped = train_demo.attention_terms(
+        [ex], {2: _probs_on(ex, looking(True)), 5: _probs_on(ex, looking(True))}, 2, 5
+    )
+    assert len(right) == len(swapped) == n_terms
+    assert max(float(x) for x in right) < 1e-4
+    # heads 0 and 1 of the position answer looking at each other's object: both penalised
+    assert float(swapped[1]) > 10.0 and float(swapped[2]) > 10.0
+    background = colour_of_token.index(-1)
+    nowhere = train_demo.attention_terms([ex], {2: _probs_on(ex, lambda r, h: background)}, 2, 5)
+    assert len(nowhere) == 1 and float(nowhere[0]) > 10.0
+
+
+def test_attention_terms_for_a_number_look_at_each_digit(encoder: train_demo.Encoder) -> None:
+    sample = make_sample(TRAIN, 4)
+    assert sample.qtype == "text"
+    ex = encoder(sample, "16x", 32)
+    digit_map = ex.digit_map.tolist()
+    first = next(i for i, d in enumerate(digit_map) if 1 <= d < 11)
+    second = next(i for i, d in enumerate(digit_map) if d >= 11)
+    probs = _probs_on(ex, lambda row, head: second if row == ex.answer_start else first)
+    terms = train_demo.attention_terms([ex], {5: probs}, 2, 5)
+    assert len(terms) == 2 and max(float(x) for x in terms) < 1e-4
+    swapped = _probs_on(ex, lambda row, head: first if row == ex.answer_start else second)
+    assert min(float(x) for x in train_demo.attention_terms([ex], {5: swapped}, 2, 5)) > 10.0
+
+
+def test_training_script_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    """Two vision steps and three question-answering steps of the real script, end to end."""
+    from edge_runtime.checkpoint import load_checkpoint
+
+    out = tmp_path / "ckpt"
+    args = [
+        "--out",
+        str(out),
+        "--oracle-steps",
+        "2",
+        "--vision-steps",
+        "2",
+        "--steps",
+        "3",
+        "--eval-every",
+        "3",
+    ]
+    assert train_demo.main([*args, "--eval-samples", "10", "--threads", "1"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["text_config"]["layer_types"].count("full_attention") == 2
+    model = load_checkpoint(out).model  # checks every tensor's name and shape against the config
+    n_params = sum(p.numel() for p in model.parameters())
+    assert abs((out / "model.safetensors").stat().st_size - 2 * n_params) < 64 * 1024  # fp16
+
+
+def test_decoder_oracle_runs_and_reports_every_shape_question_type(capsys: pytest.CaptureFixture) -> None:
+    import decoder_oracle
+
+    assert (
+        decoder_oracle.main(["--steps", "2", "--batch", "3", "--eval-every", "2", "--eval-samples", "20"])
+        == 0
+    )
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("step 2 loss ")
+    for name in ("colour", "shape", "count", "position", "16x", "4x"):
+        assert f" {name} " in f" {line.split('|')[1]} "
+    assert " text " not in line
+
+
+def test_training_script_runs_every_optional_signal(tmp_path: Path) -> None:
+    """The off-by-default training signals (oracle phase, feature target, attention supervision,
+    location probe, extra number images, smaller position table) run end to end."""
+    from edge_runtime.checkpoint import load_checkpoint
+
+    out = tmp_path / "ckpt"
+    sizes = ["--batch", "3", "--vision-batch", "4", "--vision-numbers", "2", "--sheets", "1"]
+    steps = [
+        "--oracle-steps",
+        "2",
+        "--vision-steps",
+        "2",
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--eval-samples",
+        "4",
+    ]
+    signals = [
+        "--feature-weight",
+        "1",
+        "--oracle-ordinal",
+        "--attend-weight",
+        "1",
+        "--where-weight",
+        "1",
+        "--image-size",
+        "448",
+    ]
+    assert train_demo.main(["--out", str(out), "--threads", "1", *sizes, *steps, *signals]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["vision_config"]["image_size"] == 448
+    load_checkpoint(out)
+
+
+def test_oracle_features_cover_every_image_token(encoder: train_demo.Encoder) -> None:
+    oracle = train_demo.OracleFeatures(16, 6, 4, seed=0)
+    scene = _position_example(encoder)
+    number = encoder(make_sample(TRAIN, 4), "4x", 32)
+    for ex in (scene, number):
+        n_image = int((ex.ids == encoder.image_token_id).sum())
+        source = oracle.source(ex)
+        assert source.shape == (ex.grid[0] * ex.grid[1], 16)
+        assert oracle(ex, n_image).shape == (n_image, 16)
+    # a digit on a number image gets the same shape code as that digit on a sheet
+    d = int(number.digits[0])
+    token = int((number.digit_map == 1 + d).nonzero()[0])
+    where = train_demo.where_targets(number.grid)[token]
+    expected = (
+        oracle.codes["row"][where[0]]
+        + oracle.codes["col"][where[1]]
+        + oracle.codes["colour"][0]
+        + oracle.codes["shape"][DIGIT_SHAPE + 1 + d]
+    )
+    assert torch.allclose(oracle.source(number)[token], expected)
