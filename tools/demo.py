@@ -12,6 +12,7 @@ Without a shipped trained checkpoint it falls back to a tiny random one and says
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import sys
@@ -22,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_runtime.bundle import load_bundle  # noqa: E402
+from edge_runtime.bundle import load_bundle, sha256_file  # noqa: E402
 from edge_runtime.commands.options import DEFAULT_CHECKPOINT  # noqa: E402
 from edge_runtime.errors import EdgeError  # noqa: E402
 from edge_runtime.init_checkpoint import init_checkpoint  # noqa: E402
@@ -68,14 +69,32 @@ def answer_all(session: Session, questions: list[dict], column: Column) -> None:
         column.decode_tok_s.append(info["decode_tok_s"])
 
 
+def checkpoint_digest(checkpoint: Path) -> str:
+    """sha256 over the names and contents of the checkpoint's files."""
+    digest = hashlib.sha256()
+    for f in sorted(p for p in checkpoint.iterdir() if p.is_file()):
+        digest.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    return digest.hexdigest()
+
+
 def bundle_for(checkpoint: Path, target: str, fmt: str, quant: str) -> Path:
+    """The cached bundle of this checkpoint, exported first when missing, broken or made from
+    another checkpoint (the stamp next to it names its source: a retrained demo checkpoint must
+    not be compared with bundles of the previous one)."""
     out = BUILD / "bundles" / f"{target}-{quant}"
-    if (out / "manifest.json").exists():
-        load_bundle(out)  # verifies checksums; a stale or broken cache is rebuilt below
-        return out
+    stamp = out.with_name(out.name + ".source")
+    source = checkpoint_digest(checkpoint)
+    if (out / "manifest.json").exists() and stamp.is_file() and stamp.read_text().strip() == source:
+        try:
+            load_bundle(out)  # verifies checksums
+            return out
+        except EdgeError:
+            print(f"cached {out.name} is broken; exporting it again", flush=True)
+    stamp.unlink(missing_ok=True)
     t0 = time.perf_counter()
     print(f"exporting {target} ({fmt}, {quant}) ...", flush=True)
     export_bundle(ExportRequest(checkpoint, out, target, fmt, quant, max_context=1024, chunk_size=32), _quiet)
+    stamp.write_text(source + "\n")
     print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
 
