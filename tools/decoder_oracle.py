@@ -89,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     item, t0 = 0, time.perf_counter()
     for step in range(args.steps):
-        for group in opt.param_groups:
-            group["lr"] = td.lr_at(step, args.steps, args.lr, 20)
+        td.set_lr(opt, step, args.steps, args.lr, 20)
         batch = []
         while len(batch) < args.batch:
             index, mode = td.train_item(item)
@@ -99,10 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch.append(scene_example(encode, TRAIN, index, mode, args.turns, nps))
         attend = (2, 5, args.attend_weight)
         loss = td.batch_loss(model, batch, attend=attend, oracle=oracle)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        td.optimizer_step(opt, loss, params)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             acc = accuracy(model, oracle, held_out)
             rate = (step + 1) / (time.perf_counter() - t0)

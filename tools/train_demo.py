@@ -553,7 +553,7 @@ class AuxHeads(torch.nn.Module):
         self.digit_map = torch.nn.Linear(dim, 21)
         self.lookup = torch.nn.Linear(dim, sum(LOOKUP_CLASSES))
         self.where = torch.nn.Linear(dim, 2 * WHERE_BINS)
-        self.feature_weight = 0.0  # see feature_target
+        self.feature_weight = 0.0  # see OracleFeatures
         self.where_weight = 0.0  # see where_targets
         self.oracle: OracleFeatures | None = None  # the codes `feature_weight` pulls features onto
 
@@ -622,15 +622,17 @@ class OracleFeatures(torch.nn.Module):
 def attention_terms(
     group: list[Encoded], probs: dict, question_layer: int, answer_layer: int
 ) -> list[torch.Tensor]:
-    """Where one head (head 0) of a full-attention layer should look: -log of the attention mass
-    it puts on the source-view image tokens of the object in question.
+    """Where heads of the full-attention layers should look: -log of the attention mass a head
+    puts on the source-view image tokens of the object in question.
 
-    At `question_layer`, from every question token after an object's name (the `lookup_targets`
-    range) to that object; at `answer_layer`, head k from the position that predicts an answer to
-    the k-th object its question named (a position question names two: heads 0 and 1 keep the two
-    locations apart, where one head looking at both would average them). Binding a name to the image token that shows it is the step the
-    answer loss alone did not teach in the training budget (answers stayed at "some colour in the
-    picture": 62 % colour / 69 % shape, chance-level positions); this supervises it directly."""
+    At `question_layer`, head 0 from every question token after an object's name (the
+    `lookup_targets` range) to that object; at `answer_layer`, head k from the position that
+    predicts an answer to the k-th object its question named (a position question names two:
+    heads 0 and 1 keep the two locations apart, where one head looking at both would average
+    them), and head 0 from the position before each digit of a number to that digit's ink.
+    Binding a name to the image token that shows it is the step the answer loss alone did not
+    teach in the training budget (answers stayed at "some colour in the picture": 62 % colour /
+    69 % shape, chance-level positions); this supervises it directly."""
     terms = []
     for row, ex in enumerate(group):
         if ex.digit_map is not None and answer_layer in probs:
@@ -808,6 +810,20 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def set_lr(opt: torch.optim.Optimizer, step: int, total: int, peak: float, warmup: int) -> None:
+    """Warmup then cosine decay (`lr_at`) for every parameter group; each phase has its own."""
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, total, peak, warmup)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, clipped) -> None:
+    """One update of every phase: backward, gradient norm of `clipped` clipped to 1, step, clear."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(clipped, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "edge_runtime" / "data" / "demo-checkpoint")
@@ -959,15 +975,11 @@ def main(argv: list[str] | None = None) -> int:
         # then the codes are frozen and become the target the vision tower's features are pulled to.
         t_loop = time.perf_counter()
         for step in range(args.oracle_steps):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, args.oracle_steps, args.lr, args.warmup)
+            set_lr(opt, step, args.oracle_steps, args.lr, args.warmup)
             loss = batch_loss(
                 model, next_batch(), 0.0, aux, args.aux_weight, args.lookup_layer, attend, oracle=aux.oracle
             )
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, loss, model.parameters())
             if (step + 1) % 50 == 0:
                 rate = (step + 1) / (time.perf_counter() - t_loop)
                 log(f"oracle step {step + 1}/{args.oracle_steps} loss {loss.item():.4f} {rate:.2f} step/s")
@@ -980,8 +992,7 @@ def main(argv: list[str] | None = None) -> int:
         # shape accuracy 76 % vs 50 % after the same 250 steps).
         t_loop = time.perf_counter()
         for step in range(args.vision_steps):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, args.vision_steps, args.lr, args.warmup)
+            set_lr(opt, step, args.vision_steps, args.lr, args.warmup)
             images = next_sheets(args.vision_batch * 3 // 4)
             while len(images) < args.vision_batch:
                 sample_index, mode = train_item(k)
@@ -992,10 +1003,7 @@ def main(argv: list[str] | None = None) -> int:
                 index = NUMBER_OFFSET + 10 * (step * args.vision_numbers + j) + (4 if j % 2 == 0 else 9)
                 images.append(encode(make_sample(TRAIN, index, args.seed), MODES[j % 2], nps))
             loss = vision_loss(model, aux, images)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            optimizer_step(opt, loss, model.parameters())
             if (step + 1) % 50 == 0:
                 rate = (step + 1) / (time.perf_counter() - t_loop)
                 log(
@@ -1006,8 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
         t_loop = time.perf_counter()
         running = []
         for step in range(args.steps):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            set_lr(opt, step, args.steps, args.lr, args.warmup)
             batch = next_batch()
             if step == 0:
                 log(f"batched vs reference forward: max |logit diff| {check_batched(model, batch):.2e}")
@@ -1016,12 +1023,8 @@ def main(argv: list[str] | None = None) -> int:
             )
             if args.sheets:
                 loss = loss + args.aux_weight * vision_loss(model, aux, next_sheets(args.sheets))
-            loss.backward()
-            total = loss.item()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            running.append(total)
+            running.append(loss.item())
+            optimizer_step(opt, loss, model.parameters())
             if (step + 1) % 10 == 0:
                 rate = (step + 1) / (time.perf_counter() - t_loop)
                 log(f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} {rate:.2f} step/s")
