@@ -83,6 +83,32 @@ def test_attention_terms_send_each_head_to_its_named_object(encoder: train_demo.
     assert len(nowhere) == 1 and float(nowhere[0]) > 10.0
 
 
+def test_pair_terms_ask_for_both_named_objects_in_question_order(encoder: train_demo.Encoder) -> None:
+    index = 3
+    sample, _ = make_conversation(TRAIN, index, turns=1)
+    objects = train_demo.make_scene(TRAIN, index)[1]
+    ex = encoder(sample, "16x", 32, (), objects)
+    first, second = (o for _, o in train_demo.named_objects(sample.question, sample.lang, objects))
+    assert ex.answer_places == [(ex.answer_start - 1, (first.row, first.col, second.row, second.col))]
+    aux = train_demo.AuxHeads(16, 6, 4)
+    residual = torch.randn(1, ex.ids.shape[0], 16)
+
+    def loss_when_probe_says(places: tuple[int, ...]) -> float:
+        with torch.no_grad():
+            aux.pair.weight.zero_()
+            aux.pair.bias.fill_(-20.0)
+            for slot, cls in enumerate(places):
+                aux.pair.bias[4 * slot + cls] = 20.0
+        (term,) = train_demo.pair_terms(aux, [ex], residual)
+        return float(term)
+
+    right = ex.answer_places[0][1]
+    assert loss_when_probe_says(right) < 1e-4
+    assert loss_when_probe_says(right[2:] + right[:2]) > 10.0  # the two objects swapped
+    colour_question = encoder(make_sample(TRAIN, 0), "16x", 32, (), train_demo.make_scene(TRAIN, 0)[1])
+    assert colour_question.answer_places == []  # names one object: nothing to compare
+
+
 def test_attention_terms_for_a_number_look_at_each_digit(encoder: train_demo.Encoder) -> None:
     sample = make_sample(TRAIN, 4)
     assert sample.qtype == "text"
@@ -126,7 +152,10 @@ def test_decoder_oracle_runs_and_reports_every_shape_question_type(capsys: pytes
     import decoder_oracle
 
     assert (
-        decoder_oracle.main(["--steps", "2", "--batch", "3", "--eval-every", "2", "--eval-samples", "20"])
+        decoder_oracle.main(
+            ["--steps", "2", "--batch", "3", "--eval-every", "2", "--eval-samples", "20"]
+            + ["--pair-weight", "1", "--lookup-layer", "2"]
+        )
         == 0
     )
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -160,6 +189,8 @@ def test_training_script_runs_every_optional_signal(tmp_path: Path) -> None:
         "1",
         "--oracle-ordinal",
         "--attend-weight",
+        "1",
+        "--pair-weight",
         "1",
         "--where-weight",
         "1",

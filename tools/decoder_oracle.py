@@ -5,7 +5,7 @@ tokens are replaced by *oracle* features (`train_demo.OracleFeatures`, codes lea
 source-view token, colour and shape under it and its location bins; one shared code for tiles).
 Number images are left out (their answer is the digits, a vision skill). Everything else is the
 training script's own: prompts, follow-up turns, `batch_loss` on the answer tokens, optional
-attention supervision.
+attention supervision, lookup probe and pair probe (`train_demo.pair_terms`).
 
 If a question type stays low here, better vision features cannot fix it: the decoder's circuit
 for it is the bottleneck. Accuracy is teacher-forced exact match (argmax of every answer token
@@ -63,6 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--attend-weight", type=float, default=0.0, help="attention supervision (train_demo's)")
+    ap.add_argument("--pair-weight", type=float, default=0.0, help="pair probe (train_demo.pair_terms)")
+    ap.add_argument("--pair-layer", type=int, default=4, help="decoder layer the pair probe reads")
+    ap.add_argument(
+        "--lookup-layer", type=int, default=-1, help="train_demo's lookup probe on this layer (-1: none)"
+    )
+    ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the lookup probe")
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument(
         "--eval-samples", type=int, default=400, help="eval-split indices (number images skipped)"
@@ -85,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.eval_samples)
         if i % 5 != 4
     ]
-    params = list(model.parameters()) + list(oracle.parameters())
+    aux = td.AuxHeads(cfg.text.hidden_size, len(COLOURS), len(SHAPES))
+    params = list(model.parameters()) + list(oracle.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     item, t0 = 0, time.perf_counter()
     for step in range(args.steps):
@@ -97,7 +104,16 @@ def main(argv: list[str] | None = None) -> int:
             if index % 5 != 4 and index < td.EXTRA_TEXT_OFFSET:  # shape scenes only
                 batch.append(scene_example(encode, TRAIN, index, mode, args.turns, nps))
         attend = (2, 5, args.attend_weight)
-        loss = td.batch_loss(model, batch, attend=attend, oracle=oracle)
+        loss = td.batch_loss(
+            model,
+            batch,
+            aux=aux,
+            aux_weight=args.aux_weight,
+            lookup_layer=args.lookup_layer,
+            attend=attend,
+            oracle=oracle,
+            pair=(args.pair_layer, args.pair_weight),
+        )
         td.optimizer_step(opt, loss, params)
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             acc = accuracy(model, oracle, held_out)

@@ -142,6 +142,9 @@ class Encoded:
     grid: tuple[int, int] | None = None  # (rows, cols) of the source view's LLM tokens
     source_start: int = 0  # sequence position of the source view's first image token
     answer_objects: list[tuple[int, list[int]]] | None = None  # (position before an answer, colours named)
+    # (position before an answer, (row, col) of the first and of the second object named) for every
+    # turn whose question names two objects (the position questions)
+    answer_places: list[tuple[int, tuple[int, int, int, int]]] | None = None
 
 
 def scene_targets(size: tuple[int, int], token_grid: tuple[int, int], objects: list[_Object]) -> torch.Tensor:
@@ -302,6 +305,13 @@ class Encoder:
                 (start - 1, [o.colour for _, o in named_objects(q, lang, objects)])
                 for (start, _), (q, lang) in zip(spans, asked, strict=True)
             ]
+            ex.answer_places = []
+            for (start, _), (q, lang) in zip(spans, asked, strict=True):
+                named = [o for _, o in named_objects(q, lang, objects)]
+                if len(named) == 2:
+                    ex.answer_places.append(
+                        (start - 1, (named[0].row, named[0].col, named[1].row, named[1].col))
+                    )
         elif sample.qtype == "text":
             ex.digits = torch.tensor([int(d) for d in sample.answer[:2]])
             ex.lookup = reading_targets(self.tokenizer, seq, sample.question, sample.answer)
@@ -478,11 +488,16 @@ def _deltanet_batched(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def text_batched(
-    model: MiniCPMV46, embeds: torch.Tensor, tap: int = -1, probs: dict | None = None
+    model: MiniCPMV46,
+    embeds: torch.Tensor,
+    tap: int = -1,
+    probs: dict | None = None,
+    residuals: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """language_model over [B, T, D] right-padded embeddings from position 0 -> (normed hidden,
     residual stream after layer `tap`, None when tap < 0); attention probabilities [B, H, T, T]
-    of every full-attention layer go into `probs` by layer index when given."""
+    of every full-attention layer go into `probs` by layer index when given, the residual stream
+    after every layer into `residuals`."""
     lm = model.language_model
     cos, sin = rope_cos_sin(torch.arange(embeds.shape[1]), lm.inv_freq)
     x, tapped = embeds, None
@@ -498,6 +513,8 @@ def text_batched(
         x = x + layer.mlp(layer.post_attention_layernorm(x))
         if index == tap:
             tapped = x
+        if residuals is not None:
+            residuals[index] = x
     return lm.norm(x), tapped
 
 
@@ -508,6 +525,7 @@ def hidden_batched(
     tap: int = -1,
     probs: dict | None = None,
     oracle: OracleFeatures | None = None,
+    residuals: dict | None = None,
 ):
     """Vision + splice + decoder for examples of one downsample mode -> hidden [B, T_max, D]
     (and the image features per slice and the residual stream after layer `tap` when asked).
@@ -529,7 +547,7 @@ def hidden_batched(
     for ex, f in zip(group, per_example, strict=True):
         e = model.embed(ex.ids).masked_scatter((ex.ids == image_id).unsqueeze(-1), f)
         rows.append(F.pad(e, (0, 0, 0, longest - ex.ids.shape[0])))
-    hidden, tapped = text_batched(model, torch.stack(rows), tap, probs)
+    hidden, tapped = text_batched(model, torch.stack(rows), tap, probs, residuals)
     return (hidden, feats, tapped) if return_features else hidden
 
 
@@ -556,6 +574,7 @@ class AuxHeads(torch.nn.Module):
         self.feature_weight = 0.0  # see OracleFeatures
         self.where_weight = 0.0  # see where_targets
         self.oracle: OracleFeatures | None = None  # the codes `feature_weight` pulls features onto
+        self.pair = torch.nn.Linear(dim, 16)  # see pair_terms (created last: the others' init is unchanged)
 
 
 WHERE_BINS = 6
@@ -689,6 +708,21 @@ def lookup_terms(aux: AuxHeads, group: list[Encoded], tapped: torch.Tensor) -> l
     ]
 
 
+def pair_terms(aux: AuxHeads, group: list[Encoded], residual: torch.Tensor) -> list[torch.Tensor]:
+    """Where a position question's answer is predicted: the (row, col) placement cells of both
+    objects it names, read by a linear probe from the residual stream after one decoder layer.
+
+    "Is A left of B" needs both locations side by side before they can be compared; the answer
+    loss alone did not teach the decoder to fetch them, even from perfect image features."""
+    terms = []
+    for row, ex in enumerate(group):
+        for pos, places in ex.answer_places or ():
+            x = residual[row, pos]
+            logits = aux.pair(F.rms_norm(x, (x.shape[-1],))).view(4, 4)
+            terms.append(F.cross_entropy(logits, torch.tensor(places)))
+    return terms
+
+
 def probe_terms(aux: AuxHeads, group: list[Encoded], feats: list[torch.Tensor]) -> list[torch.Tensor]:
     """Probe losses on the source view of each example of one mode (`feats`: per slice)."""
     terms, k = [], 0
@@ -732,20 +766,32 @@ def batch_loss(
     lookup_layer: int = -1,
     attend: tuple[int, int, float] = (-1, -1, 0.0),
     oracle: OracleFeatures | None = None,
+    pair: tuple[int, float] = (-1, 0.0),
 ) -> torch.Tensor:
     """Mean cross-entropy over every answer token of every turn of every example, plus
     `mean_penalty` x the squared mean image feature (see `hidden_batched`), plus the auxiliary
-    probe losses. With `oracle` the decoder reads oracle features and the vision terms drop out."""
+    probe losses. With `oracle` the decoder reads oracle features and the vision terms drop out.
+    `pair` = (layer, weight) of `pair_terms` (needs `aux`)."""
     total, count, penalty = torch.zeros(()), 0, torch.zeros(())
     aux_terms: list[torch.Tensor] = []
     attend_terms: list[torch.Tensor] = []
+    pairs: list[torch.Tensor] = []
     for group in by_mode(batch):
         probs: dict = {}
+        residuals: dict = {}
         hidden, feats, tapped = hidden_batched(
-            model, group, return_features=True, tap=lookup_layer, probs=probs, oracle=oracle
+            model,
+            group,
+            return_features=True,
+            tap=lookup_layer,
+            probs=probs,
+            oracle=oracle,
+            residuals=residuals,
         )
         if attend[2] > 0:
             attend_terms += attention_terms(group, probs, attend[0], attend[1])
+        if pair[1] > 0 and aux is not None:
+            pairs += pair_terms(aux, group, residuals[pair[0]])
         if feats is not None:
             penalty = penalty + torch.cat(feats).mean(dim=0).pow(2).mean()
         longest = hidden.shape[1]
@@ -763,6 +809,8 @@ def batch_loss(
         loss = loss + aux_weight * torch.stack(aux_terms).mean()
     if attend_terms:
         loss = loss + attend[2] * torch.stack(attend_terms).mean()
+    if pairs:
+        loss = loss + pair[1] * torch.stack(pairs).mean()
     return loss
 
 
@@ -859,6 +907,15 @@ def main(argv: list[str] | None = None) -> int:
         help="full-attention layers taught where to look (see attention_terms): from questions, from answers",
     )
     ap.add_argument("--attend-weight", type=float, default=0.0, help="weight of the attention supervision")
+    ap.add_argument(
+        "--pair-weight",
+        type=float,
+        default=0.0,
+        help="weight of the position-question pair probe (pair_terms)",
+    )
+    ap.add_argument(
+        "--pair-layer", type=int, default=4, help="decoder layer whose output the pair probe reads"
+    )
     ap.add_argument(
         "--oracle-steps",
         type=int,
@@ -970,6 +1027,7 @@ def main(argv: list[str] | None = None) -> int:
             return batch
 
         attend = (args.attend_layers[0], args.attend_layers[1], args.attend_weight)
+        pair = (args.pair_layer, args.pair_weight)
 
         # Phase 0 (optional): the decoder learns the task on oracle features (no vision tower),
         # then the codes are frozen and become the target the vision tower's features are pulled to.
@@ -977,7 +1035,15 @@ def main(argv: list[str] | None = None) -> int:
         for step in range(args.oracle_steps):
             set_lr(opt, step, args.oracle_steps, args.lr, args.warmup)
             loss = batch_loss(
-                model, next_batch(), 0.0, aux, args.aux_weight, args.lookup_layer, attend, oracle=aux.oracle
+                model,
+                next_batch(),
+                0.0,
+                aux,
+                args.aux_weight,
+                args.lookup_layer,
+                attend,
+                oracle=aux.oracle,
+                pair=pair,
             )
             optimizer_step(opt, loss, model.parameters())
             if (step + 1) % 50 == 0:
@@ -1019,7 +1085,7 @@ def main(argv: list[str] | None = None) -> int:
             if step == 0:
                 log(f"batched vs reference forward: max |logit diff| {check_batched(model, batch):.2e}")
             loss = batch_loss(
-                model, batch, args.mean_penalty, aux, args.aux_weight, args.lookup_layer, attend
+                model, batch, args.mean_penalty, aux, args.aux_weight, args.lookup_layer, attend, pair=pair
             )
             if args.sheets:
                 loss = loss + args.aux_weight * vision_loss(model, aux, next_sheets(args.sheets))
