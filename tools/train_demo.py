@@ -192,7 +192,8 @@ def digit_targets(image, token_grid: tuple[int, int], answer: str) -> torch.Tens
 
 
 # colour, shape, grid row, grid column of a named object; first and second digit of a number image
-LOOKUP_CLASSES = (len(COLOURS), len(SHAPES), 4, 4, 10, 10)
+GRID_CELLS = 4  # at most this many placement rows and columns (demo_task._grid)
+LOOKUP_CLASSES = (len(COLOURS), len(SHAPES), GRID_CELLS, GRID_CELLS, 10, 10)
 
 
 def named_objects(question: str, lang: str, objects: list[_Object]) -> list[tuple[int, _Object]]:
@@ -301,13 +302,10 @@ class Encoder:
             asked = [(sample.question, sample.lang)] + [(f[0], sample.lang) for f in follow_up]
             ex.lookup = lookup_targets(self.tokenizer, seq, asked, objects)
             ex.source_start = seq.index(self.image_token_id)
-            ex.answer_objects = [
-                (start - 1, [o.colour for _, o in named_objects(q, lang, objects)])
-                for (start, _), (q, lang) in zip(spans, asked, strict=True)
-            ]
-            ex.answer_places = []
+            ex.answer_objects, ex.answer_places = [], []
             for (start, _), (q, lang) in zip(spans, asked, strict=True):
                 named = [o for _, o in named_objects(q, lang, objects)]
+                ex.answer_objects.append((start - 1, [o.colour for o in named]))
                 if len(named) == 2:
                     ex.answer_places.append(
                         (start - 1, (named[0].row, named[0].col, named[1].row, named[1].col))
@@ -488,19 +486,15 @@ def _deltanet_batched(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def text_batched(
-    model: MiniCPMV46,
-    embeds: torch.Tensor,
-    tap: int = -1,
-    probs: dict | None = None,
-    residuals: dict | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """language_model over [B, T, D] right-padded embeddings from position 0 -> (normed hidden,
-    residual stream after layer `tap`, None when tap < 0); attention probabilities [B, H, T, T]
-    of every full-attention layer go into `probs` by layer index when given, the residual stream
-    after every layer into `residuals`."""
+    model: MiniCPMV46, embeds: torch.Tensor, probs: dict | None = None, residuals: dict | None = None
+) -> torch.Tensor:
+    """language_model over [B, T, D] right-padded embeddings from position 0 -> normed hidden;
+    attention probabilities [B, H, T, T] of every full-attention layer go into `probs` and the
+    residual stream after every layer into `residuals`, by layer index, when given (the probes
+    read them)."""
     lm = model.language_model
     cos, sin = rope_cos_sin(torch.arange(embeds.shape[1]), lm.inv_freq)
-    x, tapped = embeds, None
+    x = embeds
     for index, layer in enumerate(lm.layers):
         h = layer.input_layernorm(x)
         if layer.kind == "full_attention":
@@ -511,24 +505,21 @@ def text_batched(
             h = _deltanet_batched(layer.linear_attn, h)
         x = x + h
         x = x + layer.mlp(layer.post_attention_layernorm(x))
-        if index == tap:
-            tapped = x
         if residuals is not None:
             residuals[index] = x
-    return lm.norm(x), tapped
+    return lm.norm(x)
 
 
 def hidden_batched(
     model: MiniCPMV46,
     group: list[Encoded],
     return_features: bool = False,
-    tap: int = -1,
     probs: dict | None = None,
     oracle: OracleFeatures | None = None,
     residuals: dict | None = None,
 ):
     """Vision + splice + decoder for examples of one downsample mode -> hidden [B, T_max, D]
-    (and the image features per slice and the residual stream after layer `tap` when asked).
+    (and the image features per slice when asked; `probs` and `residuals`: see `text_batched`).
     With `oracle`, its features stand in for the vision tower's (features returned: None).
 
     Left alone, the image features grow a large constant component (the same vector on every
@@ -547,8 +538,8 @@ def hidden_batched(
     for ex, f in zip(group, per_example, strict=True):
         e = model.embed(ex.ids).masked_scatter((ex.ids == image_id).unsqueeze(-1), f)
         rows.append(F.pad(e, (0, 0, 0, longest - ex.ids.shape[0])))
-    hidden, tapped = text_batched(model, torch.stack(rows), tap, probs, residuals)
-    return (hidden, feats, tapped) if return_features else hidden
+    hidden = text_batched(model, torch.stack(rows), probs, residuals)
+    return (hidden, feats) if return_features else hidden
 
 
 def by_mode(batch: list[Encoded]) -> list[list[Encoded]]:
@@ -574,7 +565,9 @@ class AuxHeads(torch.nn.Module):
         self.feature_weight = 0.0  # see OracleFeatures
         self.where_weight = 0.0  # see where_targets
         self.oracle: OracleFeatures | None = None  # the codes `feature_weight` pulls features onto
-        self.pair = torch.nn.Linear(dim, 16)  # see pair_terms (created last: the others' init is unchanged)
+        self.pair = torch.nn.Linear(
+            dim, 4 * GRID_CELLS
+        )  # see pair_terms (created last: the others' init is unchanged)
 
 
 WHERE_BINS = 6
@@ -718,7 +711,7 @@ def pair_terms(aux: AuxHeads, group: list[Encoded], residual: torch.Tensor) -> l
     for row, ex in enumerate(group):
         for pos, places in ex.answer_places or ():
             x = residual[row, pos]
-            logits = aux.pair(F.rms_norm(x, (x.shape[-1],))).view(4, 4)
+            logits = aux.pair(F.rms_norm(x, (x.shape[-1],))).view(4, GRID_CELLS)  # 2 objects x (row, col)
             terms.append(F.cross_entropy(logits, torch.tensor(places)))
     return terms
 
@@ -779,14 +772,8 @@ def batch_loss(
     for group in by_mode(batch):
         probs: dict = {}
         residuals: dict = {}
-        hidden, feats, tapped = hidden_batched(
-            model,
-            group,
-            return_features=True,
-            tap=lookup_layer,
-            probs=probs,
-            oracle=oracle,
-            residuals=residuals,
+        hidden, feats = hidden_batched(
+            model, group, return_features=True, probs=probs, oracle=oracle, residuals=residuals
         )
         if attend[2] > 0:
             attend_terms += attention_terms(group, probs, attend[0], attend[1])
@@ -802,8 +789,8 @@ def batch_loss(
         if aux is not None:
             if feats is not None:
                 aux_terms += probe_terms(aux, group, feats)
-            if tapped is not None:
-                aux_terms += lookup_terms(aux, group, tapped)
+            if residuals.get(lookup_layer) is not None:
+                aux_terms += lookup_terms(aux, group, residuals[lookup_layer])
     loss = total / count + mean_penalty * penalty
     if aux_terms:
         loss = loss + aux_weight * torch.stack(aux_terms).mean()
