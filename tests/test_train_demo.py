@@ -203,6 +203,33 @@ def test_training_script_runs_every_optional_signal(tmp_path: Path) -> None:
     load_checkpoint(out)
 
 
+def test_phase_state_resume_writes_the_same_weights_as_one_run(tmp_path: Path) -> None:
+    """--phase-state saves the training state after the vision phase; a run that resumes from it
+    (to try other question-answering settings) continues exactly where the straight run went on."""
+    sizes = [
+        "--batch",
+        "3",
+        "--vision-batch",
+        "4",
+        "--sheets",
+        "1",
+        "--eval-every",
+        "2",
+        "--eval-samples",
+        "2",
+    ]
+    steps = ["--oracle-steps", "2", "--vision-steps", "2", "--steps", "2", "--qa-lr", "3e-3"]
+    common = ["--threads", "1", *sizes, *steps]
+    state = tmp_path / "state.pt"
+    assert train_demo.main(["--out", str(tmp_path / "straight"), *common, "--phase-state", str(state)]) == 0
+    assert state.exists()
+    assert train_demo.main(["--out", str(tmp_path / "resumed"), *common, "--phase-state", str(state)]) == 0
+    straight = (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == straight
+    assert train_demo.main(["--out", str(tmp_path / "other"), *common[:-2], "--phase-state", str(state)]) == 0
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() != straight  # --qa-lr took effect
+
+
 def test_oracle_features_cover_every_image_token(encoder: train_demo.Encoder) -> None:
     oracle = train_demo.OracleFeatures(16, 6, 4, seed=0)
     scene = _position_example(encoder)

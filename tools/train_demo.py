@@ -863,10 +863,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "edge_runtime" / "data" / "demo-checkpoint")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1300, help="question-answering optimizer steps")
+    ap.add_argument("--steps", type=int, default=900, help="question-answering optimizer steps")
     ap.add_argument("--batch", type=int, default=12, help="images (conversations) per optimizer step")
     ap.add_argument("--turns", type=int, default=4, help="questions per image in training conversations")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument(
+        "--qa-lr",
+        type=float,
+        default=1e-3,
+        help="peak lr of the question-answering phase; at --lr it undoes much of what the oracle phase taught",
+    )
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--weight-decay", type=float, default=0.01)
     ap.add_argument("--eval-every", type=int, default=100)
@@ -876,7 +882,7 @@ def main(argv: list[str] | None = None) -> int:
         "--vision-steps", type=int, default=600, help="vision-only probe steps on sheets before the QA phase"
     )
     ap.add_argument("--vision-batch", type=int, default=32, help="images per vision-only step")
-    ap.add_argument("--vision-numbers", type=int, default=0, help="extra number images per vision-only step")
+    ap.add_argument("--vision-numbers", type=int, default=8, help="extra number images per vision-only step")
     ap.add_argument("--sheets", type=int, default=8, help="sheets added to every QA step (probe loss only)")
     ap.add_argument("--deltanet-chunk", type=int, default=16)
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the training-only probes")
@@ -897,7 +903,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--pair-weight",
         type=float,
-        default=0.0,
+        default=1.0,
         help="weight of the position-question pair probe (pair_terms)",
     )
     ap.add_argument(
@@ -906,7 +912,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--oracle-steps",
         type=int,
-        default=500,
+        default=1000,
         help="decoder steps on oracle features before the vision phase",
     )
     ap.add_argument(
@@ -940,6 +946,13 @@ def main(argv: list[str] | None = None) -> int:
         "--start-item", type=int, default=0, help="first training conversation (continue the data stream)"
     )
     ap.add_argument("--snapshot", type=Path, default=None, help="also save here at every quick eval")
+    ap.add_argument(
+        "--phase-state",
+        type=Path,
+        default=None,
+        help="training state after the vision phase: written here, or, if the file exists, "
+        "read and the oracle and vision phases skipped (to try question-answering settings)",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -1018,8 +1031,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # Phase 0 (optional): the decoder learns the task on oracle features (no vision tower),
         # then the codes are frozen and become the target the vision tower's features are pulled to.
+        resume = args.phase_state is not None and args.phase_state.exists()
         t_loop = time.perf_counter()
-        for step in range(args.oracle_steps):
+        for step in range(0 if resume else args.oracle_steps):
             set_lr(opt, step, args.oracle_steps, args.lr, args.warmup)
             loss = batch_loss(
                 model,
@@ -1044,7 +1058,7 @@ def main(argv: list[str] | None = None) -> int:
         # several times faster per second than question answering does (measured: centre-token
         # shape accuracy 76 % vs 50 % after the same 250 steps).
         t_loop = time.perf_counter()
-        for step in range(args.vision_steps):
+        for step in range(0 if resume else args.vision_steps):
             set_lr(opt, step, args.vision_steps, args.lr, args.warmup)
             images = next_sheets(args.vision_batch * 3 // 4)
             while len(images) < args.vision_batch:
@@ -1063,11 +1077,36 @@ def main(argv: list[str] | None = None) -> int:
                     f"vision step {step + 1}/{args.vision_steps} probe loss {loss.item():.4f} {rate:.2f} step/s"
                 )
 
+        def report(label: str) -> None:
+            acc = quick_eval(model, held_out)
+            fs, es = feature_scale(model, held_out[0])
+            log(
+                f"{label} quick eval: "
+                + " ".join(f"{k} {v:.0f}" for k, v in sorted(acc.items()))
+                + f" | feature std {fs:.3f}, embedding std {es:.3f}"
+            )
+
+        if resume:
+            state = torch.load(args.phase_state, weights_only=False)
+            model.load_state_dict(state["model"])
+            aux.load_state_dict(state["aux"])
+            opt.load_state_dict(state["opt"])
+            k, sheet_index = state["k"], state["sheet_index"]
+            log(f"resumed from {args.phase_state}")
+        elif args.phase_state is not None:
+            state = {"model": model.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict()}
+            torch.save(state | {"k": k, "sheet_index": sheet_index}, args.phase_state)
+
+        # How much of the task the decoder already answers from the pulled features (it learned
+        # on the oracle codes): what the question-answering phase starts from.
+        if args.oracle_steps and args.eval_every:
+            report("after the vision phase")
+
         # Phase 2: question answering end to end, with sheets still feeding the probes.
         t_loop = time.perf_counter()
         running = []
         for step in range(args.steps):
-            set_lr(opt, step, args.steps, args.lr, args.warmup)
+            set_lr(opt, step, args.steps, args.qa_lr, args.warmup)
             batch = next_batch()
             if step == 0:
                 log(f"batched vs reference forward: max |logit diff| {check_batched(model, batch):.2e}")
@@ -1083,13 +1122,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} {rate:.2f} step/s")
                 running = []
             if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
-                acc = quick_eval(model, held_out)
-                fs, es = feature_scale(model, held_out[0])
-                log(
-                    f"step {step + 1} quick eval: "
-                    + " ".join(f"{k} {v:.0f}" for k, v in sorted(acc.items()))
-                    + f" | feature std {fs:.3f}, embedding std {es:.3f}"
-                )
+                report(f"step {step + 1}")
                 if args.snapshot is not None:  # a fallback copy if a run has to be stopped early
                     save_checkpoint(model, args.snapshot, dtype=torch.float16, extra_files=extra)
 
