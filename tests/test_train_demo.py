@@ -218,15 +218,15 @@ def test_phase_state_resume_writes_the_same_weights_as_one_run(tmp_path: Path) -
         "--eval-samples",
         "2",
     ]
-    steps = ["--oracle-steps", "2", "--vision-steps", "2", "--steps", "2", "--qa-lr", "3e-3"]
-    common = ["--threads", "1", *sizes, *steps]
-    state = tmp_path / "state.pt"
-    assert train_demo.main(["--out", str(tmp_path / "straight"), *common, "--phase-state", str(state)]) == 0
-    assert state.exists()
-    assert train_demo.main(["--out", str(tmp_path / "resumed"), *common, "--phase-state", str(state)]) == 0
+    steps = ["--oracle-steps", "2", "--vision-steps", "2", "--steps", "2"]
+    common = ["--threads", "1", *sizes, *steps, "--phase-state", str(tmp_path / "state.pt")]
+    qa_lr = ["--qa-lr", "3e-3"]  # not the default (1e-3)
+    assert train_demo.main(["--out", str(tmp_path / "straight"), *common, *qa_lr]) == 0
+    assert (tmp_path / "state.pt").exists()
+    assert train_demo.main(["--out", str(tmp_path / "resumed"), *common, *qa_lr]) == 0
     straight = (tmp_path / "straight" / "model.safetensors").read_bytes()
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == straight
-    assert train_demo.main(["--out", str(tmp_path / "other"), *common[:-2], "--phase-state", str(state)]) == 0
+    assert train_demo.main(["--out", str(tmp_path / "other"), *common]) == 0
     assert (tmp_path / "other" / "model.safetensors").read_bytes() != straight  # --qa-lr took effect
 
 

@@ -1094,8 +1094,14 @@ def main(argv: list[str] | None = None) -> int:
             k, sheet_index = state["k"], state["sheet_index"]
             log(f"resumed from {args.phase_state}")
         elif args.phase_state is not None:
-            state = {"model": model.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict()}
-            torch.save(state | {"k": k, "sheet_index": sheet_index}, args.phase_state)
+            state = {
+                "model": model.state_dict(),
+                "aux": aux.state_dict(),
+                "opt": opt.state_dict(),
+                "k": k,
+                "sheet_index": sheet_index,
+            }
+            torch.save(state, args.phase_state)
 
         # How much of the task the decoder already answers from the pulled features (it learned
         # on the oracle codes): what the question-answering phase starts from.
