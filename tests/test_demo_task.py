@@ -7,8 +7,10 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from edge_runtime.commands.eval import eval_command
 from edge_runtime.commands.options import DEFAULT_CHECKPOINT
@@ -67,6 +69,24 @@ def test_sheets_are_deterministic_dense_and_labelled() -> None:
                 background = image.getpixel((0, 0))
                 assert image.getpixel((int(obj.cx), int(obj.cy))) != background
     assert shapes > 20 and digits > 20
+
+
+def _ink_per_digit(sheets: list[tuple[Image.Image, list]]) -> float:
+    """Dark ink pixels (every channel under 100: the INK colours, no shape colour) per digit drawn."""
+    ink = sum(int((np.asarray(image).max(axis=-1) < 100).sum()) for image, _ in sheets)
+    return ink / sum(obj.shape >= DIGIT_SHAPE for _, objects in sheets for obj in objects)
+
+
+def test_digit_sheets_are_mostly_digits_drawn_at_number_scale() -> None:
+    """Digit sheets: deterministic, nine cells in ten digits, and glyphs larger than a shape
+    sheet's (the number images' scale), which is what makes them teach number reading."""
+    digit_sheets = [make_sheet(index, digits=True) for index in range(20)]
+    shape_sheets = [make_sheet(index) for index in range(20)]
+    again = make_sheet(3, digits=True)
+    assert again[0].tobytes() == digit_sheets[3][0].tobytes() and again[1] == digit_sheets[3][1]
+    objects = [obj for _, objs in digit_sheets for obj in objs]
+    assert sum(obj.shape >= DIGIT_SHAPE for obj in objects) >= 0.8 * len(objects)
+    assert _ink_per_digit(digit_sheets) > 1.3 * _ink_per_digit(shape_sheets)
 
 
 def test_splits_are_disjoint() -> None:
