@@ -160,4 +160,8 @@ def test_eval_command_json(tmp_path: Path) -> None:
         assert set(mode["per_type"]) == set(QUESTION_TYPES)
         assert set(mode["per_language"]) == set(LANGUAGES)
         assert sum(t["n"] for t in mode["per_type"].values()) == 8
+        split = mode["per_type_language"]
+        assert set(split) == set(QUESTION_TYPES) and all(set(v) == set(LANGUAGES) for v in split.values())
+        for qtype, cell in mode["per_type"].items():
+            assert sum(split[qtype][lang]["correct"] for lang in LANGUAGES) == cell["correct"]
     assert report["overall"] == pytest.approx(sum(m["correct"] for m in report["modes"].values()) / 16)

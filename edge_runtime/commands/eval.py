@@ -74,6 +74,10 @@ def evaluate(session: Session, samples: list[Sample], mode: str, progress: bool 
         "correct": correct,
         "per_type": _tally(rows, "qtype", QUESTION_TYPES),
         "per_language": _tally(rows, "lang", LANGUAGES),
+        "per_type_language": {
+            qtype: _tally([r for r in rows if r["qtype"] == qtype], "lang", LANGUAGES)
+            for qtype in QUESTION_TYPES
+        },
         "failures": failures[:MAX_FAILURES],
         "seconds": round(time.perf_counter() - t0, 3),
     }
