@@ -32,6 +32,24 @@ def test_where_targets_bin_each_token_centre() -> None:
     assert got[:, 1].tolist() == [bins // 4, 3 * bins // 4] * 3
 
 
+@pytest.mark.parametrize("extra", [2, 4])
+def test_train_items_add_number_images_to_every_balanced_block(extra: int) -> None:
+    block = 10 + extra
+    items = [train_demo.train_item(k, extra) for k in range(3 * block)]
+    indices = [index for index, _ in items]
+    assert len(set(indices)) == len(indices)
+    for b in range(3):
+        chunk = items[b * block : (b + 1) * block]
+        assert {mode for _, mode in chunk} == {train_demo.MODES[b % 2]}
+        samples = [make_sample(TRAIN, index) for index, _ in chunk]
+        assert [s.qtype for s in samples].count("text") == 2 + extra  # two of the balanced ten
+        extras = samples[10:]
+        assert all(s.qtype == "text" for s in extras)
+        assert [s.lang for s in extras] == ["en", "zh"] * (extra // 2)
+    if extra == 2:  # the mapping every earlier recipe trained on
+        assert indices[10:12] == [train_demo.EXTRA_TEXT_OFFSET + 4, train_demo.EXTRA_TEXT_OFFSET + 9]
+
+
 def _position_example(encoder: train_demo.Encoder) -> train_demo.Encoded:
     """A position question (it names two objects), train split, 16x, one follow-up turn."""
     index = 3  # question types cycle colour, shape, count, position, text
@@ -107,6 +125,30 @@ def test_pair_terms_ask_for_both_named_objects_in_question_order(encoder: train_
     assert loss_when_probe_says(right[2:] + right[:2]) > 10.0  # the two objects swapped
     colour_question = encoder(make_sample(TRAIN, 0), "16x", 32, (), train_demo.make_scene(TRAIN, 0)[1])
     assert colour_question.answer_places == []  # names one object: nothing to compare
+
+
+def test_pair_probe_can_read_every_position_that_predicts_an_answer_token(
+    encoder: train_demo.Encoder,
+) -> None:
+    """左边 / 右边 are three tokens with the same first token: left or right is decided at the
+    second, which the pair probe reads only with pair_every_answer_token."""
+    index = next(
+        i for i in range(3, 400, 5) if make_sample(TRAIN, i).answer in ("左边", "右边")
+    )  # a Chinese left/right question as the first turn
+    sample = make_sample(TRAIN, index)
+    objects = train_demo.make_scene(TRAIN, index)[1]
+    n_answer = len(encoder.tokenizer.encode(sample.answer))
+    assert n_answer > 1
+    first_only = encoder(sample, "16x", 32, (), objects)
+    assert [pos for pos, _ in first_only.answer_places] == [first_only.answer_start - 1]
+    encoder.pair_every_answer_token = True
+    try:
+        every = encoder(sample, "16x", 32, (), objects)
+    finally:
+        encoder.pair_every_answer_token = False
+    start = every.answer_start
+    assert [pos for pos, _ in every.answer_places] == list(range(start - 1, start - 1 + n_answer))
+    assert {places for _, places in every.answer_places} == {first_only.answer_places[0][1]}
 
 
 def test_attention_terms_for_a_number_look_at_each_digit(encoder: train_demo.Encoder) -> None:

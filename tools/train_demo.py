@@ -267,6 +267,9 @@ class Encoder:
         )
         self.im_end = self.tokenizer.im_end_id
         self.image_token_id = self.tokenizer.token_to_id("<|image_pad|>")
+        # Answers of several tokens (左边 / 右边 are three, with the same first byte token) are decided
+        # after their first token: the pair probe can read every position that predicts one.
+        self.pair_every_answer_token = False
 
     def __call__(
         self,
@@ -303,13 +306,14 @@ class Encoder:
             ex.lookup = lookup_targets(self.tokenizer, seq, asked, objects)
             ex.source_start = seq.index(self.image_token_id)
             ex.answer_objects, ex.answer_places = [], []
-            for (start, _), (q, lang) in zip(spans, asked, strict=True):
+            for (start, end), (q, lang) in zip(spans, asked, strict=True):
                 named = [o for _, o in named_objects(q, lang, objects)]
                 ex.answer_objects.append((start - 1, [o.colour for o in named]))
                 if len(named) == 2:
-                    ex.answer_places.append(
-                        (start - 1, (named[0].row, named[0].col, named[1].row, named[1].col))
-                    )
+                    places = (named[0].row, named[0].col, named[1].row, named[1].col)
+                    # every position that predicts an answer token (not the stop token), or the first
+                    last = end - 2 if self.pair_every_answer_token else start
+                    ex.answer_places += [(pos, places) for pos in range(start - 1, last)]
         elif sample.qtype == "text":
             ex.digits = torch.tensor([int(d) for d in sample.answer[:2]])
             ex.lookup = reading_targets(self.tokenizer, seq, sample.question, sample.answer)
@@ -350,18 +354,18 @@ def sample_mode(index: int) -> str:
     return MODES[(index // 10) % 2]
 
 
-def train_item(k: int) -> tuple[int, str]:
+def train_item(k: int, extra: int = 2) -> tuple[int, str]:
     """The k-th training conversation: (train-split index, downsample mode).
 
-    Blocks of 12: the 10 samples of one balanced block, plus two more digit-reading images (en, zh)
-    from a separate index range, because those images carry one question where shape images carry
-    several. Consecutive blocks alternate 16x / 4x.
+    Blocks of 10 + `extra`: the 10 samples of one balanced block, plus `extra` more digit-reading
+    images (alternately en, zh) from a separate index range, because those images carry one
+    question where shape images carry several. Consecutive blocks alternate 16x / 4x.
     """
-    block, pos = divmod(k, 12)
+    block, pos = divmod(k, 10 + extra)
     mode = MODES[block % 2]
     if pos < 10:
         return block * 10 + pos, mode
-    return EXTRA_TEXT_OFFSET + block * 10 + (4 if pos == 10 else 9), mode
+    return EXTRA_TEXT_OFFSET + block * 5 * extra + 5 * (pos - 10) + 4, mode
 
 
 def init_model(cfg: MiniCPMV46Config, seed: int) -> MiniCPMV46:
@@ -864,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "edge_runtime" / "data" / "demo-checkpoint")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--steps", type=int, default=900, help="question-answering optimizer steps")
-    ap.add_argument("--batch", type=int, default=12, help="images (conversations) per optimizer step")
+    ap.add_argument("--batch", type=int, default=14, help="images (conversations) per optimizer step")
     ap.add_argument("--turns", type=int, default=4, help="questions per image in training conversations")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument(
@@ -872,6 +876,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1e-3,
         help="peak lr of the question-answering phase; at --lr it undoes much of what the oracle phase taught",
+    )
+    ap.add_argument(
+        "--extra-numbers",
+        type=int,
+        default=4,
+        help="number images added to every balanced block of 10 training conversations (train_item)",
     )
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -914,6 +924,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--pair-layer", type=int, default=4, help="decoder layer whose output the pair probe reads"
+    )
+    ap.add_argument(
+        "--pair-every-answer-token",
+        action="store_true",
+        help="the pair probe reads every position that predicts an answer token, not only the first",
     )
     ap.add_argument(
         "--oracle-steps",
@@ -984,6 +999,7 @@ def main(argv: list[str] | None = None) -> int:
         n_params = sum(p.numel() for p in model.parameters())
         log(f"demo model: {n_params / 1e6:.2f} M parameters ({2 * n_params / 2**20:.1f} MiB in fp16)")
         encode = Encoder(assets)
+        encode.pair_every_answer_token = args.pair_every_answer_token
         nps = cfg.vision.num_patches_per_side
         held_out = [encode(s, sample_mode(i), nps) for i, s in enumerate(eval_samples(args.eval_samples))]
 
@@ -1026,7 +1042,7 @@ def main(argv: list[str] | None = None) -> int:
             nonlocal k
             batch = []
             for _ in range(args.batch):
-                sample_index, mode = train_item(k)
+                sample_index, mode = train_item(k, args.extra_numbers)
                 sample, follow = make_conversation(TRAIN, sample_index, args.seed, args.turns)
                 objects = make_scene(TRAIN, sample_index, args.seed)[1]
                 batch.append(encode(sample, mode, nps, follow, objects))
@@ -1070,7 +1086,7 @@ def main(argv: list[str] | None = None) -> int:
             set_lr(opt, step, args.vision_steps, args.lr, args.warmup)
             images = next_sheets(args.vision_batch * 3 // 4)
             while len(images) < args.vision_batch:
-                sample_index, mode = train_item(k)
+                sample_index, mode = train_item(k, args.extra_numbers)
                 sample, objects = make_scene(TRAIN, sample_index, args.seed)
                 images.append(encode(sample, mode, nps, (), objects))
                 k += 1
