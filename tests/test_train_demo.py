@@ -18,9 +18,14 @@ from edge_runtime.demo_task import DIGIT_SHAPE, TRAIN, make_conversation, make_s
 
 
 @pytest.fixture(scope="module")
-def encoder(tmp_path_factory: pytest.TempPathFactory) -> train_demo.Encoder:
-    assets = tmp_path_factory.mktemp("demo-assets")
-    train_demo.write_assets(assets)
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("demo-assets")
+    train_demo.write_assets(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def encoder(assets: Path) -> train_demo.Encoder:
     return train_demo.Encoder(assets)
 
 
@@ -128,7 +133,7 @@ def test_pair_terms_ask_for_both_named_objects_in_question_order(encoder: train_
 
 
 def test_pair_probe_can_read_every_position_that_predicts_an_answer_token(
-    encoder: train_demo.Encoder,
+    encoder: train_demo.Encoder, assets: Path
 ) -> None:
     """左边 / 右边 are three tokens with the same first token: left or right is decided at the
     second, which the pair probe reads only with pair_every_answer_token."""
@@ -141,11 +146,7 @@ def test_pair_probe_can_read_every_position_that_predicts_an_answer_token(
     assert n_answer > 1
     first_only = encoder(sample, "16x", 32, (), objects)
     assert [pos for pos, _ in first_only.answer_places] == [first_only.answer_start - 1]
-    encoder.pair_every_answer_token = True
-    try:
-        every = encoder(sample, "16x", 32, (), objects)
-    finally:
-        encoder.pair_every_answer_token = False
+    every = train_demo.Encoder(assets, pair_every_answer_token=True)(sample, "16x", 32, (), objects)
     start = every.answer_start
     assert [pos for pos, _ in every.answer_places] == list(range(start - 1, start - 1 + n_answer))
     assert {places for _, places in every.answer_places} == {first_only.answer_places[0][1]}

@@ -258,7 +258,7 @@ def reading_targets(tokenizer: Tokenizer, seq: list[int], question: str, answer:
 class Encoder:
     """Sample -> model inputs, through the same host code as Session.prepare."""
 
-    def __init__(self, assets: Path):
+    def __init__(self, assets: Path, pair_every_answer_token: bool = False):
         self.tokenizer = Tokenizer(assets)
         pre = json.loads((assets / "preprocessor_config.json").read_text())
         self.configs = {m: SliceConfig.from_preprocessor_config(pre, downsample_mode=m) for m in MODES}
@@ -269,7 +269,7 @@ class Encoder:
         self.image_token_id = self.tokenizer.token_to_id("<|image_pad|>")
         # Answers of several tokens (左边 / 右边 are three, with the same first byte token) are decided
         # after their first token: the pair probe can read every position that predicts one.
-        self.pair_every_answer_token = False
+        self.pair_every_answer_token = pair_every_answer_token
 
     def __call__(
         self,
@@ -998,8 +998,7 @@ def main(argv: list[str] | None = None) -> int:
             model.load_state_dict({k: v.float() for k, v in weights.items()})
         n_params = sum(p.numel() for p in model.parameters())
         log(f"demo model: {n_params / 1e6:.2f} M parameters ({2 * n_params / 2**20:.1f} MiB in fp16)")
-        encode = Encoder(assets)
-        encode.pair_every_answer_token = args.pair_every_answer_token
+        encode = Encoder(assets, args.pair_every_answer_token)
         nps = cfg.vision.num_patches_per_side
         held_out = [encode(s, sample_mode(i), nps) for i, s in enumerate(eval_samples(args.eval_samples))]
 
