@@ -183,7 +183,7 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
         "--eval-every",
         "3",
     ]
-    assert train_demo.main([*args, "--eval-samples", "10", "--threads", "1"]) == 0
+    assert train_demo.main([*args, "--eval-samples", "10", "--oracle-eval", "10", "--threads", "1"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["text_config"]["layer_types"].count("full_attention") == 2
     model = load_checkpoint(out).model  # checks every tensor's name and shape against the config
@@ -226,6 +226,8 @@ def test_training_script_runs_every_optional_signal(tmp_path: Path) -> None:
         "2",
         "--eval-samples",
         "4",
+        "--oracle-eval",
+        "4",
     ]
     signals = [
         "--feature-weight",
@@ -260,6 +262,8 @@ def test_phase_state_resume_writes_the_same_weights_as_one_run(tmp_path: Path) -
         "2",
         "--eval-samples",
         "2",
+        "--oracle-eval",
+        "2",
     ]
     steps = ["--oracle-steps", "2", "--vision-steps", "2", "--steps", "2"]
     common = ["--threads", "1", *sizes, *steps, "--phase-state", str(tmp_path / "state.pt")]
@@ -271,6 +275,18 @@ def test_phase_state_resume_writes_the_same_weights_as_one_run(tmp_path: Path) -
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == straight
     assert train_demo.main(["--out", str(tmp_path / "other"), *common]) == 0
     assert (tmp_path / "other" / "model.safetensors").read_bytes() != straight  # --qa-lr took effect
+
+
+def test_the_oracle_phase_report_leaves_the_weights_alone(tmp_path: Path) -> None:
+    """--oracle-eval only logs: a run with the report writes the same weights as one without it."""
+    common = ["--threads", "1", "--batch", "3", "--vision-batch", "4", "--sheets", "1", "--eval-every", "0"]
+    steps = ["--oracle-steps", "2", "--vision-steps", "2", "--steps", "2"]
+    for name, samples in (("with", "6"), ("without", "0")):
+        assert (
+            train_demo.main(["--out", str(tmp_path / name), *common, *steps, "--oracle-eval", samples]) == 0
+        )
+    weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("with", "without")]
+    assert weights[0] == weights[1]
 
 
 def test_oracle_features_cover_every_image_token(encoder: train_demo.Encoder) -> None:
@@ -293,3 +309,48 @@ def test_oracle_features_cover_every_image_token(encoder: train_demo.Encoder) ->
         + oracle.codes["shape"][DIGIT_SHAPE + 1 + d]
     )
     assert torch.allclose(oracle.source(number)[token], expected)
+
+
+def test_oracle_eval_scores_each_type_and_language_as_one_example_at_a_time() -> None:
+    """The oracle-phase report batches examples of different lengths; each score must be what the
+    examples get alone (teacher-forced exact match with oracle features), keyed by type and language.
+    The shipped model with fresh oracle codes answers some of them right and some wrong."""
+    from edge_runtime.checkpoint import load_checkpoint
+    from edge_runtime.commands.options import DEFAULT_CHECKPOINT
+    from edge_runtime.demo_task import EVAL, eval_samples, make_scene
+
+    model = load_checkpoint(DEFAULT_CHECKPOINT).model.float()
+    encoder = train_demo.Encoder(DEFAULT_CHECKPOINT)
+    oracle = train_demo.OracleFeatures(model.cfg.text.hidden_size, 6, 4, seed=2)
+    nps = model.cfg.vision.num_patches_per_side
+    examples = [
+        encoder(s, train_demo.sample_mode(i), nps, (), make_scene(EVAL, s.index)[1])
+        for i, s in enumerate(eval_samples(40))
+    ]
+    scores = train_demo.oracle_eval(model, oracle, examples)
+    alone: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for ex in examples:
+            hidden = train_demo.hidden_batched(model, [ex], oracle=oracle)[0]
+            logits = model.lm_head(hidden[ex.answer_start - 1 : ex.answer_end - 1])
+            ok = bool((logits.argmax(-1) == ex.ids[ex.answer_start : ex.answer_end]).all())
+            alone.setdefault(f"{ex.qtype} {ex.lang}", []).append(ok)
+    assert len(scores) == 10  # five question types x two languages
+    assert scores == {k: 100.0 * sum(v) / len(v) for k, v in alone.items()}
+    assert 0 < sum(scores.values()) < 100 * len(scores)
+
+
+@pytest.mark.parametrize(("k", "extra", "qa_extra"), [(18300, 4, 6), (18300, 4, 2), (23, 2, 8), (0, 4, 6)])
+def test_question_answering_layout_starts_past_every_used_conversation(
+    k: int, extra: int, qa_extra: int
+) -> None:
+    """--qa-extra-numbers changes the block layout mid-run: the question-answering phase must not
+    reuse a scene or number image the earlier phases trained on (the training-split index is what
+    train_item hands out), and must start on a block boundary so both modes stay balanced."""
+    start = train_demo.qa_start_item(k, extra, qa_extra)
+    assert start % (10 + qa_extra) == 0
+    used = {train_demo.train_item(j, extra)[0] for j in range(k)}
+    upcoming = {train_demo.train_item(j, qa_extra)[0] for j in range(start, start + 5 * (10 + qa_extra))}
+    assert not used & upcoming
+    if qa_extra >= extra:  # then the next block of the new layout is already past every used index
+        assert start == -(-k // (10 + extra)) * (10 + qa_extra)

@@ -35,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 from edge_runtime.checkpoint import load_checkpoint, random_init, save_checkpoint  # noqa: E402
 from edge_runtime.demo_task import (  # noqa: E402
     COLOURS,
+    DEFAULT_SEED,
+    EVAL,
     SHAPES,
     TRAIN,
     Sample,
@@ -135,6 +137,7 @@ class Encoded:
     slices: list[tuple[torch.Tensor, torch.Tensor]]
     mode: str
     qtype: str
+    lang: str = ""
     aux: torch.Tensor | None = None  # [tokens of the source view, 2]: colour, shape/digit class (0 = none)
     digits: torch.Tensor | None = None  # [2] the two digits of a number image
     digit_map: torch.Tensor | None = None  # [tokens of the source view]: 0 ink-free, 1+d first, 11+d second
@@ -298,7 +301,7 @@ class Encoder:
         for start, end in spans:
             targets[start - 1 : end - 1] = ids[start:end]
         slices = self._patches(prepared, mode, num_patches_per_side)
-        ex = Encoded(ids, spans[0][0], spans[0][1], targets, slices, mode, sample.qtype)
+        ex = Encoded(ids, spans[0][0], spans[0][1], targets, slices, mode, sample.qtype, sample.lang)
         if objects is not None:
             ex.grid = source_token_grid(prepared, mode)
             ex.aux = scene_targets(sample.image.size, ex.grid, objects)
@@ -366,6 +369,16 @@ def train_item(k: int, extra: int = 2) -> tuple[int, str]:
     if pos < 10:
         return block * 10 + pos, mode
     return EXTRA_TEXT_OFFSET + block * 5 * extra + 5 * (pos - 10) + 4, mode
+
+
+def qa_start_item(k: int, extra: int, qa_extra: int) -> int:
+    """First conversation of the question-answering phase when it lays out blocks with `qa_extra`
+    number images where the earlier phases used `extra`: the first block of the new layout past
+    every block the earlier phases started, so no train-split scene or number image is reused."""
+    blocks_started = -(-k // (10 + extra))
+    # number images of block b are indices from EXTRA_TEXT_OFFSET + 5 * extra * b on
+    block = max(blocks_started, -(-blocks_started * extra // max(qa_extra, 1)))
+    return block * (10 + qa_extra)
 
 
 def init_model(cfg: MiniCPMV46Config, seed: int) -> MiniCPMV46:
@@ -842,6 +855,26 @@ def quick_eval(model: MiniCPMV46, encoded: list[Encoded]) -> dict[str, float]:
     return {k: 100.0 * float(np.mean(v)) for k, v in per.items()}
 
 
+def oracle_eval(model: MiniCPMV46, oracle: OracleFeatures, encoded: list[Encoded]) -> dict[str, float]:
+    """Teacher-forced exact match per question type and language with oracle image features: what
+    the decoder learned in the oracle phase, before any vision feature reaches it (English and
+    Chinese questions bind objects through different tokens, and one may be learned without the
+    other)."""
+    model.eval()
+    per: dict[str, list[bool]] = {}
+    with torch.no_grad():
+        for group in by_mode(encoded):
+            for start in range(0, len(group), 32):
+                part = group[start : start + 32]
+                hidden = hidden_batched(model, part, oracle=oracle)
+                for row, ex in enumerate(part):
+                    logits = model.lm_head(hidden[row, ex.answer_start - 1 : ex.answer_end - 1])
+                    ok = bool((logits.argmax(-1) == ex.ids[ex.answer_start : ex.answer_end]).all())
+                    per.setdefault(f"{ex.qtype} {ex.lang}", []).append(ok)
+    model.train()
+    return {k: 100.0 * float(np.mean(v)) for k, v in per.items()}
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -883,9 +916,23 @@ def main(argv: list[str] | None = None) -> int:
         default=4,
         help="number images added to every balanced block of 10 training conversations (train_item)",
     )
+    ap.add_argument(
+        "--qa-batch", type=int, default=0, help="conversations per question-answering step (0: --batch)"
+    )
+    ap.add_argument(
+        "--qa-extra-numbers",
+        type=int,
+        default=None,
+        help="number images per block of 10 in the question-answering phase (default: --extra-numbers)",
+    )
+    ap.add_argument(
+        "--qa-pair-every-answer-token",
+        action="store_true",
+        help="--pair-every-answer-token in the question-answering phase only",
+    )
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=100, help="quick eval every N steps (0: none)")
     ap.add_argument("--eval-samples", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (use 1 on a shared machine)")
     ap.add_argument(
@@ -935,6 +982,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=850,
         help="decoder steps on oracle features before the vision phase",
+    )
+    ap.add_argument(
+        "--oracle-eval",
+        type=int,
+        default=400,
+        help="eval samples scored with oracle features after the oracle phase (0: none; logged only)",
     )
     ap.add_argument(
         "--oracle-ordinal", action="store_true", help="oracle location codes on a line instead of random"
@@ -1037,14 +1090,14 @@ def main(argv: list[str] | None = None) -> int:
                 sheet_index += 1
             return out
 
-        def next_batch() -> list[Encoded]:
+        def next_batch(size: int, extra: int, encoder: Encoder) -> list[Encoded]:
             nonlocal k
             batch = []
-            for _ in range(args.batch):
-                sample_index, mode = train_item(k, args.extra_numbers)
+            for _ in range(size):
+                sample_index, mode = train_item(k, extra)
                 sample, follow = make_conversation(TRAIN, sample_index, args.seed, args.turns)
                 objects = make_scene(TRAIN, sample_index, args.seed)[1]
-                batch.append(encode(sample, mode, nps, follow, objects))
+                batch.append(encoder(sample, mode, nps, follow, objects))
                 k += 1
             return batch
 
@@ -1059,7 +1112,7 @@ def main(argv: list[str] | None = None) -> int:
             set_lr(opt, step, args.oracle_steps, args.lr, args.warmup)
             loss = batch_loss(
                 model,
-                next_batch(),
+                next_batch(args.batch, args.extra_numbers, encode),
                 0.0,
                 aux,
                 args.aux_weight,
@@ -1074,6 +1127,16 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"oracle step {step + 1}/{args.oracle_steps} loss {loss.item():.4f} {rate:.2f} step/s")
         if aux.oracle is not None:
             aux.oracle.requires_grad_(False)
+        if args.oracle_steps and args.oracle_eval and not resume:
+            scenes = [
+                encode(s, sample_mode(i), nps, (), make_scene(EVAL, s.index, DEFAULT_SEED)[1])
+                for i, s in enumerate(eval_samples(args.oracle_eval))
+            ]
+            acc = oracle_eval(model, aux.oracle, scenes)
+            log(
+                "after the oracle phase, oracle features: "
+                + " ".join(f"{k} {v:.0f}" for k, v in sorted(acc.items()))
+            )
 
         # Phase 1: the vision tower alone, on dense sheets plus task images (probe targets only).
         # Each sheet labels several objects per image, which trains shape and digit recognition
@@ -1131,12 +1194,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.oracle_steps and args.eval_every:
             report("after the vision phase")
 
-        # Phase 2: question answering end to end, with sheets still feeding the probes.
+        # Phase 2: question answering end to end, with sheets still feeding the probes. Its own
+        # batch layout (--qa-batch, --qa-extra-numbers) starts at the next block of that layout
+        # whose conversations and number images no earlier step has used.
+        qa_batch = args.qa_batch or args.batch
+        qa_extra = args.extra_numbers if args.qa_extra_numbers is None else args.qa_extra_numbers
+        if qa_extra != args.extra_numbers:
+            k = qa_start_item(k, args.extra_numbers, qa_extra)
+        qa_encode = encode
+        if args.qa_pair_every_answer_token and not args.pair_every_answer_token:
+            qa_encode = Encoder(assets, pair_every_answer_token=True)
         t_loop = time.perf_counter()
         running = []
         for step in range(args.steps):
             set_lr(opt, step, args.steps, args.qa_lr, args.warmup)
-            batch = next_batch()
+            batch = next_batch(qa_batch, qa_extra, qa_encode)
             if step == 0:
                 log(f"batched vs reference forward: max |logit diff| {check_batched(model, batch):.2e}")
             loss = batch_loss(
@@ -1150,7 +1222,7 @@ def main(argv: list[str] | None = None) -> int:
                 rate = (step + 1) / (time.perf_counter() - t_loop)
                 log(f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} {rate:.2f} step/s")
                 running = []
-            if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
                 report(f"step {step + 1}")
                 if args.snapshot is not None:  # a fallback copy if a run has to be stopped early
                     save_checkpoint(model, args.snapshot, dtype=torch.float16, extra_files=extra)
