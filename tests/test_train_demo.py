@@ -277,6 +277,38 @@ def test_phase_state_resume_writes_the_same_weights_as_one_run(tmp_path: Path) -
     assert (tmp_path / "other" / "model.safetensors").read_bytes() != straight  # --qa-lr took effect
 
 
+def test_oracle_state_resume_writes_the_same_weights_as_one_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--oracle-state saves the state after the oracle phase; a run resuming from it runs the vision
+    and question-answering phases exactly as the straight run did (so vision-phase settings can be
+    tried on the decoder one oracle phase learned)."""
+    sizes = [
+        "--batch",
+        "3",
+        "--vision-batch",
+        "4",
+        "--sheets",
+        "1",
+        "--eval-every",
+        "2",
+        "--eval-samples",
+        "2",
+    ]
+    steps = ["--oracle-steps", "2", "--vision-steps", "2", "--steps", "2"]
+    common = ["--threads", "1", *sizes, *steps, "--oracle-state", str(tmp_path / "oracle.pt")]
+    assert train_demo.main(["--out", str(tmp_path / "straight"), *common]) == 0
+    assert (tmp_path / "oracle.pt").exists()
+    capsys.readouterr()
+    assert train_demo.main(["--out", str(tmp_path / "resumed"), *common]) == 0
+    resumed_log = "".join(capsys.readouterr())
+    assert "resumed from" in resumed_log and "oracle step" not in resumed_log
+    straight = (tmp_path / "straight" / "model.safetensors").read_bytes()
+    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == straight
+    assert train_demo.main(["--out", str(tmp_path / "other"), *common, "--vision-numbers", "1"]) == 0
+    assert (tmp_path / "other" / "model.safetensors").read_bytes() != straight
+
+
 def test_the_oracle_phase_report_leaves_the_weights_alone(tmp_path: Path) -> None:
     """--oracle-eval only logs: a run with the report writes the same weights as one without it."""
     common = ["--threads", "1", "--batch", "3", "--vision-batch", "4", "--sheets", "1", "--eval-every", "0"]

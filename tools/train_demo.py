@@ -875,6 +875,24 @@ def oracle_eval(model: MiniCPMV46, oracle: OracleFeatures, encoded: list[Encoded
     return {k: 100.0 * float(np.mean(v)) for k, v in per.items()}
 
 
+def save_state(
+    path: Path, model: MiniCPMV46, aux: AuxHeads, opt: torch.optim.Optimizer, k: int, sheets: int
+) -> None:
+    """Everything the later phases read (weights, probes and oracle codes, optimizer moments, the
+    next training item and sheet), so a resumed run continues exactly where the straight run went."""
+    state = {"model": model.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict(), "k": k}
+    torch.save({**state, "sheet_index": sheets}, path)
+
+
+def load_state(path: Path, model: MiniCPMV46, aux: AuxHeads, opt: torch.optim.Optimizer) -> tuple[int, int]:
+    """Restore what `save_state` wrote; returns (next training item, next sheet)."""
+    state = torch.load(path, weights_only=False)
+    model.load_state_dict(state["model"])
+    aux.load_state_dict(state["aux"])
+    opt.load_state_dict(state["opt"])
+    return state["k"], state["sheet_index"]
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -1027,6 +1045,13 @@ def main(argv: list[str] | None = None) -> int:
         help="training state after the vision phase: written here, or, if the file exists, "
         "read and the oracle and vision phases skipped (to try question-answering settings)",
     )
+    ap.add_argument(
+        "--oracle-state",
+        type=Path,
+        default=None,
+        help="training state after the oracle phase: written here, or, if the file exists, read and "
+        "the oracle phase skipped (to try vision and question-answering settings on the same decoder)",
+    )
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -1107,8 +1132,12 @@ def main(argv: list[str] | None = None) -> int:
         # Phase 0 (optional): the decoder learns the task on oracle features (no vision tower),
         # then the codes are frozen and become the target the vision tower's features are pulled to.
         resume = args.phase_state is not None and args.phase_state.exists()
+        oracle_resume = not resume and args.oracle_state is not None and args.oracle_state.exists()
+        if oracle_resume:
+            k, sheet_index = load_state(args.oracle_state, model, aux, opt)
+            log(f"resumed from {args.oracle_state}")
         t_loop = time.perf_counter()
-        for step in range(0 if resume else args.oracle_steps):
+        for step in range(0 if resume or oracle_resume else args.oracle_steps):
             set_lr(opt, step, args.oracle_steps, args.lr, args.warmup)
             loss = batch_loss(
                 model,
@@ -1127,6 +1156,8 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"oracle step {step + 1}/{args.oracle_steps} loss {loss.item():.4f} {rate:.2f} step/s")
         if aux.oracle is not None:
             aux.oracle.requires_grad_(False)
+        if args.oracle_state is not None and not resume and not oracle_resume:
+            save_state(args.oracle_state, model, aux, opt, k, sheet_index)
         if args.oracle_steps and args.oracle_eval and not resume:
             scenes = [
                 encode(s, sample_mode(i), nps, (), make_scene(EVAL, s.index, DEFAULT_SEED)[1])
@@ -1173,21 +1204,10 @@ def main(argv: list[str] | None = None) -> int:
             )
 
         if resume:
-            state = torch.load(args.phase_state, weights_only=False)
-            model.load_state_dict(state["model"])
-            aux.load_state_dict(state["aux"])
-            opt.load_state_dict(state["opt"])
-            k, sheet_index = state["k"], state["sheet_index"]
+            k, sheet_index = load_state(args.phase_state, model, aux, opt)
             log(f"resumed from {args.phase_state}")
         elif args.phase_state is not None:
-            state = {
-                "model": model.state_dict(),
-                "aux": aux.state_dict(),
-                "opt": opt.state_dict(),
-                "k": k,
-                "sheet_index": sheet_index,
-            }
-            torch.save(state, args.phase_state)
+            save_state(args.phase_state, model, aux, opt, k, sheet_index)
 
         # How much of the task the decoder already answers from the pulled features (it learned
         # on the oracle codes): what the question-answering phase starts from.
