@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import train_demo  # noqa: E402
 
-from edge_runtime.demo_task import DIGIT_SHAPE, TRAIN, make_conversation, make_sample  # noqa: E402
+from edge_runtime.demo_task import DIGIT_SHAPE, RELATIONS, TRAIN, make_conversation, make_sample  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -132,15 +133,23 @@ def test_pair_terms_ask_for_both_named_objects_in_question_order(encoder: train_
     assert colour_question.answer_places == []  # names one object: nothing to compare
 
 
+def test_position_answers_differ_at_their_first_token(encoder: train_demo.Encoder) -> None:
+    """The answer is decided where its first token is predicted (and where the pair probe reads).
+    The tokenizer corpus carries the Chinese position answers as words of their own, so each is one
+    token: from byte pieces, 左边 and 右边 began with the same token (0xE5)."""
+    english = [encoder.tokenizer.encode(a) for a in ("left", "right", "above", "below")]
+    chinese = [encoder.tokenizer.encode(a) for a in RELATIONS.values()]
+    assert len({ids[0] for ids in english}) == 4
+    assert all(len(ids) == 1 for ids in chinese) and len({ids[0] for ids in chinese}) == 4
+
+
 def test_pair_probe_can_read_every_position_that_predicts_an_answer_token(
     encoder: train_demo.Encoder, assets: Path
 ) -> None:
-    """左边 / 右边 are three tokens with the same first token: left or right is decided at the
-    second, which the pair probe reads only with pair_every_answer_token."""
-    index = next(
-        i for i in range(3, 400, 5) if make_sample(TRAIN, i).answer in ("左边", "右边")
-    )  # a Chinese left/right question as the first turn
-    sample = make_sample(TRAIN, index)
+    """With pair_every_answer_token the pair probe reads every position that predicts a token of a
+    multi-token answer (no position answer has several tokens now, so this one is made longer)."""
+    index = next(i for i in range(3, 400, 5) if make_sample(TRAIN, i).qtype == "position")
+    sample = dataclasses.replace(make_sample(TRAIN, index), answer="在左边还是右边")
     objects = train_demo.make_scene(TRAIN, index)[1]
     n_answer = len(encoder.tokenizer.encode(sample.answer))
     assert n_answer > 1
