@@ -138,7 +138,6 @@ def test_shipped_checkpoint_loads_and_answers_in_vocabulary() -> None:
         assert got in vocab[item["type"]], (item, mode, got)
 
 
-@pytest.mark.xfail(reason="issue 5: the shipped demo checkpoint is below its accuracy target", strict=True)
 def test_shipped_checkpoint_answers_the_sample_questions() -> None:
     wrong = [
         (item["question"], mode, got)
