@@ -257,75 +257,47 @@ def test_training_script_runs_every_optional_signal(tmp_path: Path) -> None:
     load_checkpoint(out)
 
 
-def test_phase_state_resume_writes_the_same_weights_as_one_run(tmp_path: Path) -> None:
-    """--phase-state saves the training state after the vision phase; a run that resumes from it
-    (to try other question-answering settings) continues exactly where the straight run went on."""
-    sizes = [
-        "--batch",
-        "3",
-        "--vision-batch",
-        "4",
-        "--sheets",
-        "1",
-        "--eval-every",
-        "2",
-        "--eval-samples",
-        "2",
-        "--oracle-eval",
-        "2",
-    ]
-    steps = ["--oracle-steps", "2", "--vision-steps", "2", "--steps", "2"]
-    common = ["--threads", "1", *sizes, *steps, "--phase-state", str(tmp_path / "state.pt")]
-    qa_lr = ["--qa-lr", "3e-3"]  # not the default (1e-3)
-    assert train_demo.main(["--out", str(tmp_path / "straight"), *common, *qa_lr]) == 0
-    assert (tmp_path / "state.pt").exists()
-    assert train_demo.main(["--out", str(tmp_path / "resumed"), *common, *qa_lr]) == 0
-    straight = (tmp_path / "straight" / "model.safetensors").read_bytes()
-    assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == straight
-    assert train_demo.main(["--out", str(tmp_path / "other"), *common]) == 0
-    assert (tmp_path / "other" / "model.safetensors").read_bytes() != straight  # --qa-lr took effect
+TINY_RUN = ["--threads", "1", "--batch", "3", "--vision-batch", "4", "--sheets", "1", "--eval-samples", "2"]
+TINY_STEPS = ["--oracle-steps", "2", "--vision-steps", "2", "--steps", "2"]
 
 
-def test_oracle_state_resume_writes_the_same_weights_as_one_run(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("state_flag", "later_setting"),
+    [("--phase-state", ["--qa-lr", "3e-3"]), ("--oracle-state", ["--vision-numbers", "1"])],
+)
+def test_resuming_from_a_saved_state_writes_the_same_weights_as_one_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], state_flag: str, later_setting: list[str]
 ) -> None:
-    """--oracle-state saves the state after the oracle phase; a run resuming from it runs the vision
-    and question-answering phases exactly as the straight run did (so vision-phase settings can be
-    tried on the decoder one oracle phase learned)."""
-    sizes = [
-        "--batch",
-        "3",
-        "--vision-batch",
-        "4",
-        "--sheets",
-        "1",
-        "--eval-every",
-        "2",
-        "--eval-samples",
-        "2",
-    ]
-    steps = ["--oracle-steps", "2", "--vision-steps", "2", "--steps", "2"]
-    common = ["--threads", "1", *sizes, *steps, "--oracle-state", str(tmp_path / "oracle.pt")]
+    """--phase-state saves the training state after the vision phase, --oracle-state after the
+    oracle phase; a run that resumes from it (to try settings of the later phases) continues
+    exactly where the straight run went on, and a setting of a later phase still takes effect."""
+    common = [*TINY_RUN, "--eval-every", "2", "--oracle-eval", "2", *TINY_STEPS]
+    common += [state_flag, str(tmp_path / "state.pt")]
     assert train_demo.main(["--out", str(tmp_path / "straight"), *common]) == 0
-    assert (tmp_path / "oracle.pt").exists()
+    assert (tmp_path / "state.pt").exists()
     capsys.readouterr()
     assert train_demo.main(["--out", str(tmp_path / "resumed"), *common]) == 0
-    resumed_log = "".join(capsys.readouterr())
-    assert "resumed from" in resumed_log and "oracle step" not in resumed_log
+    assert "resumed from" in "".join(capsys.readouterr())
     straight = (tmp_path / "straight" / "model.safetensors").read_bytes()
     assert (tmp_path / "resumed" / "model.safetensors").read_bytes() == straight
-    assert train_demo.main(["--out", str(tmp_path / "other"), *common, "--vision-numbers", "1"]) == 0
+    assert train_demo.main(["--out", str(tmp_path / "other"), *common, *later_setting]) == 0
     assert (tmp_path / "other" / "model.safetensors").read_bytes() != straight
 
 
 def test_the_oracle_phase_report_leaves_the_weights_alone(tmp_path: Path) -> None:
     """--oracle-eval only logs: a run with the report writes the same weights as one without it."""
-    common = ["--threads", "1", "--batch", "3", "--vision-batch", "4", "--sheets", "1", "--eval-every", "0"]
-    steps = ["--oracle-steps", "2", "--vision-steps", "2", "--steps", "2"]
     for name, samples in (("with", "6"), ("without", "0")):
-        assert (
-            train_demo.main(["--out", str(tmp_path / name), *common, *steps, "--oracle-eval", samples]) == 0
-        )
+        args = [
+            "--out",
+            str(tmp_path / name),
+            *TINY_RUN,
+            "--eval-every",
+            "0",
+            *TINY_STEPS,
+            "--oracle-eval",
+            samples,
+        ]
+        assert train_demo.main(args) == 0
     weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("with", "without")]
     assert weights[0] == weights[1]
 
