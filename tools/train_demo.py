@@ -940,8 +940,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--qa-extra-numbers",
         type=int,
-        default=None,
-        help="number images per block of 10 in the question-answering phase (default: --extra-numbers)",
+        default=6,
+        help="number images per block of 10 in the question-answering phase (the earlier phases use "
+        "--extra-numbers; 8 of every 16 conversations are then number images, and a step is cheaper)",
     )
     ap.add_argument(
         "--qa-pair-every-answer-token",
@@ -1218,7 +1219,7 @@ def main(argv: list[str] | None = None) -> int:
         # batch layout (--qa-batch, --qa-extra-numbers) starts at the next block of that layout
         # whose conversations and number images no earlier step has used.
         qa_batch = args.qa_batch or args.batch
-        qa_extra = args.extra_numbers if args.qa_extra_numbers is None else args.qa_extra_numbers
+        qa_extra = args.qa_extra_numbers
         if qa_extra != args.extra_numbers:
             k = qa_start_item(k, args.extra_numbers, qa_extra)
         qa_encode = encode
