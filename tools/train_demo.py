@@ -830,11 +830,15 @@ def check_batched(model: MiniCPMV46, batch: list[Encoded]) -> float:
     return worst
 
 
-def exact(model: MiniCPMV46, ex: Encoded) -> bool:
-    """Teacher-forced argmax equals every answer token and the stop token <=> greedy exact match."""
-    with torch.no_grad():
-        logits = forward_logits(model, ex)
+def answer_matches(logits: torch.Tensor, ex: Encoded) -> bool:
+    """Teacher-forced argmax equals every answer token and the stop token <=> greedy exact match.
+    `logits` are those of the positions that predict the first answer (and its stop) token."""
     return bool((logits.argmax(-1) == ex.ids[ex.answer_start : ex.answer_end]).all())
+
+
+def exact(model: MiniCPMV46, ex: Encoded) -> bool:
+    with torch.no_grad():
+        return answer_matches(forward_logits(model, ex), ex)
 
 
 def feature_scale(model: MiniCPMV46, ex: Encoded) -> tuple[float, float]:
@@ -869,8 +873,7 @@ def oracle_eval(model: MiniCPMV46, oracle: OracleFeatures, encoded: list[Encoded
                 hidden = hidden_batched(model, part, oracle=oracle)
                 for row, ex in enumerate(part):
                     logits = model.lm_head(hidden[row, ex.answer_start - 1 : ex.answer_end - 1])
-                    ok = bool((logits.argmax(-1) == ex.ids[ex.answer_start : ex.answer_end]).all())
-                    per.setdefault(f"{ex.qtype} {ex.lang}", []).append(ok)
+                    per.setdefault(f"{ex.qtype} {ex.lang}", []).append(answer_matches(logits, ex))
     model.train()
     return {k: 100.0 * float(np.mean(v)) for k, v in per.items()}
 
@@ -880,8 +883,14 @@ def save_state(
 ) -> None:
     """Everything the later phases read (weights, probes and oracle codes, optimizer moments, the
     next training item and sheet), so a resumed run continues exactly where the straight run went."""
-    state = {"model": model.state_dict(), "aux": aux.state_dict(), "opt": opt.state_dict(), "k": k}
-    torch.save({**state, "sheet_index": sheets}, path)
+    state = {
+        "model": model.state_dict(),
+        "aux": aux.state_dict(),
+        "opt": opt.state_dict(),
+        "k": k,
+        "sheet_index": sheets,
+    }
+    torch.save(state, path)
 
 
 def load_state(path: Path, model: MiniCPMV46, aux: AuxHeads, opt: torch.optim.Optimizer) -> tuple[int, int]:
