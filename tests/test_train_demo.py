@@ -367,3 +367,80 @@ def test_question_answering_layout_starts_past_every_used_conversation(
     assert not used & upcoming
     if qa_extra >= extra:  # then the next block of the new layout is already past every used index
         assert start == -(-k // (10 + extra)) * (10 + qa_extra)
+
+
+def _tiny_model() -> train_demo.MiniCPMV46:
+    cfg = train_demo.demo_config(300, 298, 299, text_hidden=64)
+    return train_demo.init_model(cfg, seed=0)
+
+
+def test_weight_average_is_the_exponential_moving_average_of_the_steps() -> None:
+    """--ema-decay writes the moving average: after two updates from w0 through w1 and w2 it is
+    d * (d * w0 + (1 - d) * w1) + (1 - d) * w2, and copying it into the model replaces the weights."""
+    model = _tiny_model()
+    param = model.merger.mlp[0].linear_2.weight
+    decay = 0.9
+    snapshots = [param.detach().clone()]
+    average = train_demo.WeightAverage(model, decay)
+    for shift in (1.0, -3.0):
+        with torch.no_grad():
+            param.add_(shift)
+        snapshots.append(param.detach().clone())
+        average.update()
+    w0, w1, w2 = snapshots
+    expected = decay * (decay * w0 + (1 - decay) * w1) + (1 - decay) * w2
+    average.copy_to_model()
+    assert torch.allclose(param, expected, atol=1e-6)
+
+
+def test_vision_lr_scale_moves_only_vision_parameters_and_keeps_their_adam_state() -> None:
+    """--qa-vision-lr: the vision tower and merger get groups of their own at `scale` times the lr,
+    every parameter stays in exactly one group, and Adam's moments stay with each parameter."""
+    model = _tiny_model()
+    params = list(model.parameters())
+    opt = torch.optim.AdamW(
+        [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2]}],
+        lr=1e-3,
+    )
+    sum(p.float().pow(2).sum() for p in params).backward()
+    opt.step()
+    moments = {id(p): opt.state[p]["exp_avg"].clone() for p in params}
+    train_demo.scale_vision_lr(opt, model, 3.0)
+    train_demo.set_lr(opt, 500, 1000, 1e-3, 20)
+    base = train_demo.lr_at(500, 1000, 1e-3, 20)
+    vision = {id(p) for m in (model.vision_tower, model.merger) for p in m.parameters()}
+    grouped = [(id(p), group["lr"]) for group in opt.param_groups for p in group["params"]]
+    assert sorted(i for i, _ in grouped) == sorted(id(p) for p in params)
+    for i, lr in grouped:
+        assert lr == pytest.approx(3.0 * base if i in vision else base)
+    assert all(torch.equal(opt.state[p]["exp_avg"], moments[id(p)]) for p in params)
+
+
+def test_mixed_digit_tokens_get_no_per_token_digit_target(encoder: train_demo.Encoder) -> None:
+    """--skip-mixed-digit-tokens: a token whose cell holds ink of both digits gets no per-token
+    digit label and no pull onto one digit's oracle code; every other token keeps both (the
+    image-level digit probe, the first term, still reads every token)."""
+    number = next(
+        ex
+        for i in range(40)
+        if (ex := encoder(make_sample(TRAIN, 10 * i + 4), "16x", 70)).digit_mixed.any()
+        and (~ex.digit_mixed & (ex.digit_map > 0)).any()
+    )
+    assert bool((number.digit_map[number.digit_mixed] > 0).all())  # only inked tokens are mixed
+    aux = train_demo.AuxHeads(32, 6, 4)
+    aux.feature_weight = 1.0
+    aux.oracle = train_demo.OracleFeatures(32, 6, 4, seed=0)
+    features = torch.randn(number.digit_map.shape[0], 32)
+    mixed_moved, clean_moved = features.clone(), features.clone()
+    mixed_moved[number.digit_mixed] += 5.0
+    clean_moved[~number.digit_mixed & (number.digit_map > 0)] += 5.0
+
+    def per_token_terms(feats: torch.Tensor, skip: bool) -> list[float]:
+        aux.skip_mixed = skip
+        terms = train_demo.probe_terms(aux, [number], [feats])
+        assert len(terms) == 3  # image-level digits, per-token digit map, pull onto the oracle codes
+        return [float(t.detach()) for t in terms[1:]]
+
+    assert per_token_terms(mixed_moved, True) == per_token_terms(features, True)
+    assert per_token_terms(mixed_moved, False) != per_token_terms(features, False)
+    assert per_token_terms(clean_moved, True) != per_token_terms(features, True)

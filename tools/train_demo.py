@@ -74,6 +74,7 @@ def demo_config(
     text_hidden: int = 128,
     full_attention: tuple[int, ...] = (2, 5),
     image_size: int = 980,
+    insert_layer_id: int = 1,
 ) -> MiniCPMV46Config:
     """The demo preset: `tiny`'s structure, wider. Vision: 4 SigLIP layers, window merger after
     layer 1. LLM: 6 layers of Gated DeltaNet, gated full attention at the `full_attention` layers;
@@ -107,7 +108,7 @@ def demo_config(
     return MiniCPMV46Config(
         vision=vision,
         text=text,
-        insert_layer_id=1,
+        insert_layer_id=insert_layer_id,
         image_token_id=image_token_id,
         video_token_id=video_token_id,
     )
@@ -141,6 +142,7 @@ class Encoded:
     aux: torch.Tensor | None = None  # [tokens of the source view, 2]: colour, shape/digit class (0 = none)
     digits: torch.Tensor | None = None  # [2] the two digits of a number image
     digit_map: torch.Tensor | None = None  # [tokens of the source view]: 0 ink-free, 1+d first, 11+d second
+    digit_mixed: torch.Tensor | None = None  # [tokens of the source view]: ink of both digits
     lookup: torch.Tensor | None = None  # [T, 6]: what a question names (see LOOKUP_CLASSES), -100 elsewhere
     grid: tuple[int, int] | None = None  # (rows, cols) of the source view's LLM tokens
     source_start: int = 0  # sequence position of the source view's first image token
@@ -168,29 +170,50 @@ def scene_targets(size: tuple[int, int], token_grid: tuple[int, int], objects: l
     return out
 
 
-def digit_targets(image, token_grid: tuple[int, int], answer: str) -> torch.Tensor:
-    """Per LLM token of the source view (row-major): 0 where the token's cell holds no ink, else
-    1 + first digit left of the number's horizontal middle, 11 + second digit right of it.
-    Ink is found from the pixels (dark on a light background), so the generator is untouched."""
+def _inked_cells(image, token_grid: tuple[int, int]) -> tuple[list[tuple[int, np.ndarray]], float]:
+    """(token index, x of every ink pixel in the token's cell) for each cell at least 3 % inked, and
+    the number's horizontal middle. Ink is found from the pixels (dark on a light background), so
+    the generator is untouched."""
     gray = np.asarray(image.convert("L"), dtype=np.float32)
     ink = gray < 140
-    rows, cols = token_grid
-    out = torch.zeros(rows * cols, dtype=torch.long)
     ys, xs = np.nonzero(ink)
     if xs.size == 0:
-        return out
-    mid = 0.5 * (xs.min() + xs.max() + 1)
+        return [], 0.0
+    rows, cols = token_grid
     height, width = gray.shape
-    first, second = int(answer[0]), int(answer[1])
+    cells = []
     for r in range(rows):
         y0, y1 = int(r * height / rows), int((r + 1) * height / rows)
         for c in range(cols):
             x0, x1 = int(c * width / cols), int((c + 1) * width / cols)
             cell = ink[y0:y1, x0:x1]
-            if cell.sum() < 0.03 * cell.size:
-                continue
-            cx = x0 + np.nonzero(cell)[1].mean()
-            out[r * cols + c] = 1 + first if cx < mid else 11 + second
+            if cell.sum() >= 0.03 * cell.size:
+                cells.append((r * cols + c, x0 + np.nonzero(cell)[1]))
+    return cells, 0.5 * (xs.min() + xs.max() + 1)
+
+
+def digit_targets(image, token_grid: tuple[int, int], answer: str) -> torch.Tensor:
+    """Per LLM token of the source view (row-major): 0 where the token's cell holds no ink, else
+    1 + first digit if the cell's ink lies mostly left of the number's horizontal middle, 11 +
+    second digit if right of it."""
+    out = torch.zeros(token_grid[0] * token_grid[1], dtype=torch.long)
+    cells, mid = _inked_cells(image, token_grid)
+    first, second = int(answer[0]), int(answer[1])
+    for index, xs in cells:
+        out[index] = 1 + first if xs.mean() < mid else 11 + second
+    return out
+
+
+def mixed_digit_tokens(image, token_grid: tuple[int, int], minority: float = 0.15) -> torch.Tensor:
+    """Per LLM token of the source view: True where the cell holds ink of both digits (at least
+    `minority` of its ink on each side of the middle). `digit_targets` names one digit for such a
+    token, so pulling it onto that digit's oracle code erases the other: a third of the inked
+    tokens of the eval number images in 16x mode, a sixth in 4x."""
+    out = torch.zeros(token_grid[0] * token_grid[1], dtype=torch.bool)
+    cells, mid = _inked_cells(image, token_grid)
+    for index, xs in cells:
+        left = float((xs < mid).mean())
+        out[index] = minority <= left <= 1.0 - minority
     return out
 
 
@@ -322,6 +345,7 @@ class Encoder:
             ex.lookup = reading_targets(self.tokenizer, seq, sample.question, sample.answer)
             ex.grid = source_token_grid(prepared, mode)
             ex.digit_map = digit_targets(sample.image, ex.grid, sample.answer)
+            ex.digit_mixed = mixed_digit_tokens(sample.image, ex.grid)
             ex.source_start = seq.index(self.image_token_id)
         return ex
 
@@ -357,18 +381,26 @@ def sample_mode(index: int) -> str:
     return MODES[(index // 10) % 2]
 
 
-def train_item(k: int, extra: int = 2) -> tuple[int, str]:
+def train_item(k: int, extra: int = 2, numbers_16x: float | None = None) -> tuple[int, str]:
     """The k-th training conversation: (train-split index, downsample mode).
 
     Blocks of 10 + `extra`: the 10 samples of one balanced block, plus `extra` more digit-reading
     images (alternately en, zh) from a separate index range, because those images carry one
-    question where shape images carry several. Consecutive blocks alternate 16x / 4x.
+    question where shape images carry several. Consecutive blocks alternate 16x / 4x; with
+    `numbers_16x` the extra number images instead take 16x at that share (`spread_mode`).
     """
     block, pos = divmod(k, 10 + extra)
     mode = MODES[block % 2]
     if pos < 10:
         return block * 10 + pos, mode
+    if numbers_16x is not None:
+        mode = spread_mode(block * extra + pos - 10, numbers_16x)
     return EXTRA_TEXT_OFFSET + block * 5 * extra + 5 * (pos - 10) + 4, mode
+
+
+def spread_mode(n: int, share_16x: float) -> str:
+    """Mode of the n-th of a stream of images of which `share_16x` are 16x, evenly spread."""
+    return MODES[0] if int((n + 1) * share_16x) > int(n * share_16x) else MODES[1]
 
 
 def qa_start_item(k: int, extra: int, qa_extra: int) -> int:
@@ -581,6 +613,7 @@ class AuxHeads(torch.nn.Module):
         self.where = torch.nn.Linear(dim, 2 * WHERE_BINS)
         self.feature_weight = 0.0  # see OracleFeatures
         self.where_weight = 0.0  # see where_targets
+        self.skip_mixed = False  # see mixed_digit_tokens
         self.oracle: OracleFeatures | None = None  # the codes `feature_weight` pulls features onto
         self.pair = torch.nn.Linear(
             dim, 4 * GRID_CELLS
@@ -747,11 +780,18 @@ def probe_terms(aux: AuxHeads, group: list[Encoded], feats: list[torch.Tensor]) 
             terms.append(aux.where_weight * F.cross_entropy(where.transpose(1, 2), where_targets(ex.grid)))
         if ex.digits is not None:
             terms.append(F.cross_entropy(aux.digits(source.mean(0)).view(2, 10), ex.digits))
+        # tokens whose per-token target names one digit where the image has two (mixed_digit_tokens)
+        keep = ~ex.digit_mixed if aux.skip_mixed and ex.digit_mixed is not None else None
+        if keep is not None and not keep.any():
+            continue  # every inked token mixed: no per-token digit target left
         if ex.digit_map is not None:
-            terms.append(F.cross_entropy(aux.digit_map(source), ex.digit_map))
+            labels = ex.digit_map if keep is None else ex.digit_map.masked_fill(~keep, -100)
+            terms.append(F.cross_entropy(aux.digit_map(source), labels))
         if aux.feature_weight > 0 and aux.oracle is not None:
             target = aux.oracle.source(ex)
             if target is not None:
+                if keep is not None:
+                    source, target = source[keep], target[keep]
                 terms.append(aux.feature_weight * F.mse_loss(source, target))
     return terms
 
@@ -902,6 +942,26 @@ def load_state(path: Path, model: MiniCPMV46, aux: AuxHeads, opt: torch.optim.Op
     return state["k"], state["sheet_index"]
 
 
+class WeightAverage:
+    """Exponential moving average of the model's weights over the last question-answering steps.
+    The weights after any one step carry that step's batch noise; an average of many nearby points
+    of the same trajectory usually generalises better, and costs one lerp per step."""
+
+    def __init__(self, model: MiniCPMV46, decay: float):
+        self.decay = decay
+        self.params = [p for p in model.parameters()]
+        self.average = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, a in zip(self.params, self.average, strict=True):
+            p.copy_(a)
+
+
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -910,9 +970,26 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def set_lr(opt: torch.optim.Optimizer, step: int, total: int, peak: float, warmup: int) -> None:
-    """Warmup then cosine decay (`lr_at`) for every parameter group; each phase has its own."""
+    """Warmup then cosine decay (`lr_at`) for every parameter group (times the group's
+    `lr_scale`, see `scale_vision_lr`); each phase has its own."""
     for group in opt.param_groups:
-        group["lr"] = lr_at(step, total, peak, warmup)
+        group["lr"] = lr_at(step, total, peak, warmup) * group.get("lr_scale", 1.0)
+
+
+def scale_vision_lr(opt: torch.optim.Optimizer, model: MiniCPMV46, scale: float) -> None:
+    """Move the vision tower's and merger's parameters into groups of their own whose lr is
+    `scale` times the others'. The decoder has to keep what the oracle phase bound (it forgets at a
+    high lr) while the vision tower still has digits to learn; Adam's moments stay with each
+    parameter, so the move changes nothing else."""
+    vision = {id(p) for m in (model.vision_tower, model.merger) for p in m.parameters()}
+    for group in list(opt.param_groups):
+        moved = [p for p in group["params"] if id(p) in vision]
+        if not moved:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in vision]
+        opt.add_param_group(
+            {**{k: v for k, v in group.items() if k != "params"}, "params": moved, "lr_scale": scale}
+        )
 
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, clipped) -> None:
@@ -938,10 +1015,23 @@ def main(argv: list[str] | None = None) -> int:
         help="peak lr of the question-answering phase; at --lr it undoes much of what the oracle phase taught",
     )
     ap.add_argument(
+        "--qa-vision-lr",
+        type=float,
+        default=0.0,
+        help="peak lr of the vision tower and merger in the question-answering phase (0: --qa-lr)",
+    )
+    ap.add_argument(
         "--extra-numbers",
         type=int,
         default=4,
         help="number images added to every balanced block of 10 training conversations (train_item)",
+    )
+    ap.add_argument(
+        "--numbers-16x",
+        type=float,
+        default=None,
+        help="share of the vision and question-answering phases' extra number images in 16x mode "
+        "(default: half, each in its block's mode); 16x reads digits from a quarter of the tokens",
     )
     ap.add_argument(
         "--qa-batch", type=int, default=0, help="conversations per question-answering step (0: --batch)"
@@ -957,6 +1047,18 @@ def main(argv: list[str] | None = None) -> int:
         "--qa-pair-every-answer-token",
         action="store_true",
         help="--pair-every-answer-token in the question-answering phase only",
+    )
+    ap.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="write the exponential moving average of the weights with this decay (0: the last weights)",
+    )
+    ap.add_argument(
+        "--ema-steps",
+        type=int,
+        default=300,
+        help="the average covers the last N question-answering steps (it starts from the weights then)",
     )
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -1022,6 +1124,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--where-weight", type=float, default=0.0, help="weight of the image-location probe")
     ap.add_argument(
+        "--skip-mixed-digit-tokens",
+        action="store_true",
+        help="no oracle-code pull and no per-token digit label on tokens holding ink of both digits",
+    )
+    ap.add_argument(
         "--feature-weight",
         type=float,
         default=1.0,
@@ -1030,6 +1137,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-hidden", type=int, default=128, help="decoder width (multiple of 32)")
     ap.add_argument(
         "--image-size", type=int, default=980, help="vision position table: image_size / 14 patches a side"
+    )
+    ap.add_argument(
+        "--insert-layer",
+        type=int,
+        default=1,
+        help="vision layer (of 4) after which 16x mode merges 2x2 patches (insert_layer_id)",
     )
     ap.add_argument(
         "--full-attention",
@@ -1076,6 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
             "text_hidden": args.text_hidden,
             "full_attention": tuple(args.full_attention),
             "image_size": args.image_size,
+            "insert_layer_id": args.insert_layer,
         }
         tok = write_assets(assets, **arch)
         ids = tok["token_ids"]
@@ -1093,6 +1207,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed + 1)
         aux = AuxHeads(cfg.text.hidden_size, len(COLOURS), len(SHAPES))
         aux.feature_weight, aux.where_weight = args.feature_weight, args.where_weight
+        aux.skip_mixed = args.skip_mixed_digit_tokens  # the oracle phase has no image features to pull
         if args.oracle_steps or args.feature_weight:
             aux.oracle = OracleFeatures(
                 cfg.text.hidden_size, len(COLOURS), len(SHAPES), args.seed + 2, ordinal=args.oracle_ordinal
@@ -1125,11 +1240,13 @@ def main(argv: list[str] | None = None) -> int:
                 sheet_index += 1
             return out
 
-        def next_batch(size: int, extra: int, encoder: Encoder) -> list[Encoded]:
+        def next_batch(
+            size: int, extra: int, encoder: Encoder, numbers_16x: float | None = None
+        ) -> list[Encoded]:
             nonlocal k
             batch = []
             for _ in range(size):
-                sample_index, mode = train_item(k, extra)
+                sample_index, mode = train_item(k, extra, numbers_16x)
                 sample, follow = make_conversation(TRAIN, sample_index, args.seed, args.turns)
                 objects = make_scene(TRAIN, sample_index, args.seed)[1]
                 batch.append(encoder(sample, mode, nps, follow, objects))
@@ -1179,6 +1296,12 @@ def main(argv: list[str] | None = None) -> int:
                 + " ".join(f"{k} {v:.0f}" for k, v in sorted(acc.items()))
             )
 
+        def number_mode(step: int, j: int) -> str:
+            """Mode of the j-th extra number image of vision-only step `step`."""
+            if args.numbers_16x is None:
+                return MODES[j % 2]
+            return spread_mode(step * args.vision_numbers + j, args.numbers_16x)
+
         # Phase 1: the vision tower alone, on dense sheets plus task images (probe targets only).
         # Each sheet labels several objects per image, which trains shape and digit recognition
         # several times faster per second than question answering does (measured: centre-token
@@ -1189,13 +1312,13 @@ def main(argv: list[str] | None = None) -> int:
             set_lr(opt, step, args.vision_steps, args.lr, args.warmup)
             images = next_sheets(args.vision_batch * 3 // 4)
             while len(images) < args.vision_batch:
-                sample_index, mode = train_item(k, args.extra_numbers)
+                sample_index, mode = train_item(k, args.extra_numbers, args.numbers_16x)
                 sample, objects = make_scene(TRAIN, sample_index, args.seed)
                 images.append(encode(sample, mode, nps, (), objects))
                 k += 1
             for j in range(args.vision_numbers):  # extra number images: digit reading is the slowest skill
                 index = NUMBER_OFFSET + 10 * (step * args.vision_numbers + j) + (4 if j % 2 == 0 else 9)
-                images.append(encode(make_sample(TRAIN, index, args.seed), MODES[j % 2], nps))
+                images.append(encode(make_sample(TRAIN, index, args.seed), number_mode(step, j), nps))
             loss = vision_loss(model, aux, images)
             optimizer_step(opt, loss, model.parameters())
             if (step + 1) % 50 == 0:
@@ -1231,14 +1354,17 @@ def main(argv: list[str] | None = None) -> int:
         qa_extra = args.qa_extra_numbers
         if qa_extra != args.extra_numbers:
             k = qa_start_item(k, args.extra_numbers, qa_extra)
+        if args.qa_vision_lr:
+            scale_vision_lr(opt, model, args.qa_vision_lr / args.qa_lr)
         qa_encode = encode
         if args.qa_pair_every_answer_token and not args.pair_every_answer_token:
             qa_encode = Encoder(assets, pair_every_answer_token=True)
         t_loop = time.perf_counter()
         running = []
+        average = None
         for step in range(args.steps):
             set_lr(opt, step, args.steps, args.qa_lr, args.warmup)
-            batch = next_batch(qa_batch, qa_extra, qa_encode)
+            batch = next_batch(qa_batch, qa_extra, qa_encode, args.numbers_16x)
             if step == 0:
                 log(f"batched vs reference forward: max |logit diff| {check_batched(model, batch):.2e}")
             loss = batch_loss(
@@ -1248,6 +1374,10 @@ def main(argv: list[str] | None = None) -> int:
                 loss = loss + args.aux_weight * vision_loss(model, aux, next_sheets(args.sheets))
             running.append(loss.item())
             optimizer_step(opt, loss, model.parameters())
+            if average is not None:
+                average.update()
+            elif args.ema_decay and step + 1 > args.steps - args.ema_steps:
+                average = WeightAverage(model, args.ema_decay)
             if (step + 1) % 10 == 0:
                 rate = (step + 1) / (time.perf_counter() - t_loop)
                 log(f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} {rate:.2f} step/s")
@@ -1257,6 +1387,10 @@ def main(argv: list[str] | None = None) -> int:
                 if args.snapshot is not None:  # a fallback copy if a run has to be stopped early
                     save_checkpoint(model, args.snapshot, dtype=torch.float16, extra_files=extra)
 
+        if average is not None:
+            average.copy_to_model()
+            if args.eval_every:
+                report(f"average of the last {args.ema_steps} steps")
         save_checkpoint(model, args.out, dtype=torch.float16, extra_files=extra)
         log(f"wrote {args.out} after {(time.perf_counter() - t_start) / 60:.1f} min")
     finally:
