@@ -444,3 +444,23 @@ def test_mixed_digit_tokens_get_no_per_token_digit_target(encoder: train_demo.En
     assert per_token_terms(mixed_moved, True) == per_token_terms(features, True)
     assert per_token_terms(mixed_moved, False) != per_token_terms(features, False)
     assert per_token_terms(clean_moved, True) != per_token_terms(features, True)
+
+
+def test_blended_oracle_codes_mix_both_digits_only_where_both_are_inked(encoder: train_demo.Encoder) -> None:
+    """--oracle-blend-digits: a token with ink of only one digit keeps that digit's code, a mixed
+    token gets both codes in proportion to its ink, and an ink-free token the empty code."""
+    number = next(
+        ex for i in range(40) if (ex := encoder(make_sample(TRAIN, 10 * i + 4), "16x", 70)).digit_mixed.any()
+    )
+    oracle = train_demo.OracleFeatures(32, 6, 4, seed=0)
+    single = oracle.source(number)
+    oracle.blend_digits = True
+    blended = oracle.source(number)
+    share = number.digit_left
+    pure = (share == 0.0) | (share == 1.0) | (share < 0)
+    assert pure.any() and torch.allclose(blended[pure], single[pure])
+    first, second = oracle.codes["shape"][4 + 1 + number.digits]
+    token = int(number.digit_mixed.nonzero()[0])
+    expected = single[token] - oracle.codes["shape"][4 + 1 + (int(number.digit_map[token]) - 1) % 10]
+    expected = expected + share[token] * first + (1 - share[token]) * second
+    assert torch.allclose(blended[token], expected, atol=1e-5)

@@ -142,6 +142,7 @@ class Encoded:
     aux: torch.Tensor | None = None  # [tokens of the source view, 2]: colour, shape/digit class (0 = none)
     digits: torch.Tensor | None = None  # [2] the two digits of a number image
     digit_map: torch.Tensor | None = None  # [tokens of the source view]: 0 ink-free, 1+d first, 11+d second
+    digit_left: torch.Tensor | None = None  # [tokens of the source view]: share of ink left of the middle
     digit_mixed: torch.Tensor | None = None  # [tokens of the source view]: ink of both digits
     lookup: torch.Tensor | None = None  # [T, 6]: what a question names (see LOOKUP_CLASSES), -100 elsewhere
     grid: tuple[int, int] | None = None  # (rows, cols) of the source view's LLM tokens
@@ -204,17 +205,22 @@ def digit_targets(image, token_grid: tuple[int, int], answer: str) -> torch.Tens
     return out
 
 
-def mixed_digit_tokens(image, token_grid: tuple[int, int], minority: float = 0.15) -> torch.Tensor:
-    """Per LLM token of the source view: True where the cell holds ink of both digits (at least
-    `minority` of its ink on each side of the middle). `digit_targets` names one digit for such a
-    token, so pulling it onto that digit's oracle code erases the other: a third of the inked
-    tokens of the eval number images in 16x mode, a sixth in 4x."""
-    out = torch.zeros(token_grid[0] * token_grid[1], dtype=torch.bool)
+def digit_left_share(image, token_grid: tuple[int, int]) -> torch.Tensor:
+    """Per LLM token of the source view: the share of its cell's ink left of the number's middle
+    (first digit), -1 where the cell holds no ink."""
+    out = torch.full((token_grid[0] * token_grid[1],), -1.0)
     cells, mid = _inked_cells(image, token_grid)
     for index, xs in cells:
-        left = float((xs < mid).mean())
-        out[index] = minority <= left <= 1.0 - minority
+        out[index] = float((xs < mid).mean())
     return out
+
+
+def mixed_digit_tokens(left_share: torch.Tensor, minority: float = 0.15) -> torch.Tensor:
+    """True where a token's cell holds ink of both digits (at least `minority` of its ink on each
+    side of the middle). `digit_targets` names one digit for such a token, so pulling it onto that
+    digit's oracle code erases the other: a third of the inked tokens of the eval number images
+    in 16x mode, a sixth in 4x."""
+    return (left_share >= minority) & (left_share <= 1.0 - minority)
 
 
 # colour, shape, grid row, grid column of a named object; first and second digit of a number image
@@ -345,7 +351,8 @@ class Encoder:
             ex.lookup = reading_targets(self.tokenizer, seq, sample.question, sample.answer)
             ex.grid = source_token_grid(prepared, mode)
             ex.digit_map = digit_targets(sample.image, ex.grid, sample.answer)
-            ex.digit_mixed = mixed_digit_tokens(sample.image, ex.grid)
+            ex.digit_left = digit_left_share(sample.image, ex.grid)
+            ex.digit_mixed = mixed_digit_tokens(ex.digit_left)
             ex.source_start = seq.index(self.image_token_id)
         return ex
 
@@ -648,6 +655,7 @@ class OracleFeatures(torch.nn.Module):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
         self.n_shapes = n_shapes
+        self.blend_digits = False  # see source
         sizes = {
             "colour": n_colours + 1,
             "shape": n_shapes + 11,
@@ -672,7 +680,14 @@ class OracleFeatures(torch.nn.Module):
         if ex.aux is not None:
             return out + self.codes["colour"][ex.aux[:, 0]] + self.codes["shape"][ex.aux[:, 1]]
         digit = torch.where(ex.digit_map > 0, self.n_shapes + 1 + (ex.digit_map - 1) % 10, 0)
-        return out + self.codes["colour"][torch.zeros_like(digit)] + self.codes["shape"][digit]
+        out = out + self.codes["colour"][torch.zeros_like(digit)]
+        if self.blend_digits and ex.digit_left is not None:
+            # a token with ink of both digits carries both codes, in proportion to the ink
+            first, second = self.codes["shape"][self.n_shapes + 1 + ex.digits]
+            share = ex.digit_left.clamp(min=0.0)[:, None]
+            blend = share * first + (1.0 - share) * second
+            return out + torch.where((ex.digit_left >= 0)[:, None], blend, self.codes["shape"][0])
+        return out + self.codes["shape"][digit]
 
     def forward(self, ex: Encoded, n_image_tokens: int) -> torch.Tensor:
         """Features for every image token of `ex` (source view first, then tiles)."""
@@ -1129,6 +1144,12 @@ def main(argv: list[str] | None = None) -> int:
         help="no oracle-code pull and no per-token digit label on tokens holding ink of both digits",
     )
     ap.add_argument(
+        "--oracle-blend-digits",
+        action="store_true",
+        help="a number token's oracle code mixes both digits' codes by the share of its ink left and "
+        "right of the middle (default: the code of the digit most of its ink belongs to)",
+    )
+    ap.add_argument(
         "--feature-weight",
         type=float,
         default=1.0,
@@ -1213,6 +1234,7 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.text.hidden_size, len(COLOURS), len(SHAPES), args.seed + 2, ordinal=args.oracle_ordinal
             )
             aux.oracle.requires_grad_(args.oracle_steps > 0)  # learned only in the oracle phase
+            aux.oracle.blend_digits = args.oracle_blend_digits
         decay, no_decay = [], []
         for name, p in list(model.named_parameters()) + list(aux.named_parameters()):
             (no_decay if p.ndim < 2 or "norm" in name or "embedding" in name else decay).append(p)
