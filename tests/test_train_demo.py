@@ -369,88 +369,15 @@ def test_question_answering_layout_starts_past_every_used_conversation(
         assert start == -(-k // (10 + extra)) * (10 + qa_extra)
 
 
-def _tiny_model() -> train_demo.MiniCPMV46:
-    cfg = train_demo.demo_config(300, 298, 299, text_hidden=64)
-    return train_demo.init_model(cfg, seed=0)
-
-
-def test_weight_average_is_the_exponential_moving_average_of_the_steps() -> None:
-    """--ema-decay writes the moving average: after two updates from w0 through w1 and w2 it is
-    d * (d * w0 + (1 - d) * w1) + (1 - d) * w2, and copying it into the model replaces the weights."""
-    model = _tiny_model()
-    param = model.merger.mlp[0].linear_2.weight
-    decay = 0.9
-    snapshots = [param.detach().clone()]
-    average = train_demo.WeightAverage(model, decay)
-    for shift in (1.0, -3.0):
-        with torch.no_grad():
-            param.add_(shift)
-        snapshots.append(param.detach().clone())
-        average.update()
-    w0, w1, w2 = snapshots
-    expected = decay * (decay * w0 + (1 - decay) * w1) + (1 - decay) * w2
-    average.copy_to_model()
-    assert torch.allclose(param, expected, atol=1e-6)
-
-
-def test_vision_lr_scale_moves_only_vision_parameters_and_keeps_their_adam_state() -> None:
-    """--qa-vision-lr: the vision tower and merger get groups of their own at `scale` times the lr,
-    every parameter stays in exactly one group, and Adam's moments stay with each parameter."""
-    model = _tiny_model()
-    params = list(model.parameters())
-    opt = torch.optim.AdamW(
-        [{"params": [p for p in params if p.ndim >= 2]}, {"params": [p for p in params if p.ndim < 2]}],
-        lr=1e-3,
-    )
-    sum(p.float().pow(2).sum() for p in params).backward()
-    opt.step()
-    moments = {id(p): opt.state[p]["exp_avg"].clone() for p in params}
-    train_demo.scale_vision_lr(opt, model, 3.0)
-    train_demo.set_lr(opt, 500, 1000, 1e-3, 20)
-    base = train_demo.lr_at(500, 1000, 1e-3, 20)
-    vision = {id(p) for m in (model.vision_tower, model.merger) for p in m.parameters()}
-    grouped = [(id(p), group["lr"]) for group in opt.param_groups for p in group["params"]]
-    assert sorted(i for i, _ in grouped) == sorted(id(p) for p in params)
-    for i, lr in grouped:
-        assert lr == pytest.approx(3.0 * base if i in vision else base)
-    assert all(torch.equal(opt.state[p]["exp_avg"], moments[id(p)]) for p in params)
-
-
-def test_mixed_digit_tokens_get_no_per_token_digit_target(encoder: train_demo.Encoder) -> None:
-    """--skip-mixed-digit-tokens: a token whose cell holds ink of both digits gets no per-token
-    digit label and no pull onto one digit's oracle code; every other token keeps both (the
-    image-level digit probe, the first term, still reads every token)."""
-    number = next(
-        ex
-        for i in range(40)
-        if (ex := encoder(make_sample(TRAIN, 10 * i + 4), "16x", 70)).digit_mixed.any()
-        and (~ex.digit_mixed & (ex.digit_map > 0)).any()
-    )
-    assert bool((number.digit_map[number.digit_mixed] > 0).all())  # only inked tokens are mixed
-    aux = train_demo.AuxHeads(32, 6, 4)
-    aux.feature_weight = 1.0
-    aux.oracle = train_demo.OracleFeatures(32, 6, 4, seed=0)
-    features = torch.randn(number.digit_map.shape[0], 32)
-    mixed_moved, clean_moved = features.clone(), features.clone()
-    mixed_moved[number.digit_mixed] += 5.0
-    clean_moved[~number.digit_mixed & (number.digit_map > 0)] += 5.0
-
-    def per_token_terms(feats: torch.Tensor, skip: bool) -> list[float]:
-        aux.skip_mixed = skip
-        terms = train_demo.probe_terms(aux, [number], [feats])
-        assert len(terms) == 3  # image-level digits, per-token digit map, pull onto the oracle codes
-        return [float(t.detach()) for t in terms[1:]]
-
-    assert per_token_terms(mixed_moved, True) == per_token_terms(features, True)
-    assert per_token_terms(mixed_moved, False) != per_token_terms(features, False)
-    assert per_token_terms(clean_moved, True) != per_token_terms(features, True)
-
-
 def test_blended_oracle_codes_mix_both_digits_only_where_both_are_inked(encoder: train_demo.Encoder) -> None:
     """--oracle-blend-digits: a token with ink of only one digit keeps that digit's code, a mixed
     token gets both codes in proportion to its ink, and an ink-free token the empty code."""
+
+    def mixed(ex: train_demo.Encoded) -> torch.Tensor:
+        return (ex.digit_left > 0.2) & (ex.digit_left < 0.8)
+
     number = next(
-        ex for i in range(40) if (ex := encoder(make_sample(TRAIN, 10 * i + 4), "16x", 70)).digit_mixed.any()
+        ex for i in range(40) if mixed(ex := encoder(make_sample(TRAIN, 10 * i + 4), "16x", 70)).any()
     )
     oracle = train_demo.OracleFeatures(32, 6, 4, seed=0)
     single = oracle.source(number)
@@ -460,7 +387,27 @@ def test_blended_oracle_codes_mix_both_digits_only_where_both_are_inked(encoder:
     pure = (share == 0.0) | (share == 1.0) | (share < 0)
     assert pure.any() and torch.allclose(blended[pure], single[pure])
     first, second = oracle.codes["shape"][4 + 1 + number.digits]
-    token = int(number.digit_mixed.nonzero()[0])
+    token = int(mixed(number).nonzero()[0])
     expected = single[token] - oracle.codes["shape"][4 + 1 + (int(number.digit_map[token]) - 1) % 10]
     expected = expected + share[token] * first + (1 - share[token]) * second
     assert torch.allclose(blended[token], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("share", [0.75, 0.5, 1.0])
+def test_number_images_take_16x_at_the_requested_share(share: float) -> None:
+    """--numbers-16x: the extra number images of consecutive blocks take 16x at `share`, evenly
+    spread; the balanced ten of each block keep the block's mode and every index is unchanged."""
+    extra = 6
+    items = [train_demo.train_item(k, extra, share) for k in range(8 * (10 + extra))]
+    default = [train_demo.train_item(k, extra) for k in range(8 * (10 + extra))]
+    assert [index for index, _ in items] == [index for index, _ in default]
+    numbers = [mode for k, (_, mode) in enumerate(items) if k % (10 + extra) >= 10]
+    assert numbers.count("16x") == share * len(numbers)
+    for start in range(0, len(numbers), 4):  # evenly spread: the share holds in every run of four
+        assert numbers[start : start + 4].count("16x") == int(share * 4)
+    balanced = [
+        (mode, d)
+        for k, ((_, mode), (_, d)) in enumerate(zip(items, default, strict=True))
+        if k % (10 + extra) < 10
+    ]
+    assert all(mode == d for mode, d in balanced)

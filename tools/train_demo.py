@@ -74,7 +74,6 @@ def demo_config(
     text_hidden: int = 128,
     full_attention: tuple[int, ...] = (2, 5),
     image_size: int = 980,
-    insert_layer_id: int = 1,
 ) -> MiniCPMV46Config:
     """The demo preset: `tiny`'s structure, wider. Vision: 4 SigLIP layers, window merger after
     layer 1. LLM: 6 layers of Gated DeltaNet, gated full attention at the `full_attention` layers;
@@ -108,7 +107,7 @@ def demo_config(
     return MiniCPMV46Config(
         vision=vision,
         text=text,
-        insert_layer_id=insert_layer_id,
+        insert_layer_id=1,
         image_token_id=image_token_id,
         video_token_id=video_token_id,
     )
@@ -143,7 +142,6 @@ class Encoded:
     digits: torch.Tensor | None = None  # [2] the two digits of a number image
     digit_map: torch.Tensor | None = None  # [tokens of the source view]: 0 ink-free, 1+d first, 11+d second
     digit_left: torch.Tensor | None = None  # [tokens of the source view]: share of ink left of the middle
-    digit_mixed: torch.Tensor | None = None  # [tokens of the source view]: ink of both digits
     lookup: torch.Tensor | None = None  # [T, 6]: what a question names (see LOOKUP_CLASSES), -100 elsewhere
     grid: tuple[int, int] | None = None  # (rows, cols) of the source view's LLM tokens
     source_start: int = 0  # sequence position of the source view's first image token
@@ -213,14 +211,6 @@ def digit_left_share(image, token_grid: tuple[int, int]) -> torch.Tensor:
     for index, xs in cells:
         out[index] = float((xs < mid).mean())
     return out
-
-
-def mixed_digit_tokens(left_share: torch.Tensor, minority: float = 0.15) -> torch.Tensor:
-    """True where a token's cell holds ink of both digits (at least `minority` of its ink on each
-    side of the middle). `digit_targets` names one digit for such a token, so pulling it onto that
-    digit's oracle code erases the other: a third of the inked tokens of the eval number images
-    in 16x mode, a sixth in 4x."""
-    return (left_share >= minority) & (left_share <= 1.0 - minority)
 
 
 # colour, shape, grid row, grid column of a named object; first and second digit of a number image
@@ -352,7 +342,6 @@ class Encoder:
             ex.grid = source_token_grid(prepared, mode)
             ex.digit_map = digit_targets(sample.image, ex.grid, sample.answer)
             ex.digit_left = digit_left_share(sample.image, ex.grid)
-            ex.digit_mixed = mixed_digit_tokens(ex.digit_left)
             ex.source_start = seq.index(self.image_token_id)
         return ex
 
@@ -620,7 +609,6 @@ class AuxHeads(torch.nn.Module):
         self.where = torch.nn.Linear(dim, 2 * WHERE_BINS)
         self.feature_weight = 0.0  # see OracleFeatures
         self.where_weight = 0.0  # see where_targets
-        self.skip_mixed = False  # see mixed_digit_tokens
         self.oracle: OracleFeatures | None = None  # the codes `feature_weight` pulls features onto
         self.pair = torch.nn.Linear(
             dim, 4 * GRID_CELLS
@@ -795,18 +783,11 @@ def probe_terms(aux: AuxHeads, group: list[Encoded], feats: list[torch.Tensor]) 
             terms.append(aux.where_weight * F.cross_entropy(where.transpose(1, 2), where_targets(ex.grid)))
         if ex.digits is not None:
             terms.append(F.cross_entropy(aux.digits(source.mean(0)).view(2, 10), ex.digits))
-        # tokens whose per-token target names one digit where the image has two (mixed_digit_tokens)
-        keep = ~ex.digit_mixed if aux.skip_mixed and ex.digit_mixed is not None else None
-        if keep is not None and not keep.any():
-            continue  # every inked token mixed: no per-token digit target left
         if ex.digit_map is not None:
-            labels = ex.digit_map if keep is None else ex.digit_map.masked_fill(~keep, -100)
-            terms.append(F.cross_entropy(aux.digit_map(source), labels))
+            terms.append(F.cross_entropy(aux.digit_map(source), ex.digit_map))
         if aux.feature_weight > 0 and aux.oracle is not None:
             target = aux.oracle.source(ex)
             if target is not None:
-                if keep is not None:
-                    source, target = source[keep], target[keep]
                 terms.append(aux.feature_weight * F.mse_loss(source, target))
     return terms
 
@@ -957,26 +938,6 @@ def load_state(path: Path, model: MiniCPMV46, aux: AuxHeads, opt: torch.optim.Op
     return state["k"], state["sheet_index"]
 
 
-class WeightAverage:
-    """Exponential moving average of the model's weights over the last question-answering steps.
-    The weights after any one step carry that step's batch noise; an average of many nearby points
-    of the same trajectory usually generalises better, and costs one lerp per step."""
-
-    def __init__(self, model: MiniCPMV46, decay: float):
-        self.decay = decay
-        self.params = [p for p in model.parameters()]
-        self.average = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def update(self) -> None:
-        torch._foreach_lerp_(self.average, [p.detach() for p in self.params], 1.0 - self.decay)
-
-    @torch.no_grad()
-    def copy_to_model(self) -> None:
-        for p, a in zip(self.params, self.average, strict=True):
-            p.copy_(a)
-
-
 def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -985,26 +946,9 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 
 def set_lr(opt: torch.optim.Optimizer, step: int, total: int, peak: float, warmup: int) -> None:
-    """Warmup then cosine decay (`lr_at`) for every parameter group (times the group's
-    `lr_scale`, see `scale_vision_lr`); each phase has its own."""
+    """Warmup then cosine decay (`lr_at`) for every parameter group; each phase has its own."""
     for group in opt.param_groups:
-        group["lr"] = lr_at(step, total, peak, warmup) * group.get("lr_scale", 1.0)
-
-
-def scale_vision_lr(opt: torch.optim.Optimizer, model: MiniCPMV46, scale: float) -> None:
-    """Move the vision tower's and merger's parameters into groups of their own whose lr is
-    `scale` times the others'. The decoder has to keep what the oracle phase bound (it forgets at a
-    high lr) while the vision tower still has digits to learn; Adam's moments stay with each
-    parameter, so the move changes nothing else."""
-    vision = {id(p) for m in (model.vision_tower, model.merger) for p in m.parameters()}
-    for group in list(opt.param_groups):
-        moved = [p for p in group["params"] if id(p) in vision]
-        if not moved:
-            continue
-        group["params"] = [p for p in group["params"] if id(p) not in vision]
-        opt.add_param_group(
-            {**{k: v for k, v in group.items() if k != "params"}, "params": moved, "lr_scale": scale}
-        )
+        group["lr"] = lr_at(step, total, peak, warmup)
 
 
 def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, clipped) -> None:
@@ -1028,12 +972,6 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1e-3,
         help="peak lr of the question-answering phase; at --lr it undoes much of what the oracle phase taught",
-    )
-    ap.add_argument(
-        "--qa-vision-lr",
-        type=float,
-        default=0.0,
-        help="peak lr of the vision tower and merger in the question-answering phase (0: --qa-lr)",
     )
     ap.add_argument(
         "--extra-numbers",
@@ -1062,18 +1000,6 @@ def main(argv: list[str] | None = None) -> int:
         "--qa-pair-every-answer-token",
         action="store_true",
         help="--pair-every-answer-token in the question-answering phase only",
-    )
-    ap.add_argument(
-        "--ema-decay",
-        type=float,
-        default=0.0,
-        help="write the exponential moving average of the weights with this decay (0: the last weights)",
-    )
-    ap.add_argument(
-        "--ema-steps",
-        type=int,
-        default=300,
-        help="the average covers the last N question-answering steps (it starts from the weights then)",
     )
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--weight-decay", type=float, default=0.01)
@@ -1139,11 +1065,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--where-weight", type=float, default=0.0, help="weight of the image-location probe")
     ap.add_argument(
-        "--skip-mixed-digit-tokens",
-        action="store_true",
-        help="no oracle-code pull and no per-token digit label on tokens holding ink of both digits",
-    )
-    ap.add_argument(
         "--oracle-blend-digits",
         action="store_true",
         help="a number token's oracle code mixes both digits' codes by the share of its ink left and "
@@ -1158,12 +1079,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text-hidden", type=int, default=128, help="decoder width (multiple of 32)")
     ap.add_argument(
         "--image-size", type=int, default=980, help="vision position table: image_size / 14 patches a side"
-    )
-    ap.add_argument(
-        "--insert-layer",
-        type=int,
-        default=1,
-        help="vision layer (of 4) after which 16x mode merges 2x2 patches (insert_layer_id)",
     )
     ap.add_argument(
         "--full-attention",
@@ -1210,7 +1125,6 @@ def main(argv: list[str] | None = None) -> int:
             "text_hidden": args.text_hidden,
             "full_attention": tuple(args.full_attention),
             "image_size": args.image_size,
-            "insert_layer_id": args.insert_layer,
         }
         tok = write_assets(assets, **arch)
         ids = tok["token_ids"]
@@ -1228,7 +1142,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed + 1)
         aux = AuxHeads(cfg.text.hidden_size, len(COLOURS), len(SHAPES))
         aux.feature_weight, aux.where_weight = args.feature_weight, args.where_weight
-        aux.skip_mixed = args.skip_mixed_digit_tokens  # the oracle phase has no image features to pull
         if args.oracle_steps or args.feature_weight:
             aux.oracle = OracleFeatures(
                 cfg.text.hidden_size, len(COLOURS), len(SHAPES), args.seed + 2, ordinal=args.oracle_ordinal
@@ -1376,14 +1289,11 @@ def main(argv: list[str] | None = None) -> int:
         qa_extra = args.qa_extra_numbers
         if qa_extra != args.extra_numbers:
             k = qa_start_item(k, args.extra_numbers, qa_extra)
-        if args.qa_vision_lr:
-            scale_vision_lr(opt, model, args.qa_vision_lr / args.qa_lr)
         qa_encode = encode
         if args.qa_pair_every_answer_token and not args.pair_every_answer_token:
             qa_encode = Encoder(assets, pair_every_answer_token=True)
         t_loop = time.perf_counter()
         running = []
-        average = None
         for step in range(args.steps):
             set_lr(opt, step, args.steps, args.qa_lr, args.warmup)
             batch = next_batch(qa_batch, qa_extra, qa_encode, args.numbers_16x)
@@ -1396,10 +1306,6 @@ def main(argv: list[str] | None = None) -> int:
                 loss = loss + args.aux_weight * vision_loss(model, aux, next_sheets(args.sheets))
             running.append(loss.item())
             optimizer_step(opt, loss, model.parameters())
-            if average is not None:
-                average.update()
-            elif args.ema_decay and step + 1 > args.steps - args.ema_steps:
-                average = WeightAverage(model, args.ema_decay)
             if (step + 1) % 10 == 0:
                 rate = (step + 1) / (time.perf_counter() - t_loop)
                 log(f"step {step + 1}/{args.steps} loss {np.mean(running):.4f} {rate:.2f} step/s")
@@ -1409,10 +1315,6 @@ def main(argv: list[str] | None = None) -> int:
                 if args.snapshot is not None:  # a fallback copy if a run has to be stopped early
                     save_checkpoint(model, args.snapshot, dtype=torch.float16, extra_files=extra)
 
-        if average is not None:
-            average.copy_to_model()
-            if args.eval_every:
-                report(f"average of the last {args.ema_steps} steps")
         save_checkpoint(model, args.out, dtype=torch.float16, extra_files=extra)
         log(f"wrote {args.out} after {(time.perf_counter() - t_start) / 60:.1f} min")
     finally:
