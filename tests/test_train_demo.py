@@ -386,9 +386,11 @@ def test_blended_oracle_codes_mix_both_digits_only_where_both_are_inked(encoder:
     share = number.digit_left
     pure = (share == 0.0) | (share == 1.0) | (share < 0)
     assert pure.any() and torch.allclose(blended[pure], single[pure])
-    first, second = oracle.codes["shape"][4 + 1 + number.digits]
+    first, second = oracle.codes["shape"][DIGIT_SHAPE + 1 + number.digits]
     token = int(mixed(number).nonzero()[0])
-    expected = single[token] - oracle.codes["shape"][4 + 1 + (int(number.digit_map[token]) - 1) % 10]
+    expected = (
+        single[token] - oracle.codes["shape"][DIGIT_SHAPE + 1 + (int(number.digit_map[token]) - 1) % 10]
+    )
     expected = expected + share[token] * first + (1 - share[token]) * second
     assert torch.allclose(blended[token], expected, atol=1e-5)
 

@@ -169,48 +169,34 @@ def scene_targets(size: tuple[int, int], token_grid: tuple[int, int], objects: l
     return out
 
 
-def _inked_cells(image, token_grid: tuple[int, int]) -> tuple[list[tuple[int, np.ndarray]], float]:
-    """(token index, x of every ink pixel in the token's cell) for each cell at least 3 % inked, and
-    the number's horizontal middle. Ink is found from the pixels (dark on a light background), so
-    the generator is untouched."""
+def digit_targets(image, token_grid: tuple[int, int], answer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per LLM token of the source view (row-major), from one scan of the ink: the digit label (0
+    where the token's cell holds no ink, else 1 + first digit if the cell's ink lies mostly left of
+    the number's horizontal middle, 11 + second digit if right of it) and the share of the cell's
+    ink left of the middle (-1 where it holds none). Ink is found from the pixels (dark on a light
+    background), so the generator is untouched."""
     gray = np.asarray(image.convert("L"), dtype=np.float32)
     ink = gray < 140
+    rows, cols = token_grid
+    labels = torch.zeros(rows * cols, dtype=torch.long)
+    left_share = torch.full((rows * cols,), -1.0)
     ys, xs = np.nonzero(ink)
     if xs.size == 0:
-        return [], 0.0
-    rows, cols = token_grid
+        return labels, left_share
+    mid = 0.5 * (xs.min() + xs.max() + 1)
     height, width = gray.shape
-    cells = []
+    first, second = int(answer[0]), int(answer[1])
     for r in range(rows):
         y0, y1 = int(r * height / rows), int((r + 1) * height / rows)
         for c in range(cols):
             x0, x1 = int(c * width / cols), int((c + 1) * width / cols)
             cell = ink[y0:y1, x0:x1]
-            if cell.sum() >= 0.03 * cell.size:
-                cells.append((r * cols + c, x0 + np.nonzero(cell)[1]))
-    return cells, 0.5 * (xs.min() + xs.max() + 1)
-
-
-def digit_targets(image, token_grid: tuple[int, int], answer: str) -> torch.Tensor:
-    """Per LLM token of the source view (row-major): 0 where the token's cell holds no ink, else
-    1 + first digit if the cell's ink lies mostly left of the number's horizontal middle, 11 +
-    second digit if right of it."""
-    out = torch.zeros(token_grid[0] * token_grid[1], dtype=torch.long)
-    cells, mid = _inked_cells(image, token_grid)
-    first, second = int(answer[0]), int(answer[1])
-    for index, xs in cells:
-        out[index] = 1 + first if xs.mean() < mid else 11 + second
-    return out
-
-
-def digit_left_share(image, token_grid: tuple[int, int]) -> torch.Tensor:
-    """Per LLM token of the source view: the share of its cell's ink left of the number's middle
-    (first digit), -1 where the cell holds no ink."""
-    out = torch.full((token_grid[0] * token_grid[1],), -1.0)
-    cells, mid = _inked_cells(image, token_grid)
-    for index, xs in cells:
-        out[index] = float((xs < mid).mean())
-    return out
+            if cell.sum() < 0.03 * cell.size:
+                continue
+            cell_xs = x0 + np.nonzero(cell)[1]
+            labels[r * cols + c] = 1 + first if cell_xs.mean() < mid else 11 + second
+            left_share[r * cols + c] = float((cell_xs < mid).mean())
+    return labels, left_share
 
 
 # colour, shape, grid row, grid column of a named object; first and second digit of a number image
@@ -340,8 +326,7 @@ class Encoder:
             ex.digits = torch.tensor([int(d) for d in sample.answer[:2]])
             ex.lookup = reading_targets(self.tokenizer, seq, sample.question, sample.answer)
             ex.grid = source_token_grid(prepared, mode)
-            ex.digit_map = digit_targets(sample.image, ex.grid, sample.answer)
-            ex.digit_left = digit_left_share(sample.image, ex.grid)
+            ex.digit_map, ex.digit_left = digit_targets(sample.image, ex.grid, sample.answer)
             ex.source_start = seq.index(self.image_token_id)
         return ex
 
@@ -667,14 +652,14 @@ class OracleFeatures(torch.nn.Module):
         out = self.codes["row"][where[:, 0]] + self.codes["col"][where[:, 1]]
         if ex.aux is not None:
             return out + self.codes["colour"][ex.aux[:, 0]] + self.codes["shape"][ex.aux[:, 1]]
-        digit = torch.where(ex.digit_map > 0, self.n_shapes + 1 + (ex.digit_map - 1) % 10, 0)
-        out = out + self.codes["colour"][torch.zeros_like(digit)]
-        if self.blend_digits and ex.digit_left is not None:
-            # a token with ink of both digits carries both codes, in proportion to the ink
+        # the empty colour's code gathered per token (as the shipped recipe's oracle phase learned it)
+        out = out + self.codes["colour"][torch.zeros_like(ex.digit_map)]
+        if self.blend_digits:  # a token with ink of both digits carries both codes, in proportion
             first, second = self.codes["shape"][self.n_shapes + 1 + ex.digits]
             share = ex.digit_left.clamp(min=0.0)[:, None]
             blend = share * first + (1.0 - share) * second
             return out + torch.where((ex.digit_left >= 0)[:, None], blend, self.codes["shape"][0])
+        digit = torch.where(ex.digit_map > 0, self.n_shapes + 1 + (ex.digit_map - 1) % 10, 0)
         return out + self.codes["shape"][digit]
 
     def forward(self, ex: Encoded, n_image_tokens: int) -> torch.Tensor:
