@@ -424,6 +424,19 @@ def _vision_stage(ref_in: PreparedInput, cand_in: PreparedInput) -> dict[str, An
     }
 
 
+def _top2_margin(logits: np.ndarray) -> float | None:
+    """The reference's top-1 minus top-2 logit: how close to a tie the flipped position was."""
+    flat = np.asarray(logits, dtype=np.float64).ravel()
+    if flat.size < 2:
+        return None
+    top2 = np.partition(flat, flat.size - 2)[-2:]
+    return _finite(float(top2[1] - top2[0]))
+
+
+def _margin(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g} logits"
+
+
 def _logits_stage(
     ref: Sequence[np.ndarray], cand: Sequence[np.ndarray], top1_positions: int | None = None
 ) -> dict[str, Any]:
@@ -444,6 +457,7 @@ def _logits_stage(
         "top1_rate": sum(agree) / len(agree) if agree else None,
         "top1_rate_all_positions": sum(agree_all) / len(agree_all) if agree_all else None,
         "first_top1_mismatch": first_bad,
+        "first_mismatch_ref_margin": None if first_bad is None else _top2_margin(ref[first_bad]),
         "kl_mean": _finite(float(np.mean(kls))) if kls else None,
         "kl_max": _finite(max(kls, default=0.0)),
     }
@@ -600,7 +614,9 @@ def _gate_logits(report: ParityReport, stage: str) -> None:
     rate = agree / positions if positions else None
     if g.top1_rate is not None and rate is not None and rate < g.top1_rate:
         worst = [
-            c.name if stage == "prefill" else f"{c.name} (first at step {s['first_top1_mismatch'] + 1})"
+            (c.name if stage == "prefill" else f"{c.name} (first at step {s['first_top1_mismatch'] + 1}")
+            + (" (" if stage == "prefill" else ", ")
+            + f"reference top-2 margin {_margin(s['first_mismatch_ref_margin'])})"
             for c, s in rows
             if s["first_top1_mismatch"] is not None
         ]

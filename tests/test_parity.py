@@ -200,6 +200,8 @@ def test_decode_top1_counts_the_steps_up_to_the_reference_stop(reference, cases)
     report = compare(free, candidate, cases[:1], "int4", n_steps=STEPS)
     assert report.cases[0].stages["greedy"]["reference_tokens"][:3] == [99, 100, 101]
     assert report.stages["decode"]["passed"] is False and report.stages["decode"]["top1_positions"] == STEPS
+    flipped = next(f.message for f in report.failures if f.gate == "top1_rate")
+    assert "(first at step 3, reference top-2 margin " in flipped and " logits)" in flipped
     stopping = Session(counting, dataclasses.replace(reference.assets, stop_ids=(101,)))
     report = compare(stopping, candidate, cases[:1], "int4", n_steps=STEPS)
     decode = report.cases[0].stages["decode"]
@@ -363,3 +365,15 @@ def test_nan_from_the_candidate_fails_and_stays_valid_json(reference, cases):
     assert report.first_failure.stage == "vision" and report.first_failure.value is None
     assert report.stages["prefill"]["passed"] is False  # NaN spreads into the logits: null, failed
     json.dumps(report.to_json(), allow_nan=False)
+
+
+def test_a_top1_mismatch_reports_how_close_the_reference_was_to_a_tie() -> None:
+    """A flip where the reference's own top two logits nearly tie is a different finding from a
+    flip of a confident answer: the stage figures carry the reference's margin there."""
+    from edge_runtime.parity import _logits_stage
+
+    ref = [np.array([0.0, 3.0, 0.0]), np.array([2.0, 1.95, -1.0])]
+    flips = _logits_stage(ref, [np.array([0.0, 3.0, 0.0]), np.array([1.0, 2.0, 0.0])])
+    assert flips["first_top1_mismatch"] == 1
+    assert flips["first_mismatch_ref_margin"] == pytest.approx(0.05)
+    assert _logits_stage(ref, ref)["first_mismatch_ref_margin"] is None
