@@ -413,3 +413,33 @@ def test_number_images_take_16x_at_the_requested_share(share: float) -> None:
         if k % (10 + extra) < 10
     ]
     assert all(mode == d for mode, d in balanced)
+
+
+def test_bf16_vision_forward_gives_fp32_features_close_to_the_fp32_ones(encoder: train_demo.Encoder) -> None:
+    """--vision-bf16 / --qa-vision-bf16 run only the vision tower under bfloat16 autocast: the
+    features that reach the probes and the decoder stay fp32 and within bfloat16's precision of
+    the fp32 forward; the switch is back off after a run."""
+    cfg = train_demo.demo_config(encoder.tokenizer.vocab_size, encoder.image_token_id, 0)
+    model = train_demo.init_model(cfg, 0)
+    nps = cfg.vision.num_patches_per_side
+    for mode in train_demo.MODES:
+        ex = encoder(make_sample(TRAIN, 4, 0), mode, nps)
+        reference = train_demo.vision_batched(model, ex.slices, mode)
+        with train_demo.vision_bf16(True):
+            fast = train_demo.vision_batched(model, ex.slices, mode)
+        assert train_demo.VISION_BF16 is False
+        for a, b in zip(reference, fast, strict=True):
+            assert b.dtype == torch.float32 and b.shape == a.shape
+            assert not torch.equal(a, b)  # it did run in bfloat16
+            assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_bf16_vision_is_the_default_and_can_be_turned_off(tmp_path: Path) -> None:
+    """The shipped recipe runs the vision tower in bfloat16 in both phases; --no-vision-bf16
+    --no-qa-vision-bf16 trains it in fp32 (other weights), and no run leaves the switch on."""
+    common = ["--eval-every", "0", "--oracle-eval", "0", *TINY_RUN, *TINY_STEPS]
+    for name, flags in (("fp32", ["--no-vision-bf16", "--no-qa-vision-bf16"]), ("bf16", [])):
+        assert train_demo.main(["--out", str(tmp_path / name), *common, *flags]) == 0
+        assert train_demo.VISION_BF16 is False
+    weights = [(tmp_path / name / "model.safetensors").read_bytes() for name in ("fp32", "bf16")]
+    assert weights[0] != weights[1]

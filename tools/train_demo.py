@@ -16,12 +16,14 @@ checkpoint (fp16 safetensors + our tokenizer + side files).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,6 +66,9 @@ MAX_SLICE_NUMS = 4
 MODES = ("16x", "4x")
 EXTRA_TEXT_OFFSET = 10_000_000
 NUMBER_OFFSET = 20_000_000  # train-split indices of the vision phase's extra number images
+# bfloat16 autocast for the vision tower's training forward (--vision-bf16 / --qa-vision-bf16):
+# 1.4-1.5x faster vision steps on CPUs with AVX512-BF16; weights, optimizer and features stay fp32.
+VISION_BF16 = False
 FOLLOW_UP = "\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 
 
@@ -447,12 +452,33 @@ def vision_batched(
     model: MiniCPMV46, slices: list[tuple[torch.Tensor, torch.Tensor]], mode: str
 ) -> list[torch.Tensor]:
     """encode_slice for many slices of one mode at once -> per-slice [L/16 or L/4, D_llm]."""
-    tower = model.vision_tower
     lengths = [p.shape[0] for p, _ in slices]
     longest = max(lengths)
     patches = torch.stack([F.pad(p, (0, 0, 0, longest - p.shape[0])) for p, _ in slices])
     positions = torch.stack([F.pad(pos, (0, longest - pos.shape[0])) for _, pos in slices])
     valid = torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=VISION_BF16):
+        out = _tower_batched(model, patches, positions, valid, mode)
+    div = 16 if mode == "16x" else 4
+    return [out[i, : n // div].float() for i, n in enumerate(lengths)]
+
+
+@contextlib.contextmanager
+def vision_bf16(enabled: bool) -> Iterator[None]:
+    """VISION_BF16 set to `enabled` inside the block, restored after it."""
+    global VISION_BF16
+    saved, VISION_BF16 = VISION_BF16, enabled
+    try:
+        yield
+    finally:
+        VISION_BF16 = saved
+
+
+def _tower_batched(
+    model: MiniCPMV46, patches: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor, mode: str
+) -> torch.Tensor:
+    """Vision tower and merger over a padded batch of slices -> [B, L/16 or L/4, D_llm]."""
+    tower = model.vision_tower
     x = tower.embeddings(patches, positions)
     insert_at = tower.cfg.insert_layer_id if mode == "16x" else -1
     for index, layer in enumerate(tower.encoder.layers):
@@ -468,9 +494,7 @@ def vision_batched(
             valid = valid[:, ::4]
     x = tower.post_layernorm(x)
     b, t, d = x.shape
-    out = model.merger.mlp[0](x.reshape(b, t // 4, 4 * d))
-    div = 16 if mode == "16x" else 4
-    return [out[i, : n // div] for i, n in enumerate(lengths)]
+    return model.merger.mlp[0](x.reshape(b, t // 4, 4 * d))
 
 
 def _attention_batched(attn: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -842,7 +866,7 @@ def batch_loss(
 def check_batched(model: MiniCPMV46, batch: list[Encoded]) -> float:
     """Max |difference| of first-answer logits between the batched path and the model's own forward."""
     worst = 0.0
-    with torch.no_grad():
+    with torch.no_grad(), vision_bf16(False):  # the maths, not bfloat16's rounding
         for group in by_mode(batch):
             hidden = hidden_batched(model, group)
             for row, ex in enumerate(group):
@@ -948,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "edge_runtime" / "data" / "demo-checkpoint")
     ap.add_argument("--seed", type=int, default=4, help="init, oracle codes and training split (4: shipped)")
-    ap.add_argument("--steps", type=int, default=900, help="question-answering optimizer steps")
+    ap.add_argument("--steps", type=int, default=1000, help="question-answering optimizer steps")
     ap.add_argument("--batch", type=int, default=14, help="images (conversations) per optimizer step")
     ap.add_argument("--turns", type=int, default=4, help="questions per image in training conversations")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -992,11 +1016,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-samples", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2, help="intra-op threads (use 1 on a shared machine)")
     ap.add_argument(
-        "--vision-steps", type=int, default=800, help="vision-only probe steps on sheets before the QA phase"
+        "--vision-steps", type=int, default=1400, help="vision-only probe steps on sheets before the QA phase"
+    )
+    ap.add_argument(
+        "--vision-bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the vision phase's vision tower under bfloat16 autocast (see VISION_BF16)",
+    )
+    ap.add_argument(
+        "--qa-vision-bf16",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the question-answering phase's vision tower under bfloat16 autocast (see VISION_BF16)",
     )
     ap.add_argument("--vision-batch", type=int, default=32, help="images per vision-only step")
     ap.add_argument("--vision-numbers", type=int, default=8, help="extra number images per vision-only step")
-    ap.add_argument("--sheets", type=int, default=8, help="sheets added to every QA step (probe loss only)")
+    ap.add_argument("--sheets", type=int, default=4, help="sheets added to every QA step (probe loss only)")
     ap.add_argument(
         "--digit-sheets",
         type=float,
@@ -1097,6 +1133,7 @@ def main(argv: list[str] | None = None) -> int:
         "the oracle phase skipped (to try vision and question-answering settings on the same decoder)",
     )
     args = ap.parse_args(argv)
+    global VISION_BF16
 
     torch.set_num_threads(args.threads)
     # Chunk length is a free parameter of the chunked delta rule (same recurrence, other grouping);
@@ -1227,6 +1264,7 @@ def main(argv: list[str] | None = None) -> int:
         # several times faster per second than question answering does (measured: centre-token
         # shape accuracy 76 % vs 50 % after the same 250 steps). Most sheets are digit sheets
         # (--digit-sheets): number reading is the skill the tower learns slowest.
+        VISION_BF16 = args.vision_bf16
         t_loop = time.perf_counter()
         for step in range(0 if resume else args.vision_steps):
             set_lr(opt, step, args.vision_steps, args.lr, args.warmup)
@@ -1270,6 +1308,7 @@ def main(argv: list[str] | None = None) -> int:
         # Phase 2: question answering end to end, with sheets still feeding the probes. Its own
         # batch layout (--qa-batch, --qa-extra-numbers) starts at the next block of that layout
         # whose conversations and number images no earlier step has used.
+        VISION_BF16 = args.qa_vision_bf16
         qa_batch = args.qa_batch or args.batch
         qa_extra = args.qa_extra_numbers
         if qa_extra != args.extra_numbers:
@@ -1303,6 +1342,7 @@ def main(argv: list[str] | None = None) -> int:
         save_checkpoint(model, args.out, dtype=torch.float16, extra_files=extra)
         log(f"wrote {args.out} after {(time.perf_counter() - t_start) / 60:.1f} min")
     finally:
+        VISION_BF16 = False
         shutil.rmtree(assets, ignore_errors=True)
     return 0
 
