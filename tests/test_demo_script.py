@@ -1,4 +1,5 @@
-"""tools/demo.py: its bundle cache is tied to the checkpoint the bundle was exported from."""
+"""tools/demo.py: its bundle cache is tied to the checkpoint the bundle was exported from; a failing
+bundle says which gate failed."""
 
 from __future__ import annotations
 
@@ -39,3 +40,13 @@ def test_bundle_cache_is_reused_only_for_its_own_checkpoint(
     copy = shutil.copytree(second, tmp_path / "c")
     assert demo.checkpoint_digest(copy) == demo.checkpoint_digest(second)
     assert demo.checkpoint_digest(first) != demo.checkpoint_digest(second)
+
+
+def test_a_failing_bundle_column_prints_its_gate_message(capsys: pytest.CaptureFixture) -> None:
+    columns = [demo.Column("reference"), demo.Column("harmonyos/int4", verdict="FAIL prefill")]
+    columns[1].failure = "prefill top-1 agreement 66.7% of 3 positions < 90%; mismatches in q0"
+    columns.append(demo.Column("ios/int4", verdict="pass"))
+    demo.print_failures(columns)
+    assert capsys.readouterr().out.splitlines() == [
+        "harmonyos/int4 parity: prefill top-1 agreement 66.7% of 3 positions < 90%; mismatches in q0"
+    ]

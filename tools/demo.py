@@ -53,6 +53,7 @@ class Column:
     ttft_ms: list[float] = field(default_factory=list)
     decode_tok_s: list[float] = field(default_factory=list)
     verdict: str = "reference"
+    failure: str = ""  # the first failed gate's one-line message, printed under the table
 
 
 def load_questions(limit: int) -> list[dict]:
@@ -106,6 +107,13 @@ def _quiet(_msg: str) -> None:
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+def print_failures(columns: list[Column]) -> None:
+    """Why each failing bundle failed: the verdict cell only has room for the stage."""
+    for column in columns:
+        if column.failure:
+            print(f"{column.name} parity: {column.failure}")
 
 
 def print_table(questions: list[dict], columns: list[Column]) -> None:
@@ -163,6 +171,7 @@ def main() -> int:
             answer_all(session, questions, column)
             report = compare(reference, session, cases, quant, n_steps=PARITY_STEPS)
             column.verdict = "pass" if report.passed else f"FAIL {report.first_failure.stage}"
+            column.failure = "" if report.passed else report.first_failure.message
         except EdgeError as exc:
             column.verdict = f"error: {exc}"[:40]
         columns.append(column)
@@ -170,6 +179,7 @@ def main() -> int:
     print_table(questions, columns)
     right = sum(a == q["answer"] for a, q in zip(columns[0].answers, questions, strict=True))
     print(f"\nreference: {right}/{len(questions)} answers right")
+    print_failures(columns)
     return 0
 
 
