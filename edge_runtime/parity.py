@@ -433,8 +433,11 @@ def _top2_margin(logits: np.ndarray) -> float | None:
     return _finite(float(top2[1] - top2[0]))
 
 
-def _margin(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3g} logits"
+def _mismatch_site(case: str, stage: str, figures: dict[str, Any]) -> str:
+    """`case (first at step N, reference top-2 margin M logits)` for a gate message (no step in prefill)."""
+    step = "" if stage == "prefill" else f"first at step {figures['first_top1_mismatch'] + 1}, "
+    margin = figures["first_mismatch_ref_margin"]
+    return f"{case} ({step}reference top-2 margin {'-' if margin is None else f'{margin:.3g} logits'})"
 
 
 def _logits_stage(
@@ -613,13 +616,7 @@ def _gate_logits(report: ParityReport, stage: str) -> None:
     agree = sum(s["top1_agree"] for _, s in rows)
     rate = agree / positions if positions else None
     if g.top1_rate is not None and rate is not None and rate < g.top1_rate:
-        worst = [
-            (c.name if stage == "prefill" else f"{c.name} (first at step {s['first_top1_mismatch'] + 1}")
-            + (" (" if stage == "prefill" else ", ")
-            + f"reference top-2 margin {_margin(s['first_mismatch_ref_margin'])})"
-            for c, s in rows
-            if s["first_top1_mismatch"] is not None
-        ]
+        worst = [_mismatch_site(c.name, stage, s) for c, s in rows if s["first_top1_mismatch"] is not None]
         fails.append(Failure(
             stage, "*", "top1_rate", rate, g.top1_rate,
             f"{stage} top-1 agreement {rate:.1%} of {positions} positions < {g.top1_rate:.0%}; "
