@@ -1133,7 +1133,6 @@ def main(argv: list[str] | None = None) -> int:
         "the oracle phase skipped (to try vision and question-answering settings on the same decoder)",
     )
     args = ap.parse_args(argv)
-    global VISION_BF16
 
     torch.set_num_threads(args.threads)
     # Chunk length is a free parameter of the chunked delta rule (same recurrence, other grouping);
@@ -1264,7 +1263,6 @@ def main(argv: list[str] | None = None) -> int:
         # several times faster per second than question answering does (measured: centre-token
         # shape accuracy 76 % vs 50 % after the same 250 steps). Most sheets are digit sheets
         # (--digit-sheets): number reading is the skill the tower learns slowest.
-        VISION_BF16 = args.vision_bf16
         t_loop = time.perf_counter()
         for step in range(0 if resume else args.vision_steps):
             set_lr(opt, step, args.vision_steps, args.lr, args.warmup)
@@ -1277,7 +1275,8 @@ def main(argv: list[str] | None = None) -> int:
             for j in range(args.vision_numbers):  # extra number images: digit reading is the slowest skill
                 index = NUMBER_OFFSET + 10 * (step * args.vision_numbers + j) + (4 if j % 2 == 0 else 9)
                 images.append(encode(make_sample(TRAIN, index, args.seed), number_mode(step, j), nps))
-            loss = vision_loss(model, aux, images)
+            with vision_bf16(args.vision_bf16):
+                loss = vision_loss(model, aux, images)
             optimizer_step(opt, loss, model.parameters())
             if (step + 1) % 50 == 0:
                 rate = (step + 1) / (time.perf_counter() - t_loop)
@@ -1308,7 +1307,6 @@ def main(argv: list[str] | None = None) -> int:
         # Phase 2: question answering end to end, with sheets still feeding the probes. Its own
         # batch layout (--qa-batch, --qa-extra-numbers) starts at the next block of that layout
         # whose conversations and number images no earlier step has used.
-        VISION_BF16 = args.qa_vision_bf16
         qa_batch = args.qa_batch or args.batch
         qa_extra = args.qa_extra_numbers
         if qa_extra != args.extra_numbers:
@@ -1323,11 +1321,19 @@ def main(argv: list[str] | None = None) -> int:
             batch = next_batch(qa_batch, qa_extra, qa_encode, args.numbers_16x)
             if step == 0:
                 log(f"batched vs reference forward: max |logit diff| {check_batched(model, batch):.2e}")
-            loss = batch_loss(
-                model, batch, args.mean_penalty, aux, args.aux_weight, args.lookup_layer, attend, pair=pair
-            )
-            if args.sheets:
-                loss = loss + args.aux_weight * vision_loss(model, aux, next_sheets(args.sheets))
+            with vision_bf16(args.qa_vision_bf16):
+                loss = batch_loss(
+                    model,
+                    batch,
+                    args.mean_penalty,
+                    aux,
+                    args.aux_weight,
+                    args.lookup_layer,
+                    attend,
+                    pair=pair,
+                )
+                if args.sheets:
+                    loss = loss + args.aux_weight * vision_loss(model, aux, next_sheets(args.sheets))
             running.append(loss.item())
             optimizer_step(opt, loss, model.parameters())
             if (step + 1) % 10 == 0:
@@ -1342,7 +1348,6 @@ def main(argv: list[str] | None = None) -> int:
         save_checkpoint(model, args.out, dtype=torch.float16, extra_files=extra)
         log(f"wrote {args.out} after {(time.perf_counter() - t_start) / 60:.1f} min")
     finally:
-        VISION_BF16 = False
         shutil.rmtree(assets, ignore_errors=True)
     return 0
 
