@@ -972,7 +972,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "edge_runtime" / "data" / "demo-checkpoint")
     ap.add_argument("--seed", type=int, default=4, help="init, oracle codes and training split (4: shipped)")
-    ap.add_argument("--steps", type=int, default=1000, help="question-answering optimizer steps")
+    ap.add_argument("--steps", type=int, default=1300, help="question-answering optimizer steps")
     ap.add_argument("--batch", type=int, default=14, help="images (conversations) per optimizer step")
     ap.add_argument("--turns", type=int, default=4, help="questions per image in training conversations")
     ap.add_argument("--lr", type=float, default=3e-3)
