@@ -16,7 +16,7 @@ pytest.importorskip("coremltools")
 
 from edge_runtime.backends.coreml.backend import ENGINE_ENV  # noqa: E402
 from edge_runtime.backends.coreml.executor import MILProgram  # noqa: E402
-from edge_runtime.bundle import MANIFEST, file_entry, open_bundle_session  # noqa: E402
+from edge_runtime.bundle import MANIFEST, file_entry, open_bundle_session, write_manifest  # noqa: E402
 from edge_runtime.cli import main  # noqa: E402
 from edge_runtime.errors import BundleError  # noqa: E402
 from edge_runtime.init_checkpoint import init_checkpoint  # noqa: E402
@@ -97,9 +97,10 @@ def test_inspect_reads_functions_states_ops_and_weight_dtypes(bundles, capsys):
     assert info["weights_by_dtype"]["int4"]["bytes"] > 0 and info["weights_by_dtype"]["int4"]["params"] > 0
     assert not any(k.startswith("opaque") for k in info["weights_by_dtype"])
     # prefill and decode read the same linear weights, stored once: the package holds about one
-    # function's bytes, not the sum of both
+    # function's bytes, not the sum of both (prefill alone keeps a few KB of constants: the chunked
+    # DeltaNet's block masks)
     for fn in decoder.values():
-        assert 0 <= fn["weight_bytes"] - fn["shared_weight_bytes"] < 0.01 * fn["weight_bytes"]
+        assert 0 <= fn["weight_bytes"] - fn["shared_weight_bytes"] < 0.01 * fn["weight_bytes"] + 8192
     stored = sum(e["bytes"] for e in packages["text_decoder.mlpackage"]["weight_bytes_by_dtype"].values())
     assert (
         max(fn["weight_bytes"] for fn in decoder.values()) <= stored < 1.1 * decoder["decode"]["weight_bytes"]
@@ -136,7 +137,7 @@ def _flip_weight(bundle, package: str, name_part: str) -> None:
     (bundle / blob_rel).write_bytes(bytes(raw))
     manifest = json.loads((bundle / MANIFEST).read_text())
     manifest["files"][blob_rel] = file_entry(bundle / blob_rel)
-    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_manifest(bundle, manifest)
 
 
 @pytest.mark.parametrize(

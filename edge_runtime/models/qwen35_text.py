@@ -19,7 +19,6 @@ the same recurrence.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -114,19 +113,29 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def unit_lower_inverse(strict_lower: torch.Tensor) -> torch.Tensor:
-    """(I + A)^-1 for strictly lower-triangular A [..., c, c], without a triangular solve.
+    """(I + A)^-1 for strictly lower-triangular A [..., c, c], by recursive block doubling.
 
-    A is nilpotent, so (I + A)^-1 = sum_k (-A)^k = (I + N)(I + N^2)(I + N^4)... with N = -A:
-    ceil(log2 c) squarings, plain matmuls that every export format has.
+    At block size b, X holds the inverses of the diagonal b x b blocks of I + A. Merging two
+    neighbouring blocks, inv([[L11, 0], [L21, L22]]) = [[X11, 0], [-X22 L21 X11, X22]], which for all
+    blocks at once is X - X (A * M_b) X, with M_b keeping the lower-left b x b quarter of each
+    diagonal 2b x 2b block. ceil(log2 c) levels of two matmuls each, plain ops every export format
+    has. Every factor is a block of I + A or of its inverse, both bounded for the delta rule, so
+    float32 keeps its precision. (The Neumann product (I - A)(I + A^2)(I + A^4)... this replaced
+    forms powers of A that reach 1e10 when keys within a chunk are near-parallel and decay is slow,
+    and lost every digit: issue 26.)
     """
-    c = strict_lower.shape[-1]
-    eye = torch.eye(c, dtype=strict_lower.dtype, device=strict_lower.device)
-    power = -strict_lower
-    result = eye + power
-    for _ in range(max(math.ceil(math.log2(c)) - 1, 0)):
-        power = power @ power
-        result = result + result @ power
-    return result
+    c, dtype = strict_lower.shape[-1], strict_lower.dtype
+    index = torch.arange(c, device=strict_lower.device).to(dtype)
+    inverse = torch.eye(c, dtype=dtype, device=strict_lower.device)
+    same_block = inverse  # 1 where row and column lie in one diagonal block of size b (b = 1)
+    b = 1
+    while b < c:
+        pair = torch.floor(index / (2 * b))  # float floor and ==: ops Core ML converts (bool & is not)
+        same_pair = (pair[:, None] == pair[None, :]).to(dtype)
+        lower_left = strict_lower * (same_pair - same_block)
+        inverse = inverse - lower_left if b == 1 else inverse - inverse @ lower_left @ inverse
+        same_block, b = same_pair, 2 * b
+    return inverse
 
 
 def chunked_delta_rule(
