@@ -13,15 +13,15 @@ import hashlib
 import importlib
 import importlib.util
 import json
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .backends.base import Backend
 from .errors import BundleError, InputError
-from .jsonfile import read_json_file
+from .paths import missing_reason
+from .schema import MANIFEST_CHECKSUM_FIELD, check_manifest_checksum, manifest_checksum, validate_manifest
 
 SCHEMA_VERSION = 1  # bump on any change an older reader would misread; readers accept exactly their own
 MANIFEST = "manifest.json"
@@ -38,25 +38,10 @@ TARGET_FORMATS = {"ios": "coreml", "android": "executorch", "harmonyos": "onnx",
 TARGETS = tuple(TARGET_FORMATS)
 HASH_BLOCK = 1 << 20  # streamed in 1 MiB blocks: a multi-GB graph is never held in memory
 
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# field name -> the type its value must have (bool is excluded from int explicitly below)
-_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "schema_version": int,
-    "family": str,
-    "target": str,
-    "format": str,
-    "quantization": str,
-    "model": dict,
-    "graphs": dict,
-    "state": list,
-    "preprocessing": dict,
-    "prompt": dict,
-    "max_context": int,
-    "chunk_size": int,
-    "files": dict,
-    "toolkit_version": str,
-    "created_by": str,
-}
+_FIELDS = (
+    "schema_version", "family", "target", "format", "quantization", "model", "graphs", "state",
+    "preprocessing", "prompt", "max_context", "chunk_size", "files", "toolkit_version", "created_by",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -82,51 +67,26 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, raw: Any, where: str = MANIFEST) -> Manifest:
-        """Validate types and the files table; the schema version is checked first so a newer
-        manifest fails on its version, not on a field it renamed."""
-        if not isinstance(raw, dict):
-            raise BundleError(f"{where}: not a JSON object")
-        version = raw.get("schema_version")
-        if type(version) is not int:
-            raise BundleError(f"{where}: schema_version missing or not an integer ({version!r})")
-        if version != SCHEMA_VERSION:
-            raise BundleError(
-                f"{where}: unknown schema_version {version}; this toolkit reads schema_version "
-                f"{SCHEMA_VERSION} (re-export the bundle with a matching minicpmv-edge)"
-            )
-        for name, kind in _FIELDS.items():
-            value = raw.get(name)
-            if name not in raw:
-                raise BundleError(f"{where}: required field {name!r} is missing")
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise BundleError(f"{where}: field {name!r} must be {_kind_name(kind)}, got {value!r:.60}")
-        if raw["target"] not in TARGETS:
-            raise BundleError(f"{where}: target {raw['target']!r} is not one of {', '.join(TARGETS)}")
-        for rel, entry in raw["files"].items():
-            _check_file_entry(rel, entry, where)
+        """Validate against the declared schema (edge_runtime/schema.py), nested fields included; the
+        schema version is checked first so a newer manifest fails on its version, not on a field it
+        renamed."""
+        validate_manifest(raw, where, BundleError)
         return cls(**{name: raw[name] for name in _FIELDS}, raw=raw)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.raw) if self.raw else {name: getattr(self, name) for name in _FIELDS}
 
 
-def _kind_name(kind: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", str: "a string", dict: "an object", list: "a list"}
-    return names.get(kind, str(kind)) if isinstance(kind, type) else "one of " + str(kind)
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """The manifest as written to disk: with its own checksum (`manifest_sha256`), sorted keys."""
+    signed = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM_FIELD}
+    signed[MANIFEST_CHECKSUM_FIELD] = manifest_checksum(signed)
+    return json.dumps(signed, indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-def _check_file_entry(rel: str, entry: Any, where: str) -> None:
-    """A listed file must be a plain relative path inside the bundle with a sha256 and a byte count."""
-    path = PurePosixPath(rel)
-    if not rel or path.is_absolute() or ".." in path.parts or "\\" in rel or rel == MANIFEST:
-        raise BundleError(f"{where}: files lists an invalid path {rel!r} (relative, inside the bundle)")
-    if not isinstance(entry, dict):
-        raise BundleError(f"{where}: files[{rel!r}] must be an object with sha256 and bytes")
-    sha, size = entry.get("sha256"), entry.get("bytes")
-    if not isinstance(sha, str) or not _SHA256.match(sha):
-        raise BundleError(f"{where}: files[{rel!r}].sha256 is not 64 lowercase hex digits")
-    if type(size) is not int or size < 0:
-        raise BundleError(f"{where}: files[{rel!r}].bytes is not a non-negative integer")
+def write_manifest(root: str | Path, manifest: dict[str, Any]) -> None:
+    """Write (or rewrite, after changing a file on purpose) a bundle's manifest, checksum included."""
+    (Path(root) / MANIFEST).write_text(manifest_text(manifest), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -239,15 +199,24 @@ def safetensors_tensors(path: Path) -> list[TensorInfo]:
             if header_len <= 0 or header_len > 100 * (1 << 20):
                 raise ValueError(f"implausible header length {header_len}")
             header = json.loads(fh.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BundleError(f"{path}: not a readable safetensors file ({exc})") from None
+    if not isinstance(header, dict):
+        raise BundleError(f"{path}: not a safetensors file (its header is not a JSON object)")
     out = []
     for name, meta in header.items():
         if name == "__metadata__":
             continue
-        begin, end = meta["data_offsets"]
-        dtype = _ST_DTYPE_NAMES.get(meta["dtype"], meta["dtype"].lower())
-        out.append(TensorInfo(name, dtype, tuple(meta["shape"]), int(end) - int(begin)))
+        try:
+            begin, end = meta["data_offsets"]
+            shape = tuple(int(d) for d in meta["shape"])
+            dtype = _ST_DTYPE_NAMES.get(meta["dtype"], meta["dtype"].lower())
+            nbytes = int(end) - int(begin)
+        except (TypeError, KeyError, ValueError, AttributeError):
+            raise BundleError(
+                f"{path}: not a safetensors file (header entry {name!r:.60} lacks dtype, shape or data_offsets)"
+            ) from None
+        out.append(TensorInfo(name, dtype, shape, nbytes))
     return out
 
 
@@ -293,15 +262,39 @@ class Bundle:
 
 
 def read_manifest(path: str | Path) -> Manifest:
-    """Parse and validate `manifest.json` of a bundle directory (files are not checked here)."""
+    """Parse and validate `manifest.json` of a bundle directory, and its own checksum (files are not
+    checked here)."""
     root = Path(path)
     if not root.is_dir():
-        raise BundleError(f"bundle directory {root} does not exist")
+        reason = missing_reason(root) if not root.exists() else "is not a directory"
+        raise BundleError(f"bundle directory {root} {reason}")
     manifest_path = root / MANIFEST
+    where = f"bundle {root}: {MANIFEST}"
     if not manifest_path.is_file():
         raise BundleError(f"bundle {root}: {MANIFEST} is missing (not a bundle, or an interrupted export)")
-    raw = read_json_file(manifest_path, f"bundle {root}:", BundleError)
-    return Manifest.from_dict(raw, where=f"bundle {root}: {MANIFEST}")
+    try:
+        raw = json.loads(manifest_path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BundleError(f"{where}: not valid JSON ({reason})") from None
+    manifest = Manifest.from_dict(raw, where=where)
+    check_manifest_checksum(raw, where, BundleError)
+    return manifest
+
+
+def not_a_bundle(path: Path) -> str | None:
+    """None when `path` is a complete bundle of ours (manifest valid against its schema and its own
+    checksum, no file it does not list); else why not. Listed files are not hashed: a bundle with a
+    damaged file is still ours to replace."""
+    try:
+        manifest = read_manifest(path)
+    except BundleError as exc:
+        return str(exc).removeprefix(f"bundle {path}: ")
+    unlisted = [rel for rel in iter_bundle_files(path) if rel not in manifest.files]
+    if unlisted:
+        shown = ", ".join(unlisted[:3]) + (f", ... (+{len(unlisted) - 3} more)" if len(unlisted) > 3 else "")
+        return f"it holds files its manifest does not list: {shown}"
+    return None
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:

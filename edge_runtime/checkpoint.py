@@ -10,10 +10,7 @@ twice in memory, and the output directory appears atomically.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import struct
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +29,9 @@ from .models.minicpm_v46 import (
     checkpoint_key_to_module,
     module_key_to_checkpoint,
 )
+from .outputs import atomic_output_dir
+from .paths import missing_reason
+from .schema import validate_config
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,8 +56,10 @@ def read_config(path: str | Path) -> tuple[MiniCPMV46Config, dict[str, Any]]:
     """Parse `config.json` of a checkpoint directory."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint directory {path} does not exist")
+        reason = missing_reason(path) if not path.exists() else "is not a directory"
+        raise CheckpointError(f"checkpoint directory {path} {reason}")
     raw = read_json(path / "config.json", "config file")
+    validate_config(raw, str(path / "config.json"), CheckpointError)
     try:
         return MiniCPMV46Config.from_hf(raw), raw
     except (TypeError, ValueError) as exc:
@@ -68,14 +70,21 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint: one file, or the shards a sharded index names."""
     if (path / INDEX_FILE).exists():
         index = read_json(path / INDEX_FILE, "index")
-        names = sorted(set((index.get("weight_map") or {}).values()))
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v and "/" not in v and v not in (".", "..") for v in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{path / INDEX_FILE}: weight_map must map tensor names to shard file names"
+            )
+        names = sorted(set(weight_map.values()))
         if not names:
             raise CheckpointError(f"{path / INDEX_FILE}: weight_map is empty")
-        missing = [n for n in names if not (path / n).exists()]
+        missing = [n for n in names if not (path / n).is_file()]
         if missing:
             raise CheckpointError(f"{path}: shards named in {INDEX_FILE} are missing: {', '.join(missing)}")
         return [path / n for n in names]
-    if (path / WEIGHTS_FILE).exists():
+    if (path / WEIGHTS_FILE).is_file():
         return [path / WEIGHTS_FILE]
     raise CheckpointError(f"{path}: no {WEIGHTS_FILE} or {INDEX_FILE}")
 
@@ -103,9 +112,25 @@ def _check_safetensors_size(file: Path) -> None:
             if header_len > size - 8:
                 raise ValueError("header longer than file")
             header = json.loads(fh.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+    except (struct.error, ValueError, UnicodeDecodeError, RecursionError, OSError) as exc:
         raise CheckpointError(f"{file}: not a safetensors file or truncated ({exc})") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a safetensors file (its header is not a JSON object)")
+    ends = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(type(o) is int and o >= 0 for o in offsets)
+            or offsets[0] > offsets[1]
+        ):
+            raise CheckpointError(
+                f"{file}: not a safetensors file (header entry {key!r:.60} has no valid data_offsets)"
+            )
+        ends.append(offsets[1])
     need = 8 + header_len + max(ends, default=0)
     if size < need:
         raise CheckpointError(f"{file}: truncated ({size} bytes, header promises {need})")
@@ -125,6 +150,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
     loaded: dict[str, torch.Tensor] = {}
     unexpected: list[str] = []
     misshaped: list[str] = []
+    nonfinite: list[str] = []
     for name, tensor in iter_checkpoint_tensors(path):
         key = checkpoint_key_to_module(name)
         if key is None or (tied and key == "lm_head.weight"):
@@ -133,8 +159,14 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
             unexpected.append(name)
         elif tuple(tensor.shape) != expected[key]:
             misshaped.append(f"{name} {list(tensor.shape)} != {list(expected[key])}")
+        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nonfinite.append(name)
         else:
             loaded[key] = tensor.to(dtype)
+    if nonfinite:  # a weight file damaged, or a training run that diverged
+        raise CheckpointError(
+            f"{path}: NaN or infinite weights in {len(nonfinite)} tensor(s): {_short_list(nonfinite)}"
+        )
     missing = [module_key_to_checkpoint(k) for k in expected if k not in loaded]
     problems = []
     if missing:
@@ -215,27 +247,48 @@ def checkpoint_tensor_specs(
     return specs
 
 
-@contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
-    """Yield a temp dir beside `out`; on success it replaces `out` in one rename, on error it vanishes."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other directory
+# Files a checkpoint of ours holds; a directory with anything else is not replaced.
+CHECKPOINT_FILES = frozenset(
+    {
+        "config.json",
+        WEIGHTS_FILE,
+        INDEX_FILE,
+        "generation_config.json",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "vocab.json",
+        "merges.txt",
+    }
+)
+
+
+def not_a_checkpoint(path: Path) -> str | None:
+    """None when `path` is a complete checkpoint (config.json valid against its schema, weight files
+    with readable headers, nothing else but the side files a checkpoint has); else why not."""
     try:
+        read_config(path)
+        files = weight_files(path)
+        for file in files:
+            _check_safetensors_size(file)
+    except CheckpointError as exc:
+        return str(exc)
+    shards = {f.name for f in files}
+    other = sorted(p.name for p in path.iterdir() if p.name not in CHECKPOINT_FILES and p.name not in shards)
+    if other:
+        return f"it holds files a checkpoint does not: {_short_list(other, 3)}"
+    return None
+
+
+@contextmanager
+def atomic_directory(out: Path, say: Callable[[str], None] | None = None) -> Iterator[Path]:
+    """Yield a temp dir beside `out`; on success it replaces `out` in one rename, on error it vanishes.
+    An existing `out` is replaced only when it is a complete checkpoint (edge_runtime/outputs.py)."""
+    with atomic_output_dir(Path(out), "checkpoint", not_a_checkpoint, say=say) as tmp:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(

@@ -1,4 +1,11 @@
-"""User-facing errors: the CLI prints them as one line and exits with their code, never a traceback."""
+"""User-facing errors: the CLI prints them as one line and exits with their code, never a traceback.
+
+Exit codes: 0 ok, 1 a check ran and failed (`CheckFailed`), 2 bad input or environment (every other
+`EdgeError`, a full disk, a read-only path), 3 an internal error (a bug; see cli.py), 130 Ctrl-C,
+143 SIGTERM.
+"""
+
+INTERNAL_ERROR = 3
 
 
 class EdgeError(Exception):

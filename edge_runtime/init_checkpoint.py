@@ -8,6 +8,7 @@ preprocessor_config.json and model.safetensors: everything transformers'
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from .models.minicpm_v46 import FAMILY, MiniCPMV46Config, preset
 from .tokenizer_build import build_tokenizer_files
 
 FULL_VOCAB = 248094  # the released vocabulary; the tokenizer we ship covers only its first ids
+PRESETS = ("tiny", "full")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 PREPROCESSOR = {
@@ -40,13 +42,31 @@ PREPROCESSOR = {
 }
 
 
-def init_checkpoint(family: str, preset_name: str, out: Path, seed: int = 0, dtype: str = "fp32") -> Path:
-    """Build tokenizer + config + random weights into `out` atomically; returns `out`."""
+def init_checkpoint(
+    family: str,
+    preset_name: str,
+    out: Path,
+    seed: int = 0,
+    dtype: str = "fp32",
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Build tokenizer + config + random weights into `out` atomically; returns `out`.
+
+    Every argument and the output path are checked before anything is written (or `progress` is
+    told "writing ..."): an unknown family, a negative seed or an `out` that holds something other
+    than a checkpoint of ours is one line and nothing on disk changes.
+    """
     if family != FAMILY:
         raise InputError(f"unknown family {family!r}; available: {FAMILY}")
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if preset_name not in PRESETS:
+        raise InputError(f"unknown preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
+    if type(seed) is not int or seed < 0:
+        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
     with atomic_directory(Path(out)) as tmp:
+        if progress is not None:
+            progress(f"writing {family} {preset_name} checkpoint to {out} ...")
         tok = build_tokenizer_files(tmp, seed=seed)
         ids = tok["token_ids"]
         vocab = FULL_VOCAB if preset_name == "full" else tok["vocab_size"]

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EdgeError
+from .paths import link_problem, missing_reason
 
 
 def read_json_file(
@@ -23,12 +24,14 @@ def read_json_file(
     """
     path = Path(path)
     if not path.is_file():
-        if missing_ok:
+        if path.exists():
+            raise error(f"{what} {path} is not a file")
+        if missing_ok and link_problem(path) is None:
             return None
-        raise error(f"{what} {path} does not exist")
+        raise error(f"{what} {path} {missing_reason(path)}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise error(f"{what} {path}: not valid JSON ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, expect):
         raise error(f"{what} {path}: not a JSON {'object' if expect is dict else 'object or list'}")

@@ -32,11 +32,14 @@ from edge_runtime.bundle import (
     Manifest,
     file_entry,
     iter_bundle_files,
+    manifest_text,
+    not_a_bundle,
 )
-from edge_runtime.checkpoint import atomic_directory, read_config
+from edge_runtime.checkpoint import read_config
 from edge_runtime.errors import InputError
 from edge_runtime.models.minicpm_v46 import FAMILY, MiniCPMV46Config
 from edge_runtime.models.qwen35_text import state_specs
+from edge_runtime.outputs import atomic_output_dir, preflight
 from edge_runtime.parity import GATES
 
 QUANTIZATIONS = tuple(GATES)  # a bundle's quantization must have parity gates
@@ -167,15 +170,17 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> P
         raise InputError(
             f"need 1 <= chunk size ({request.chunk_size}) <= max context ({request.max_context})"
         )
-    _check_out_dir(request.out)
-    say(f"reading checkpoint {request.checkpoint}")
-    config, raw = read_config(request.checkpoint)
+    replacing = preflight(request.out, "bundle", not_a_bundle)  # before any work: nothing is lost
+    config, raw = read_config(request.checkpoint)  # bad input is one line before any progress line
     missing = [n for n in REQUIRED_HOST_FILES if not (request.checkpoint / n).is_file()]
     if missing:
         raise InputError(f"{request.checkpoint}: host file {missing[0]} is missing (the bundle needs it)")
+    say(f"read checkpoint {request.checkpoint}")
     max_context = min(request.max_context, config.text.max_position_embeddings)
 
-    with atomic_directory(request.out) as tmp:
+    if replacing:
+        say(f"{request.out} holds a bundle of ours: it will be replaced when the export succeeds")
+    with atomic_output_dir(request.out, "bundle", not_a_bundle, say=say) as tmp:
         ctx = ExportContext(
             request.checkpoint, config, raw, tmp, request.target, fmt, request.quantization,
             max_context, request.chunk_size, say, request.max_undelegated, request.onnx_fusions,
@@ -185,17 +190,11 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> P
         say("copying host files")
         copied = copy_host_files(request.checkpoint, tmp)
         say("hashing files and writing the manifest")
-        manifest = build_manifest(ctx, graph_set, copied)
-        Manifest.from_dict(manifest)  # what we write must be what readers accept
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        text = manifest_text(build_manifest(ctx, graph_set, copied))
+        Manifest.from_dict(json.loads(text))  # what we write must be what readers accept
+        (tmp / MANIFEST).write_text(text, encoding="utf-8")
     say(f"bundle written to {request.out}")
     return request.out
-
-
-def _check_out_dir(out: Path) -> None:
-    """Replace an old bundle, but never an unrelated non-empty directory."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise InputError(f"refusing to replace {out}: it exists and is not a bundle")
 
 
 def copy_host_files(checkpoint: Path, out: Path) -> list[str]:

@@ -18,11 +18,13 @@ from edge_runtime.bundle import (
     open_bundle_session,
     read_manifest,
     sha256_file,
+    write_manifest,
 )
 from edge_runtime.cli import main
 from edge_runtime.errors import BundleError, InputError
 from edge_runtime.parity import SAMPLES_DIR
 from edge_runtime.runtime import open_checkpoint_session
+from edge_runtime.schema import manifest_checksum
 from edge_runtime.session import HostAssets
 from export import pipeline, torch_bundle
 from export.pipeline import ExportRequest, export_bundle
@@ -137,9 +139,21 @@ def test_unknown_schema_version_is_refused(copy):
 def test_bad_manifest_is_refused(copy, change, message):
     manifest = json.loads((copy / MANIFEST).read_text())
     change(manifest)
-    (copy / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(copy, manifest)  # signed: the schema itself must refuse it
     with pytest.raises(BundleError, match=message):
         open_bundle(copy)
+
+
+def test_manifest_has_a_checksum_of_its_own(copy):
+    manifest = json.loads((copy / MANIFEST).read_text())
+    assert manifest["manifest_sha256"] == manifest_checksum(manifest)
+    manifest["max_context"] = 128  # schema-valid, but not what the exporter wrote
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="manifest_sha256 mismatch"):
+        open_bundle(copy)
+    del manifest["manifest_sha256"]  # a bundle made before the checksum existed still opens
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    assert read_manifest(copy).max_context == 128
 
 
 def test_not_a_bundle(tmp_path):

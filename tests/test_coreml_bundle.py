@@ -16,7 +16,7 @@ pytest.importorskip("coremltools")
 
 from edge_runtime.backends.coreml.backend import ENGINE_ENV  # noqa: E402
 from edge_runtime.backends.coreml.executor import MILProgram  # noqa: E402
-from edge_runtime.bundle import MANIFEST, file_entry, open_bundle_session  # noqa: E402
+from edge_runtime.bundle import MANIFEST, file_entry, open_bundle_session, write_manifest  # noqa: E402
 from edge_runtime.cli import main  # noqa: E402
 from edge_runtime.errors import BundleError  # noqa: E402
 from edge_runtime.init_checkpoint import init_checkpoint  # noqa: E402
@@ -137,7 +137,7 @@ def _flip_weight(bundle, package: str, name_part: str) -> None:
     (bundle / blob_rel).write_bytes(bytes(raw))
     manifest = json.loads((bundle / MANIFEST).read_text())
     manifest["files"][blob_rel] = file_entry(bundle / blob_rel)
-    (bundle / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    write_manifest(bundle, manifest)
 
 
 @pytest.mark.parametrize(

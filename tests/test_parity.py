@@ -297,7 +297,7 @@ def test_parity_command_on_bundles(ckpt_dir, tmp_path, capsys):
     (re-hashed, so it opens) fails a gate (exit 1)."""
     from safetensors.torch import load_file, save_file
 
-    from edge_runtime.bundle import file_entry
+    from edge_runtime.bundle import file_entry, write_manifest
 
     cases_file = tmp_path / "cases.json"
     cases_file.write_text(
@@ -328,7 +328,7 @@ def test_parity_command_on_bundles(ckpt_dir, tmp_path, capsys):
     save_file(tensors, weights, metadata={"format": "pt"})
     manifest = json.loads((bundle / "manifest.json").read_text())
     manifest["files"]["model.safetensors"] = file_entry(weights)
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(bundle, manifest)
     assert main([*args, "--bundle", str(bundle)]) == 1
     out = capsys.readouterr().out
     assert "gate failed: [prefill]" in out and "parity FAILED" in out

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..runtime import open_session
-from .options import model_source, preprocessing, resolve_source
+from .options import check_prompt, model_source, preprocessing, resolve_source
 
 
 @click.command("chat")
@@ -24,7 +24,7 @@ from .options import model_source, preprocessing, resolve_source
     type=click.Path(path_type=Path),
     help="Video file (needs PyAV; repeatable).",
 )
-@click.option("--prompt", required=True, help="The question or instruction.")
+@click.option("--prompt", required=True, callback=check_prompt, help="The question or instruction.")
 @click.option("--max-new-tokens", type=click.IntRange(1, 1 << 20), default=64, show_default=True)
 @click.option("--temperature", type=click.FloatRange(0.0), default=0.0, show_default=True, help="0 = greedy.")
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
@@ -32,7 +32,7 @@ from .options import model_source, preprocessing, resolve_source
 @click.option(
     "--repetition-penalty", type=click.FloatRange(0.0, min_open=True), default=1.0, show_default=True
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of streaming text.")
 def chat(
     checkpoint, bundle, max_context, threads, downsample_mode, max_slice_nums, max_pixels,

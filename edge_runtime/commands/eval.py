@@ -110,7 +110,13 @@ def _pct(value: float | None) -> str:
 @click.option(
     "--limit", type=click.IntRange(1), default=None, help=f"First N eval samples (default all {EVAL_SIZE})."
 )
-@click.option("--seed", type=int, default=DEFAULT_SEED, show_default=True, help="Seed of the eval split.")
+@click.option(
+    "--seed",
+    type=click.IntRange(0, 2**63 - 1),
+    default=DEFAULT_SEED,
+    show_default=True,
+    help="Seed of the eval split.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (see docs/eval.md).")
 def eval_command(checkpoint, bundle, max_context, threads, downsample_mode, limit, seed, as_json) -> None:
     """Exact-match accuracy of a checkpoint or bundle on the demo task's eval split."""

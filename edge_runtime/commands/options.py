@@ -49,3 +49,20 @@ def resolve_source(checkpoint: Path | None, bundle: Path | None) -> tuple[Path |
     if checkpoint is None and bundle is None:
         return DEFAULT_CHECKPOINT, None
     return checkpoint, bundle
+
+
+def check_prompt(ctx: click.Context | None, param: click.Parameter | None, value: str) -> str:
+    """A click callback: the prompt must be non-empty UTF-8 text (bytes that are not UTF-8 arrive as
+    lone surrogates from the command line)."""
+    if value is None:
+        return value
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start].encode("utf-8", "surrogateescape")
+        raise click.BadParameter(
+            f"not valid UTF-8 text (byte 0x{bad.hex()} at character {exc.start})", ctx, param
+        ) from None
+    if not value.strip():
+        raise click.BadParameter("is empty; ask a question", ctx, param)
+    return value

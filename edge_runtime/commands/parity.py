@@ -6,7 +6,9 @@ from pathlib import Path
 
 import click
 
-from ..bench import write_atomic
+from ..outputs import check_output_file, write_output_file
+
+REPORT_HEADER = "# Parity report"
 
 
 @click.command("parity")
@@ -28,6 +30,9 @@ def parity(checkpoint, bundle, cases_file, steps, quant, threads, as_json, repor
     from ..parity import compare, default_cases, gates_for, load_cases
     from ..runtime import open_checkpoint_session
 
+    is_report = lambda head: head.startswith(REPORT_HEADER.encode())  # noqa: E731
+    if report_path is not None:  # an unwritable or foreign --report fails before minutes of work
+        check_output_file(report_path, "parity report", is_report, "--report")
     quantization = quant or read_manifest(bundle).quantization
     gates_for(quantization)  # unknown quantization: fail before loading anything
     cases = load_cases(cases_file) if cases_file else default_cases()
@@ -45,7 +50,14 @@ def parity(checkpoint, bundle, cases_file, steps, quant, threads, as_json, repor
         progress=lambda m: click.echo(f"[parity] {m}", err=True),
     )
     if report_path is not None:
-        write_atomic(report_path, report.to_markdown())
+        write_output_file(
+            report_path,
+            report.to_markdown(),
+            "parity report",
+            is_report,
+            "--report",
+            say=lambda m: click.echo(f"[parity] {m}", err=True),
+        )
     if as_json:
         print_json(report.to_json())
     else:

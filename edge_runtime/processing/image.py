@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from edge_runtime.errors import InputError
+from edge_runtime.paths import link_problem
 
 DEFAULT_MAX_PIXELS = 50_000_000
 """Decompression-bomb guard: the largest width*height we agree to decode (50 megapixels)."""
@@ -44,7 +45,7 @@ def check_pixel_limit(width: int, height: int, max_pixels: int | None, what: str
     if max_pixels is not None and width * height > max_pixels:
         raise InputError(
             f"{what} is {width}x{height} = {width * height:,} pixels, above the limit of {max_pixels:,} "
-            f"(raise max_pixels if this is intended)"
+            f"(raise --max-pixels if this is intended)"
         )
 
 
@@ -52,8 +53,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Convert to RGB the way transformers' `convert_to_rgb` does for PIL input.
 
     Any alpha (an "A" band, or a palette/grey `transparency` entry) is composited onto WHITE; every
-    other mode (L, P, CMYK, I;16, ...) goes through a plain `convert("RGB")`.
+    other mode (L, P, CMYK, ...) goes through a plain `convert("RGB")`. 16-bit greyscale (I;16) is
+    scaled to 8 bits (65535 -> 255) first: PIL's own conversion clips every value above 255 to white,
+    so a 16-bit PNG would come out almost blank (transformers' convert_to_rgb does that; we do not).
     """
+    if image.mode.startswith("I;16"):
+        wide = np.asarray(image).astype(np.uint32)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
     has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
     if not has_alpha:
         return image.convert("RGB")
@@ -75,7 +81,8 @@ def load_image(
     """
     p = Path(path)
     if not p.exists():
-        raise InputError(f"image not found: {p}")
+        problem = link_problem(p)
+        raise InputError(f"image {p} is {problem}" if problem else f"image not found: {p}")
     if not p.is_file():
         raise InputError(f"image path is not a file: {p}")
     size = p.stat().st_size
