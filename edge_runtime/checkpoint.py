@@ -10,6 +10,7 @@ twice in memory, and the output directory appears atomically.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -167,7 +168,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
         raise CheckpointError(
             f"{path}: NaN or infinite weights in {len(nonfinite)} tensor(s): {_short_list(nonfinite)}"
         )
-    missing = [module_key_to_checkpoint(k) for k in expected if k not in loaded]
+    seen = {checkpoint_key_to_module(m.split(" ", 1)[0]) for m in misshaped}
+    missing = [module_key_to_checkpoint(k) for k in expected if k not in loaded and k not in seen]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)}: {_short_list(missing)}")
@@ -318,16 +320,24 @@ def write_config_files(out: Path, cfg: MiniCPMV46Config) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
+def tensor_generator(name: str, seed: int) -> torch.Generator:
+    """The random stream of one tensor of a `seed`: independent of the order tensors are made in."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + _stable_hash(name)) % (2**63))
+
+
 def random_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Deterministic per-tensor random init, independent of the order tensors are made in.
 
-    Norm weights get small noise around their neutral value so the 1 + w convention matters;
-    DeltaNet decay parameters follow the upstream initialisation ranges.
+    Norm weights get small noise around their neutral value so the 1 + w convention matters.
+    DeltaNet decay rates A = exp(A_log) are log-uniform over [1e-3, 16]: about half the heads decay
+    slower than 0.1 per token, as trained DeltaNet heads keep for long memory, the regime where an
+    unstable chunked form loses its precision (issue 26); upstream's uniform(0.01, 16) init leaves
+    almost every head fast.
     """
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + _stable_hash(name)) % (2**63))
+    gen = tensor_generator(name, seed)
     noise = torch.randn(shape, generator=gen)
     if name.endswith("A_log"):
-        return torch.empty(shape).uniform_(1.0, 16.0, generator=gen).log()
+        return torch.empty(shape).uniform_(math.log(1e-3), math.log(16.0), generator=gen)
     if name.endswith("dt_bias"):
         return 1.0 + 0.1 * noise
     if "norm" in name:

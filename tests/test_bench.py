@@ -202,3 +202,13 @@ def test_android_report_checks_only_android_targets(tmp_path):
     checks = {c.target: c.status for c in check_device_report(report)}
     assert checks["qwen3.5-0.8b-llamacpp-q4-phone"] == "fail"  # 23 tok/s < 41.2
     assert checks["minicpm-v-4.0-iphone-16-pro-max"] == "skipped"
+
+
+def test_bench_without_a_model_benchmarks_the_demo_model(capsys):
+    """As every command: no --checkpoint and no --bundle means the embedded demo model."""
+    args = ["bench", "--warmup", "0", "--repeats", "1", "--threads", "1", "--max-context", "512"]
+    assert main([*args, "--bandwidth-mb", "16", "--json"]) == 0
+    captured = capsys.readouterr()
+    (cand,) = json.loads(captured.out)["candidates"]
+    assert cand["label"] == "checkpoint:demo-checkpoint"
+    assert "[bench] run 1/1: checkpoint:demo-checkpoint" in captured.err

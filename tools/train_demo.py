@@ -34,7 +34,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from edge_runtime.checkpoint import load_checkpoint, random_init, save_checkpoint  # noqa: E402
+from edge_runtime.checkpoint import load_checkpoint, save_checkpoint, tensor_generator  # noqa: E402
 from edge_runtime.demo_task import (  # noqa: E402
     COLOURS,
     DEFAULT_SEED,
@@ -412,8 +412,17 @@ def init_model(cfg: MiniCPMV46Config, seed: int) -> MiniCPMV46:
         model.merger.mlp[0].linear_2.bias.zero_()
         for name, param in model.named_parameters():
             if name.endswith("A_log"):
-                param.copy_(random_init(name, tuple(param.shape), seed))
+                param.copy_(demo_decay_init(name, tuple(param.shape), seed))
     return model
+
+
+def demo_decay_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """A_log as the demo recipe has always drawn it: A uniform in [1, 16] (fast decay) from the
+    tensor's own stream, after the noise draw `random_init` makes first. `init-checkpoint` now draws
+    slow decays too (issue 26); the demo recipe keeps its law so it stays the recipe it was tuned as."""
+    gen = tensor_generator(name, seed)
+    torch.randn(shape, generator=gen)
+    return torch.empty(shape).uniform_(1.0, 16.0, generator=gen).log()
 
 
 def forward_logits(model: MiniCPMV46, ex: Encoded) -> torch.Tensor:

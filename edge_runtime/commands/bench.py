@@ -8,11 +8,16 @@ from pathlib import Path
 import click
 
 from ..bench import DEFAULT_DECODE_TOKENS, DEFAULT_IMAGE, DEFAULT_PROMPT
+from .options import DEFAULT_CHECKPOINT
 
 
 @click.command("bench")
 @click.option(
-    "--checkpoint", "checkpoints", multiple=True, type=click.Path(path_type=Path), help="Repeatable."
+    "--checkpoint",
+    "checkpoints",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Repeatable. With no --checkpoint and no --bundle: the embedded demo model.",
 )
 @click.option("--bundle", "bundles", multiple=True, type=click.Path(path_type=Path), help="Repeatable.")
 @click.option(
@@ -58,6 +63,8 @@ def bench(
             raise InputError("give either --device-report or models to benchmark, not both")
         _device_report(device_report, as_json)
         return
+    if not checkpoints and not bundles:  # as every command: no model given = the embedded demo model
+        checkpoints = (DEFAULT_CHECKPOINT,)
     settings = BenchSettings(
         images=tuple(images) or (DEFAULT_IMAGE,), prompt=prompt, downsample_mode=downsample_mode,
         max_slice_nums=max_slice_nums, decode_tokens=new_tokens, warmup=warmup, repeats=repeats,
