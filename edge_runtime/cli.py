@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -69,16 +70,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from .outputs import Terminated
+    from .outputs import Terminated, signal_received
 
     try:
         _register_optional_commands()  # imports: Ctrl-C here is still one line
-        rc = cli.main(args=argv, prog_name="minicpmv-edge", standalone_mode=False)
+        # make_context + invoke is click's main() without its KeyboardInterrupt handler, which
+        # prints an empty line before its Abort: Ctrl-C here is our one `error: interrupted` line
+        args = list(argv) if argv is not None else sys.argv[1:]
+        with cli.make_context("minicpmv-edge", args) as ctx:
+            rc = cli.invoke(ctx)
     except click.exceptions.Exit as exc:
         return int(exc.exit_code)
     except click.exceptions.Abort:
         click.echo("error: interrupted", err=True)
         return 130
+    except click.exceptions.NoArgsIsHelpError as exc:  # `minicpmv-edge` or a group with no command
+        click.echo(exc.ctx.get_help() if exc.ctx is not None else "")
+        click.echo("error: no command given (the commands are listed above)", err=True)
+        return 2
     except click.ClickException as exc:  # unknown flag, missing option, bad choice
         click.echo(f"error: {_one_line(exc.format_message())}", err=True)
         return 2
@@ -86,11 +95,9 @@ def _main(argv: list[str] | None) -> int:
         click.echo(f"error: {_one_line(str(exc))}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
-        return 130
+        return _interrupted(signal.SIGINT)
     except Terminated:
-        click.echo("error: terminated (SIGTERM); nothing was left behind", err=True)
-        return Terminated.exit_code
+        return _interrupted(signal.SIGTERM)
     except BrokenPipeError:
         return 0
     except OSError as exc:
@@ -98,10 +105,22 @@ def _main(argv: list[str] | None) -> int:
             where = f" ({exc.filename})" if exc.filename else ""
             click.echo(f"error: {exc.strerror or exc}{where}", err=True)
             return 2
-        return _internal_error(exc)
+        received = signal_received()
+        return _interrupted(received) if received is not None else _internal_error(exc)
     except Exception as exc:  # a bug of ours: one line, the traceback in a file
+        received = signal_received()
+        if received is not None:  # a signal arrived inside a C extension's import, which hid it
+            return _interrupted(received)
         return _internal_error(exc)
     return rc if isinstance(rc, int) else 0
+
+
+def _interrupted(signum: int) -> int:
+    if signum == signal.SIGTERM:
+        click.echo("error: terminated (SIGTERM); nothing was left behind", err=True)
+        return 143
+    click.echo("error: interrupted", err=True)
+    return 130
 
 
 def _one_line(text: str) -> str:

@@ -38,23 +38,43 @@ class Terminated(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an 
     exit_code = 143
 
 
-def _raise_terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+_RECEIVED: list[int] = []  # signals seen by this process (see `signal_received`)
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    _RECEIVED.append(signum)
+    if signum == signal.SIGTERM:
+        raise Terminated()
+    raise KeyboardInterrupt
+
+
+def signal_received() -> int | None:
+    """The last SIGINT / SIGTERM received since `sigterm_raises`: a C extension being imported when
+    it arrives (onnxruntime, torch) turns the exception into an ImportError, which is then no bug."""
+    return _RECEIVED[-1] if _RECEIVED else None
 
 
 def sigterm_raises() -> object:
-    """Turn SIGTERM into `Terminated` (from the main thread; elsewhere a no-op); returns the handler
-    it replaced, for `restore_sigterm`."""
-    if threading.current_thread() is threading.main_thread():
+    """Turn SIGTERM into `Terminated` and SIGINT into KeyboardInterrupt, both remembered (from the main
+    thread; elsewhere a no-op); returns the handlers replaced, for `restore_sigterm`."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    _RECEIVED.clear()
+    previous = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        current = signal.getsignal(signum)
+        if signum == signal.SIGINT and current is not signal.default_int_handler:
+            continue  # SIGINT ignored (a background job) or handled by a host program: leave it
         with contextlib.suppress(ValueError, OSError):
-            return signal.signal(signal.SIGTERM, _raise_terminated)
-    return None
+            previous[signum] = signal.signal(signum, _on_signal)
+    return previous
 
 
 def restore_sigterm(previous: object) -> None:
-    if previous is not None and threading.current_thread() is threading.main_thread():
-        with contextlib.suppress(ValueError, OSError, TypeError):
-            signal.signal(signal.SIGTERM, previous)
+    if isinstance(previous, dict) and threading.current_thread() is threading.main_thread():
+        for signum, handler in previous.items():
+            with contextlib.suppress(ValueError, OSError, TypeError):
+                signal.signal(signum, handler)
 
 
 def _stderr(message: str) -> None:

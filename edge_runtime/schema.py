@@ -306,7 +306,7 @@ class VisionConfigSchema(_Strict):
     image_size: Dim
     patch_size: Dim
     layer_norm_eps: PosFloat = 1e-6
-    hidden_act: Name = "gelu_pytorch_tanh"
+    hidden_act: Literal["gelu_pytorch_tanh"] = "gelu_pytorch_tanh"  # the activation the tower implements
     window_kernel_size: Annotated[list[Dim], Field(min_length=2, max_length=2)] = [2, 2]
 
     @model_validator(mode="after")
@@ -340,7 +340,7 @@ class TextConfigSchema(_Strict):
     rope_parameters: RopeSchema | None = None
     rope_theta: PosFloat | None = None
     partial_rotary_factor: Annotated[float, Field(gt=0, le=1)] | None = None
-    hidden_act: Name = "silu"
+    hidden_act: Literal["silu"] = "silu"  # the activation the decoder implements
     attention_bias: bool = False
     attn_output_gate: bool = True
     linear_conv_kernel_dim: Annotated[int, Field(gt=0, le=64)]
