@@ -92,8 +92,10 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def clean_stale_temps(out: Path) -> list[Path]:
-    """Remove `.NAME.tmp-PID-*` / `.NAME.old-PID` siblings of `out` whose process is gone."""
+def clean_stale_temps(out: Path, is_ours: IsOurs | None = None) -> list[Path]:
+    """Remove `.NAME.tmp-PID-*` siblings of `out` whose process is gone, and `.NAME.old-PID` ones (the
+    previous artifact, set aside while being replaced) only when `is_ours` recognises them: versions
+    before this rule renamed a user's file there, which must not be deleted now."""
     out = Path(out)
     pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)(-.*)?$")
     removed = []
@@ -104,6 +106,10 @@ def clean_stale_temps(out: Path) -> list[Path]:
     for sibling in siblings:
         match = pattern.match(sibling.name)
         if not match or int(match.group(2)) == os.getpid() or _pid_alive(int(match.group(2))):
+            continue
+        if match.group(1) == "old" and (
+            is_ours is None or not sibling.is_dir() or sibling.is_symlink() or is_ours(sibling) is not None
+        ):
             continue
         if sibling.is_dir() and not sibling.is_symlink():
             shutil.rmtree(sibling, ignore_errors=True)
@@ -191,7 +197,7 @@ def atomic_output_dir(
     out = Path(out)
     say = say or _stderr
     preflight(out, what, is_ours, flag)
-    clean_stale_temps(out)
+    clean_stale_temps(out, is_ours)
     tmp = _mkdtemp(out, flag)
     umask = os.umask(0)
     os.umask(umask)

@@ -367,10 +367,13 @@ def test_init_checkpoint_replaces_its_own_and_cleans_stale_temps(tmp_path, capsy
     alive.mkdir()
     unrelated = tmp_path / ".ck.tmp-notes"  # not our naming: left alone
     unrelated.mkdir()
+    set_aside = tmp_path / f".ck.old-{dead}"  # a user's file an older version renamed: kept
+    set_aside.write_text("my file")
     capsys.readouterr()
     assert main(["init-checkpoint", "minicpm-v-4.6", "--out", str(out), "--seed", "2"]) == 0
     assert "replaced the previous checkpoint" in capsys.readouterr().err
     assert not stale.exists() and alive.exists() and unrelated.exists()
+    assert set_aside.read_text() == "my file"
     assert read_config(out)[0].text.hidden_size > 0
 
 
@@ -459,16 +462,16 @@ def test_internal_error_is_exit_3_with_the_traceback_in_a_file(monkeypatch, tmp_
 # ---------------------------------------------------------------------------------------------------
 # Property-based: whatever the manifest or config.json holds, the readers answer or raise one clean error
 
-JSON = st.recursive(
+
+SCALARS = (
     st.none()
     | st.booleans()
     | st.integers(-(2**70), 2**70)
     | st.floats(allow_nan=False)
-    | st.text(max_size=8),
-    lambda children: (
-        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
-    ),
-    max_leaves=8,
+    | st.text(max_size=8)
+)
+JSON = st.deferred(
+    lambda: SCALARS | st.lists(JSON, max_size=3) | st.dictionaries(st.text(max_size=6), JSON, max_size=3)
 )
 
 
