@@ -54,6 +54,18 @@ RATIO_KEYS = (
 Progress = Callable[[str], None]
 
 
+REPORT_HEADER = "# Benchmark report"
+PNG_SOFTWARE = "minicpmv-edge bench"
+
+
+def is_bench_report(head: bytes) -> bool:
+    return head.startswith(REPORT_HEADER.encode())
+
+
+def is_bench_chart(head: bytes) -> bool:
+    return head.startswith(b"\x89PNG") and PNG_SOFTWARE.encode() in head
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write a report file via a temp file and rename: a reader never sees half of it."""
     path = Path(path)
@@ -402,7 +414,7 @@ class BenchReport:
         data = self.to_json()
         m, s = data["machine"], data["settings"]
         out = [
-            "# Benchmark report",
+            REPORT_HEADER,
             "",
             f"- machine: {m['platform']}, {m['cpu_count']} CPUs, python {m['python']}; "
             f"memory bandwidth **{m['memory_bandwidth_gbs']:.1f} GB/s** ({m['bandwidth']['method']})",
@@ -444,7 +456,12 @@ class BenchReport:
         return "\n".join(out) + "\n"
 
     def plot(self, path: str | Path) -> Path:
-        """PNG: stacked TTFT parts and decode tok/s (with the bandwidth bound) per model."""
+        """Write `png()` to `path` (a report folder of ours: tools/bench.py)."""
+        return write_atomic(path, self.png())
+
+    def png(self) -> bytes:
+        """PNG: stacked TTFT parts and decode tok/s (with the bandwidth bound) per model. It carries
+        PNG_SOFTWARE as its Software text chunk, which is how `bench --plot` recognises a chart of ours."""
         try:
             import matplotlib
 
@@ -480,10 +497,10 @@ class BenchReport:
         fig.tight_layout()
         buffer = io.BytesIO()
         try:
-            fig.savefig(buffer, format="png", dpi=100)
+            fig.savefig(buffer, format="png", dpi=100, metadata={"Software": PNG_SOFTWARE})
         finally:
             plt.close(fig)
-        return write_atomic(path, buffer.getvalue())
+        return buffer.getvalue()
 
 
 def _ratio(entry: dict[str, Any], first: dict[str, Any], key: str) -> float | None:

@@ -194,6 +194,7 @@ CASES: list[Case] = [
     ("chat-both-sources", lambda c: ["chat", "--checkpoint", str(c.ckpt), "--bundle", str(c.bundle), "--prompt", "hi"], 2, "exactly one"),
     ("chat-image-missing", lambda c: ["chat", "--checkpoint", str(c.ckpt), "--prompt", "hi", "--image", "nope.png"], 2, "not found"),
     ("chat-image-symlink-loop", lambda c: ["chat", "--checkpoint", str(c.ckpt), "--prompt", "hi", "--image", str(c.loop())], 2, "symbolic link loop"),
+    ("chat-video-symlink-loop", lambda c: ["chat", "--checkpoint", str(c.ckpt), "--prompt", "hi", "--video", str(c.loop())], 2, "symbolic link loop"),
     ("chat-image-empty", lambda c: ["chat", "--checkpoint", str(c.ckpt), "--prompt", "hi", "--image", str(c.file("e.png"))], 2, "empty"),
     ("chat-image-text", lambda c: ["chat", "--checkpoint", str(c.ckpt), "--prompt", "hi", "--image", str(c.file("t.png", "hello"))], 2, "not a readable image"),
     ("chat-image-too-large", lambda c: ["chat", "--checkpoint", str(c.ckpt), "--prompt", "hi", "--image", IMG, "--max-pixels", "100"], 2, "raise --max-pixels"),
@@ -229,6 +230,10 @@ CASES: list[Case] = [
     ("bench-device-report-and-model", lambda c: ["bench", "--device-report", str(c.file("r.json", "{}")), "--bundle", str(c.bundle)], 2, "not both"),
     ("bench-repeats-zero", lambda c: ["bench", "--repeats", "0"], 2, "--repeats"),
     ("bench-device-report-missing", lambda c: ["bench", "--device-report", "nope.json"], 2, "does not exist"),
+    ("bench-report-foreign-file", lambda c: ["bench", "--report", str(c.file("notes.md", "# my notes"))], 2, "not a benchmark report of ours"),
+    ("bench-plot-foreign-file", lambda c: ["bench", "--plot", str(c.file("photo.png", "\x89PNG not ours"))], 2, "not a benchmark chart of ours"),
+    ("bench-report-under-file", lambda c: ["bench", "--report", f"{c.file('f', 'x')}/r.md"], 2, "is a file"),
+    ("bench-empty-prompt", lambda c: ["bench", "--prompt", "  "], 2, "prompt"),
     # --- eval -----------------------------------------------------------------------------------
     ("eval-limit-zero", lambda c: ["eval", "--checkpoint", str(c.ckpt), "--limit", "0"], 2, "--limit"),
     ("eval-seed-negative", lambda c: ["eval", "--checkpoint", str(c.ckpt), "--seed", "-1"], 2, "--seed"),

@@ -19,6 +19,8 @@ from edge_runtime.bench import (
     Candidate,
     CandidateResult,
     check_device_report,
+    is_bench_chart,
+    is_bench_report,
     load_device_targets,
     measure_bandwidth,
     stats,
@@ -76,6 +78,8 @@ def test_bench_json_report_and_plot(ckpt, tmp_path, capsys):
     assert report.read_text().startswith("# Benchmark report")
     with Image.open(plot) as png:
         assert png.format == "PNG" and png.size[0] > 500
+    # a later run may replace both: they are recognised as ours (a foreign file is refused: test_bad_inputs)
+    assert is_bench_report(report.read_bytes()[:4096]) and is_bench_chart(plot.read_bytes()[:4096])
 
 
 def _result(label: str, kind: str, ttft: list[float], tok_s: list[float], wbytes: int) -> CandidateResult:

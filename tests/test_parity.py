@@ -377,3 +377,22 @@ def test_a_top1_mismatch_reports_how_close_the_reference_was_to_a_tie() -> None:
     assert flips["first_top1_mismatch"] == 1
     assert flips["first_mismatch_ref_margin"] == pytest.approx(0.05)
     assert _logits_stage(ref, ref)["first_mismatch_ref_margin"] is None
+
+
+def test_parity_without_checkpoint_uses_the_demo_model(tmp_path, capsys):
+    """As every command: no --checkpoint means the embedded demo model is the reference."""
+    from edge_runtime.commands.options import DEFAULT_CHECKPOINT
+
+    bundle = export_bundle(
+        ExportRequest(DEFAULT_CHECKPOINT, tmp_path / "demo", "desktop", max_context=MAX_CONTEXT)
+    )
+    cases_file = tmp_path / "cases.json"
+    cases_file.write_text(
+        json.dumps([{"name": "sq", "images": [str(SAMPLES_DIR / "square.png")], "prompt": "Hi"}])
+    )
+    assert (
+        main(["parity", "--bundle", str(bundle), "--cases", str(cases_file), "--steps", "2", "--json"]) == 0
+    )
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["passed"] is True
+    assert f"opening reference {DEFAULT_CHECKPOINT}" in captured.err

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..bench import DEFAULT_DECODE_TOKENS, DEFAULT_IMAGE, DEFAULT_PROMPT
-from .options import DEFAULT_CHECKPOINT
+from .options import DEFAULT_CHECKPOINT, check_prompt
 
 
 @click.command("bench")
@@ -23,7 +23,7 @@ from .options import DEFAULT_CHECKPOINT
 @click.option(
     "--image", "images", multiple=True, type=click.Path(path_type=Path), help="Default: wide.png sample."
 )
-@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True)
+@click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, callback=check_prompt)
 @click.option("--downsample-mode", type=click.Choice(["16x", "4x"]), default=None)
 @click.option("--max-slice-nums", type=click.IntRange(1, 64), default=None)
 @click.option(
@@ -54,15 +54,26 @@ def bench(
     threads, max_context, bandwidth_mb, as_json, report_path, plot_path, device_report,
 ) -> None:  # fmt: skip
     """Benchmark checkpoints (first) and bundles, interleaved; ratios are against the first model."""
-    from ..bench import BenchSettings, candidates_from, run_bench, write_atomic
+    from ..bench import BenchSettings, candidates_from, is_bench_chart, is_bench_report, run_bench
     from ..cli import print_json
     from ..errors import InputError
+    from ..outputs import check_output_file, write_output_file
 
     if device_report is not None:
         if checkpoints or bundles:
             raise InputError("give either --device-report or models to benchmark, not both")
         _device_report(device_report, as_json)
         return
+    outputs = [
+        (path, what, is_ours, flag)
+        for path, what, is_ours, flag in (
+            (report_path, "benchmark report", is_bench_report, "--report"),
+            (plot_path, "benchmark chart", is_bench_chart, "--plot"),
+        )
+        if path is not None
+    ]
+    for path, what, is_ours, flag in outputs:  # an unwritable or foreign path fails before the runs
+        check_output_file(path, what, is_ours, flag)
     if not checkpoints and not bundles:  # as every command: no model given = the embedded demo model
         checkpoints = (DEFAULT_CHECKPOINT,)
     settings = BenchSettings(
@@ -70,15 +81,11 @@ def bench(
         max_slice_nums=max_slice_nums, decode_tokens=new_tokens, warmup=warmup, repeats=repeats,
         threads=threads, max_context=max_context, bandwidth_mb=bandwidth_mb,
     )  # fmt: skip
-    report = run_bench(
-        candidates_from(checkpoints, bundles),
-        settings,
-        progress=lambda m: click.echo(f"[bench] {m}", err=True),
-    )
-    if report_path is not None:
-        write_atomic(report_path, report.to_markdown())
-    if plot_path is not None:
-        report.plot(plot_path)
+    say = lambda m: click.echo(f"[bench] {m}", err=True)  # noqa: E731
+    report = run_bench(candidates_from(checkpoints, bundles), settings, progress=say)
+    for path, what, is_ours, flag in outputs:
+        data = report.to_markdown() if flag == "--report" else report.png()
+        write_output_file(path, data, what, is_ours, flag, say=say)
     if as_json:
         print_json(report.to_json())
     else:

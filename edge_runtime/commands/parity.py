@@ -7,12 +7,18 @@ from pathlib import Path
 import click
 
 from ..outputs import check_output_file, write_output_file
+from .options import DEFAULT_CHECKPOINT
 
 REPORT_HEADER = "# Parity report"
 
 
 @click.command("parity")
-@click.option("--checkpoint", type=click.Path(path_type=Path), required=True, help="Reference checkpoint.")
+@click.option(
+    "--checkpoint",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_CHECKPOINT,
+    help="Reference checkpoint (default: the embedded demo model).",
+)
 @click.option("--bundle", type=click.Path(path_type=Path), required=True, help="Bundle to check.")
 @click.option("--cases", "cases_file", type=click.Path(path_type=Path), default=None, help="Cases JSON file.")
 @click.option("--steps", type=click.IntRange(1, 1024), default=32, show_default=True, help="Decode steps.")

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from edge_runtime.errors import InputError
+from edge_runtime.paths import link_problem
 from edge_runtime.processing.image import DEFAULT_MAX_PIXELS, check_pixel_limit, to_rgb
 from edge_runtime.processing.slicing import PreparedImage, SliceConfig, slice_image
 
@@ -234,7 +235,8 @@ def load_video(
     """Decode only the selected frames of a video file into visual units (needs PyAV or decord)."""
     p = Path(path)
     if not p.is_file():
-        raise InputError(f"video not found: {p}")
+        problem = link_problem(p)
+        raise InputError(f"video {p} is {problem}" if problem else f"video not found: {p}")
     if p.stat().st_size == 0:
         raise InputError(f"video file is empty (0 bytes): {p}")
     try:
