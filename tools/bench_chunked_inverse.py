@@ -24,48 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from delta_rule_reference import make_inputs, neumann_inverse, recurrence_float64  # noqa: E402
+
 from edge_runtime.models import qwen35_text  # noqa: E402
-from edge_runtime.models.qwen35_text import TextConfig, l2norm  # noqa: E402
+from edge_runtime.models.qwen35_text import TextConfig  # noqa: E402
 
 BLOCKED = qwen35_text.unit_lower_inverse
 
 
-def neumann_inverse(strict_lower: torch.Tensor) -> torch.Tensor:
-    c = strict_lower.shape[-1]
-    power = -strict_lower
-    result = torch.eye(c, dtype=strict_lower.dtype) + power
-    for _ in range(max(math.ceil(math.log2(c)) - 1, 0)):
-        power = power @ power
-        result = result + result @ power
-    return result
-
-
 FORMS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"neumann": neumann_inverse, "blocked": BLOCKED}
-
-
-def recurrence_float64(q, k, v, g, beta, state):
-    q, k, v, g, beta, state = (x.double() for x in (q, k, v, g, beta, state))
-    outs = []
-    for t in range(q.shape[2]):
-        state = state * g[:, :, t].exp()[..., None, None]
-        delta = (v[:, :, t] - (k[:, :, t].unsqueeze(-2) @ state).squeeze(-2)) * beta[:, :, t, None]
-        state = state + k[:, :, t].unsqueeze(-1) * delta.unsqueeze(-2)
-        outs.append((q[:, :, t].unsqueeze(-2) @ state).squeeze(-2))
-    return torch.stack(outs, dim=2), state
-
-
-def inputs(t: int, noise: float | None, log_decay: float, beta: float, heads=16, dim=128, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    if noise is None:
-        k = torch.randn(1, heads, t, dim, generator=gen)
-    else:
-        k = torch.randn(1, heads, 1, dim, generator=gen) + noise * torch.randn(
-            1, heads, t, dim, generator=gen
-        )
-    q = l2norm(torch.randn(1, heads, t, dim, generator=gen)) * dim**-0.5
-    v = torch.randn(1, heads, t, dim, generator=gen)
-    g, b = torch.full((1, heads, t), log_decay), torch.full((1, heads, t), beta)
-    return q, l2norm(k), v, g, b, torch.zeros(1, heads, dim, dim)
 
 
 ACCURACY_CASES = {
@@ -83,7 +50,7 @@ def with_form(name: str):
 def accuracy(t: int) -> None:
     print(f"max |error| against a float64 recurrence, T={t}, 16 heads x 128:")
     for label, (noise, g, b) in ACCURACY_CASES.items():
-        args = inputs(t, noise, g, b)
+        args = make_inputs(t, heads=16, dim=128, key_noise=noise, log_decay=g, beta=b)
         want_out, want_state = recurrence_float64(*args)
         row = []
         for name in FORMS:
@@ -146,7 +113,7 @@ def main() -> int:
     accuracy(256)
     print(f"time, {args.threads} thread(s), medians of {args.repeats} interleaved runs:")
     for t in args.tokens:
-        core = inputs(t, None, -0.1, 0.9)
+        core = make_inputs(t, heads=16, dim=128, key_noise=None, log_decay=-0.1, beta=0.9)
         timing(
             f"chunked_delta_rule T={t}",
             lambda core=core: qwen35_text.chunked_delta_rule(*core),
