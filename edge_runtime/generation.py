@@ -8,8 +8,9 @@ the same processors in the same order (repetition penalty -> temperature -> top-
 Differences from `generate`, on purpose:
 - A stop token ends generation but is not part of `token_ids` (HF appends it to the output sequence);
   it is reported as `GenerationResult.stop_token_id` instead, so callers never strip it themselves.
-- Draws come from a numpy Generator seeded by `SamplingConfig.seed`: deterministic for a seed, and the
-  same on every backend, but not the same stream as torch.multinomial.
+- Draws come from SplitMix64 (edge_runtime/portable_rng.py) seeded by `SamplingConfig.seed`:
+  deterministic for a seed, the same on every backend and in every app (docs/conformance.md), but
+  not the same stream as torch.multinomial.
 - The repetition penalty counts prompt tokens only when `prompt_ids` is given (HF counts them when
   `input_ids` is passed, and only generated tokens when called with `inputs_embeds` alone).
 """
@@ -25,6 +26,7 @@ import numpy as np
 
 from edge_runtime.backends.base import Backend, DecoderState
 from edge_runtime.errors import ContextOverflowError, InputError
+from edge_runtime.portable_rng import SplitMix64
 
 STOP_TOKEN = "stop_token"
 MAX_NEW_TOKENS = "max_new_tokens"
@@ -137,7 +139,7 @@ def process_logits(logits: np.ndarray, cfg: SamplingConfig, seen_ids: np.ndarray
     return apply_top_p(scores, cfg.top_p)
 
 
-def draw(probs: np.ndarray, rng: np.random.Generator) -> int:
+def draw(probs: np.ndarray, rng: SplitMix64 | np.random.Generator) -> int:
     """One draw by inverse CDF over the non-zero entries: one uniform per token, never a filtered token."""
     candidates = np.flatnonzero(probs > 0)
     cdf = np.cumsum(probs[candidates])
@@ -158,7 +160,7 @@ class Sampler:
 
     def __init__(self, cfg: SamplingConfig, prompt_ids: Sequence[int] | np.ndarray | None = None):
         self.cfg = cfg
-        self.rng = np.random.default_rng(cfg.seed)
+        self.rng = SplitMix64(cfg.seed)  # portable: every app draws the same tokens (docs/conformance.md)
         self._seen: set[int] = (
             set() if prompt_ids is None else {int(i) for i in np.asarray(prompt_ids).ravel()}
         )
