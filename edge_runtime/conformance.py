@@ -38,7 +38,6 @@ LOGIT_ATOL = {"fp32": 1e-3, "fp16": 2e-2}  # an engine's logits against the kit'
 QUANT_LOGIT_ATOL = 1e-1
 N_DRAWS = 8  # draws per sampling case
 N_RNG_OUTPUTS = 8
-GENERATION_MAX_NEW_TOKENS = 64
 
 Say = Callable[[str], None]
 
@@ -297,7 +296,7 @@ def _sampling_cases(vocab: int, arrays: _Arrays) -> list[dict[str, Any]]:
 
 
 def _generations(
-    session: Session, arrays: _Arrays, logit_atol: float, n_questions: int, say: Say
+    session: Session, arrays: _Arrays, logit_atol: float, n_questions: int, max_new_tokens: int, say: Say
 ) -> list[dict[str, Any]]:
     questions = json.loads(DEMO_QUESTIONS.read_text(encoding="utf-8"))["questions"][:n_questions]
     out = []
@@ -308,7 +307,7 @@ def _generations(
         prefix = f"generations/{i}"
         image_entry = _slice_entry(session, config, image, f"{prefix}/image", arrays)
         prepared = session.prepare(q["question"], [slice_image(image, config)])
-        sampling = session.sampling(max_new_tokens=GENERATION_MAX_NEW_TOKENS)
+        sampling = session.sampling(max_new_tokens=max_new_tokens)
         result = generate(
             session.backend, prepared.embeds, sampling, prompt_ids=prepared.prompt.ids, record_logits=True
         )
@@ -322,7 +321,7 @@ def _generations(
                 "image_file": q["image"],
                 "expected_answer": q.get("answer"),
                 "image": image_entry,
-                "max_new_tokens": GENERATION_MAX_NEW_TOKENS,
+                "max_new_tokens": max_new_tokens,
                 "prompt_ids": list(prepared.prompt.ids),
                 "token_ids": ids,
                 "stop_reason": result.stop_reason,
@@ -356,7 +355,12 @@ def is_kit(path: Path) -> str | None:
 
 
 def write_kit(
-    session: Session, root: Path, source: dict[str, Any], n_questions: int = 3, say: Say | None = None
+    session: Session,
+    root: Path,
+    source: dict[str, Any],
+    n_questions: int = 3,
+    max_new_tokens: int = 64,
+    say: Say | None = None,
 ) -> dict[str, Any]:
     """Fill `root` (an empty directory) with the kit; return the index that was written."""
     say = say or (lambda _msg: None)
@@ -374,7 +378,7 @@ def write_kit(
     prompts = _prompt_cases(session, images)
     say("sampling")
     sampling = _sampling_cases(info.vocab_size, arrays)
-    generations = _generations(session, arrays, logit_atol, n_questions, say)
+    generations = _generations(session, arrays, logit_atol, n_questions, max_new_tokens, say)
     cfg = session.assets.slice_config
     index = {
         "schema": SCHEMA,

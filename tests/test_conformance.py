@@ -44,7 +44,7 @@ def reference_sample(logits, temperature, top_k, top_p, penalty, seen, seed, n):
     """docs/conformance.md's sampling recipe, step by step, with the reference RNG."""
     stream = reference_splitmix64(seed)
     seen = set(seen)
-    tokens, first_probs = [], None
+    tokens, first_probs, uniforms = [], None, []
     for _ in range(n):
         x = logits.astype(np.float32).copy()
         ids = sorted(i for i in seen if 0 <= i < len(x))
@@ -68,6 +68,7 @@ def reference_sample(logits, temperature, top_k, top_p, penalty, seen, seed, n):
             probs = e / e.sum()
             first_probs = probs if first_probs is None else first_probs
             u = (next(stream) >> 11) * 2.0**-53
+            uniforms.append(u)
             candidates = [i for i in range(len(probs)) if probs[i] > 0]
             total, cdf = 0.0, []
             for i in candidates:
@@ -78,7 +79,7 @@ def reference_sample(logits, temperature, top_k, top_p, penalty, seen, seed, n):
             token = candidates[k]
         tokens.append(token)
         seen.add(token)
-    return tokens, first_probs
+    return tokens, first_probs, uniforms
 
 
 def load(kit: Path, ref: dict) -> np.ndarray:
@@ -118,11 +119,12 @@ def replay(kit: Path, model_dir: Path | None = None, bundle: Path | None = None)
 
     for case in index["sampling"]:
         logits = load(kit, case["logits"])
-        tokens, probs = reference_sample(
+        tokens, probs, uniforms = reference_sample(
             logits, case["temperature"], case["top_k"], case["top_p"], case["repetition_penalty"],
             case["seen_ids"], int(case["seed"]), len(case["tokens"]),
         )  # fmt: skip
         same(f"sampling {case['name']}", case["tokens"], tokens)
+        same(f"sampling {case['name']} uniforms", case["uniforms"], uniforms)
         if case["first_probs"] is not None:
             close(f"sampling {case['name']} probs", case["first_probs"], probs)
 
@@ -196,6 +198,8 @@ def replay(kit: Path, model_dir: Path | None = None, bundle: Path | None = None)
             close(f"{what} logits", run["logits"], logits)
             same(f"{what} greedy tokens", path, [int(np.argmax(row)) for row in load(kit, run["logits"])])
             same(f"{what} text", run["text"], tokenizer.decode(run["token_ids"]))
+            decoder = StreamDecoder(tokenizer)
+            same(f"{what} stream", run["stream"]["pieces"], [decoder.push(i) for i in run["token_ids"]])
     return problems
 
 
@@ -238,13 +242,15 @@ def bundle_kit(tiny_bundle, tmp_path_factory):
 def test_checkpoint_kit_replays_and_reports_json(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "kit"
     args = ["conformance", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--questions", "1"]
-    assert main([*args, "--json"]) == 0
+    assert main([*args, "--max-new-tokens", "12", "--json"]) == 0
     captured = capsys.readouterr()
     summary = json.loads(captured.out)
     assert "[conformance] images" in captured.err
     assert summary["counts"] == {"images": 8, "texts": 5, "prompts": 4, "sampling": 8, "generations": 1}
     assert summary["size_bytes"] == sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     assert summary["source"]["kind"] == "checkpoint"
+    index = json.loads((out / "conformance.json").read_text(encoding="utf-8"))
+    assert len(index["generations"][0]["token_ids"]) <= 12
     assert replay(out) == []
     # a kit of ours is replaced; anything else is refused before the model loads
     assert main([*args, "--questions", "0"]) == 0

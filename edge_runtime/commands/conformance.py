@@ -22,8 +22,15 @@ from .options import model_source, resolve_source
     show_default=True,
     help="Greedy runs: the first N demo sample questions.",
 )
+@click.option(
+    "--max-new-tokens",
+    type=click.IntRange(1, 4096),
+    default=64,
+    show_default=True,
+    help="Greedy runs stop after this many tokens (or at a stop token).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
-def conformance(checkpoint, bundle, max_context, threads, out, n_questions, as_json) -> None:
+def conformance(checkpoint, bundle, max_context, threads, out, n_questions, max_new_tokens, as_json) -> None:
     """Write language-neutral test vectors (docs/conformance.md) from the host code and this model."""
     from ..cli import print_json
     from ..conformance import INDEX, is_kit, write_kit
@@ -48,7 +55,9 @@ def conformance(checkpoint, bundle, max_context, threads, out, n_questions, as_j
     source["backend"] = session.backend.name
     say(f"model: {source['kind']} {source['path']} ({session.backend.name})")
     with atomic_output_dir(out, "conformance kit", is_kit, say=say) as tmp:
-        index = write_kit(session, tmp, source, n_questions=n_questions, say=say)
+        index = write_kit(
+            session, tmp, source, n_questions=n_questions, max_new_tokens=max_new_tokens, say=say
+        )
     size = sum(index["files"].values()) + (out / INDEX).stat().st_size
     say(
         f"wrote {out} ({len(index['files']) + 1} files, {size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s"
