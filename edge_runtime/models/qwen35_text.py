@@ -19,8 +19,10 @@ the same recurrence.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -125,17 +127,26 @@ def unit_lower_inverse(strict_lower: torch.Tensor) -> torch.Tensor:
     and lost every digit: issue 26.)
     """
     c, dtype = strict_lower.shape[-1], strict_lower.dtype
-    index = torch.arange(c, device=strict_lower.device).to(dtype)
     inverse = torch.eye(c, dtype=dtype, device=strict_lower.device)
-    same_block = inverse  # 1 where row and column lie in one diagonal block of size b (b = 1)
-    b = 1
-    while b < c:
-        pair = torch.floor(index / (2 * b))  # float floor and ==: ops Core ML converts (bool & is not)
-        same_pair = (pair[:, None] == pair[None, :]).to(dtype)
-        lower_left = strict_lower * (same_pair - same_block)
-        inverse = inverse - lower_left if b == 1 else inverse - inverse @ lower_left @ inverse
-        same_block, b = same_pair, 2 * b
+    for level, quarter in enumerate(_lower_left_quarters(c)):  # block size b = 2**level
+        lower_left = strict_lower * torch.from_numpy(quarter).to(dtype)
+        inverse = inverse - lower_left if level == 0 else inverse - inverse @ lower_left @ inverse
     return inverse
+
+
+@functools.cache
+def _lower_left_quarters(c: int) -> tuple[np.ndarray, ...]:
+    """For b = 1, 2, 4, ... < c: 1 where (row, column) lies in the lower-left b x b quarter of a
+    diagonal 2b x 2b block. Built in numpy, so an exporter sees constants, not index arithmetic."""
+    index = np.arange(c)
+    masks, b = [], 1
+    while b < c:
+        pair, block = index // (2 * b), index // b
+        masks.append(
+            ((pair[:, None] == pair[None, :]) & (block[:, None] != block[None, :])).astype(np.float32)
+        )
+        b *= 2
+    return tuple(masks)
 
 
 def chunked_delta_rule(
