@@ -77,16 +77,13 @@ class Manifest:
         return dict(self.raw) if self.raw else {name: getattr(self, name) for name in _FIELDS}
 
 
-def manifest_text(manifest: dict[str, Any]) -> str:
-    """The manifest as written to disk: with its own checksum (`manifest_sha256`), sorted keys."""
+def write_manifest(root: str | Path, manifest: dict[str, Any]) -> None:
+    """Write (or rewrite, after changing a file on purpose) a bundle's manifest: sorted keys, with its
+    own checksum (`manifest_sha256`)."""
     signed = {k: v for k, v in manifest.items() if k != MANIFEST_CHECKSUM_FIELD}
     signed[MANIFEST_CHECKSUM_FIELD] = manifest_checksum(signed)
-    return json.dumps(signed, indent=2, sort_keys=True, allow_nan=False) + "\n"
-
-
-def write_manifest(root: str | Path, manifest: dict[str, Any]) -> None:
-    """Write (or rewrite, after changing a file on purpose) a bundle's manifest, checksum included."""
-    (Path(root) / MANIFEST).write_text(manifest_text(manifest), encoding="utf-8")
+    text = json.dumps(signed, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    (Path(root) / MANIFEST).write_text(text, encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------------

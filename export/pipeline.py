@@ -25,15 +25,14 @@ from typing import Any
 from edge_runtime import __version__
 from edge_runtime.bundle import (
     HOST_FILES,
-    MANIFEST,
     REQUIRED_HOST_FILES,
     SCHEMA_VERSION,
     TARGET_FORMATS,
-    Manifest,
     file_entry,
     iter_bundle_files,
-    manifest_text,
     not_a_bundle,
+    read_manifest,
+    write_manifest,
 )
 from edge_runtime.checkpoint import read_config
 from edge_runtime.errors import InputError
@@ -190,9 +189,8 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> P
         say("copying host files")
         copied = copy_host_files(request.checkpoint, tmp)
         say("hashing files and writing the manifest")
-        text = manifest_text(build_manifest(ctx, graph_set, copied))
-        Manifest.from_dict(json.loads(text))  # what we write must be what readers accept
-        (tmp / MANIFEST).write_text(text, encoding="utf-8")
+        write_manifest(tmp, build_manifest(ctx, graph_set, copied))
+        read_manifest(tmp)  # what we write must be what readers accept: schema and its own checksum
     say(f"bundle written to {request.out}")
     return request.out
 
