@@ -21,6 +21,7 @@ from typing import Any
 from .backends.base import Backend
 from .errors import BundleError, InputError
 from .paths import missing_reason
+from .safetensors_header import read_header
 from .schema import MANIFEST_CHECKSUM_FIELD, check_manifest_checksum, manifest_checksum, validate_manifest
 
 SCHEMA_VERSION = 1  # bump on any change an older reader would misread; readers accept exactly their own
@@ -190,16 +191,7 @@ class TensorInfo:
 
 def safetensors_tensors(path: Path) -> list[TensorInfo]:
     """The tensors a safetensors file holds, from its JSON header alone (a few KB read)."""
-    try:
-        with Path(path).open("rb") as fh:
-            header_len = int.from_bytes(fh.read(8), "little")
-            if header_len <= 0 or header_len > 100 * (1 << 20):
-                raise ValueError(f"implausible header length {header_len}")
-            header = json.loads(fh.read(header_len))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise BundleError(f"{path}: not a readable safetensors file ({exc})") from None
-    if not isinstance(header, dict):
-        raise BundleError(f"{path}: not a safetensors file (its header is not a JSON object)")
+    _, header = read_header(path, BundleError)
     out = []
     for name, meta in header.items():
         if name == "__metadata__":

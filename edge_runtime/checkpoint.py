@@ -32,6 +32,7 @@ from .models.minicpm_v46 import (
 )
 from .outputs import atomic_output_dir
 from .paths import missing_reason
+from .safetensors_header import read_header
 from .schema import validate_config
 
 WEIGHTS_FILE = "model.safetensors"
@@ -107,16 +108,7 @@ def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 def _check_safetensors_size(file: Path) -> None:
     """Catch a truncated file up front: the header says how many bytes the data must have."""
     size = file.stat().st_size
-    try:
-        with file.open("rb") as fh:
-            header_len = struct.unpack("<Q", fh.read(8))[0]
-            if header_len > size - 8:
-                raise ValueError("header longer than file")
-            header = json.loads(fh.read(header_len))
-    except (struct.error, ValueError, UnicodeDecodeError, RecursionError, OSError) as exc:
-        raise CheckpointError(f"{file}: not a safetensors file or truncated ({exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: not a safetensors file (its header is not a JSON object)")
+    header_len, header = read_header(file, CheckpointError)
     ends = []
     for key, entry in header.items():
         if key == "__metadata__":
