@@ -22,7 +22,7 @@ from .errors import InputError
 from .generation import Sampler, SamplingConfig, generate, softmax
 from .portable_rng import SplitMix64
 from .processing.image import load_image, resize
-from .processing.slicing import SliceConfig, slice_image
+from .processing.slicing import PreparedImage, SliceConfig, slice_image
 from .processing.tokenizer import StreamDecoder
 from .session import Session
 
@@ -148,17 +148,24 @@ def _image_cases(session: Session, arrays: _Arrays, root: Path, say: Say) -> lis
                 size = (3 * res + 8, 4 * res - 20)
             image = Image.fromarray(_pattern(*size, seed=len(out)))
         config = session.slice_config(mode, max_slices)
-        entry.update(_slice_entry(session, config, image, f"images/{name}", arrays))
+        entry.update(
+            _slice_entry(session, config, image, slice_image(image, config), f"images/{name}", arrays)
+        )
         out.append(entry)
         say(f"image {name}: {entry['plan']['n_slices']} slices")
     return out
 
 
 def _slice_entry(
-    session: Session, config: SliceConfig, image: Image.Image, prefix: str, arrays: _Arrays
+    session: Session,
+    config: SliceConfig,
+    image: Image.Image,
+    prepared: PreparedImage,
+    prefix: str,
+    arrays: _Arrays,
 ) -> dict[str, Any]:
+    """The vectors of one image: its pixels, `prepared` (slice_image of it) and each slice's inputs."""
     pixels = np.asarray(image, dtype=np.uint8)
-    prepared = slice_image(image, config)
     plan = prepared.plan
     entry: dict[str, Any] = {
         "downsample_mode": config.downsample_mode,
@@ -305,8 +312,9 @@ def _generations(
         config = session.slice_config()
         image = load_image(image_path, max_pixels=config.max_pixels)
         prefix = f"generations/{i}"
-        image_entry = _slice_entry(session, config, image, f"{prefix}/image", arrays)
-        prepared = session.prepare(q["question"], [slice_image(image, config)])
+        sliced = slice_image(image, config)  # once: the kit's vectors and the run use the same slices
+        image_entry = _slice_entry(session, config, image, sliced, f"{prefix}/image", arrays)
+        prepared = session.prepare(q["question"], [sliced])
         sampling = session.sampling(max_new_tokens=max_new_tokens)
         result = generate(
             session.backend, prepared.embeds, sampling, prompt_ids=prepared.prompt.ids, record_logits=True
