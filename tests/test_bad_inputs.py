@@ -388,14 +388,19 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_sigterm_during_export_leaves_nothing(tiny_checkpoint, tmp_path):
-    proc = subprocess.Popen(
-        [*EXE, "export", "--checkpoint", str(tiny_checkpoint), *ONNX, "--out", str(tmp_path / "b")],
+def _start_export(checkpoint, out) -> subprocess.Popen:
+    """The CLI exporting `checkpoint` to `out` in a child process, to be signalled."""
+    return subprocess.Popen(
+        [*EXE, "export", "--checkpoint", str(checkpoint), *ONNX, "--out", str(out)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def test_sigterm_during_export_leaves_nothing(tiny_checkpoint, tmp_path):
+    proc = _start_export(tiny_checkpoint, tmp_path / "b")
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".b.tmp-") for p in tmp_path.iterdir()):
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
@@ -410,13 +415,7 @@ def test_sigterm_during_export_leaves_nothing(tiny_checkpoint, tmp_path):
 @pytest.mark.parametrize("after_s", [0.4, 1.2, 2.5])
 def test_ctrl_c_at_any_point_of_an_export_is_one_line(tiny_checkpoint, tmp_path, after_s):
     """Early (importing onnxruntime and torch), or later (exporting): exit 130, one line, nothing left."""
-    proc = subprocess.Popen(
-        [*EXE, "export", "--checkpoint", str(tiny_checkpoint), *ONNX, "--out", str(tmp_path / "b")],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = _start_export(tiny_checkpoint, tmp_path / "b")
     time.sleep(after_s)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
