@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow lint format demo bench export-harmonyos export-android export-ios clean
+.PHONY: setup test test-slow lint format demo bench export-harmonyos export-android export-ios clean harmonyos-toolchain
 
 setup: $(STAMP)
 
@@ -16,7 +16,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test,plot,bench]"
 	@touch $(STAMP)
 
-test: setup
+# The Node toolchain of the HarmonyOS app checks (npm ci into ~/.cache/minicpmv-edge, linked from
+# apps/harmonyos/tools/node_modules); needs node 20+ and npm.
+harmonyos-toolchain: setup
+	$(BIN)/python tools/harmonyos_toolchain.py
+
+test: setup harmonyos-toolchain
 	$(BIN)/ruff check edge_runtime export tests tools
 	$(BIN)/ruff format --check edge_runtime export tests tools
 	$(BIN)/python tools/run_pytest.py
