@@ -416,3 +416,59 @@ def write_kit(
     }
     (root / INDEX).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return index
+
+
+# ---------------------------------------------------------------------------------------------------
+# The kit inside a bundle
+
+BUNDLE_KIT_DIR = "conformance"
+
+
+def kit_source(session: Session, checkpoint: Path | None, bundle: Path | None) -> dict[str, Any]:
+    """The kit's `source` field: the model its greedy runs used."""
+    source: dict[str, Any] = {"kind": "checkpoint", "path": str(checkpoint)}
+    if bundle is not None:
+        from .bundle import read_manifest
+
+        manifest = read_manifest(bundle)
+        source = {
+            "kind": "bundle", "path": str(bundle), "target": manifest.target, "format": manifest.format,
+            "quantization": manifest.quantization,
+        }  # fmt: skip
+    source["backend"] = session.backend.name
+    return source
+
+
+def attach_kit(bundle: Path, n_questions: int = 3, max_new_tokens: int = 64, say: Say | None = None) -> Path:
+    """Write the kit of `bundle`'s own model into BUNDLE/conformance/ and list it in the manifest, so
+    the bundle an app is given carries the vectors its tests check (`make demo` does this)."""
+    from .outputs import atomic_output_dir
+    from .runtime import open_session
+
+    out = Path(bundle) / BUNDLE_KIT_DIR
+    session = open_session(bundle=bundle)
+    source = kit_source(session, None, bundle)
+    with atomic_output_dir(out, "conformance kit", is_kit, say=say) as tmp:
+        write_kit(session, tmp, source, n_questions=n_questions, max_new_tokens=max_new_tokens, say=say)
+    list_kit_in_manifest(bundle)
+    return out
+
+
+def list_kit_in_manifest(bundle_dir: Path) -> int:
+    """List the files under `bundle/conformance/` in the bundle's manifest (re-signed), so the bundle
+    verifies with its kit and an app finds the kit through the manifest; returns how many were listed.
+    Entries of an earlier kit that are gone are dropped."""
+    from .bundle import MANIFEST, file_entry, read_manifest, write_manifest
+
+    bundle_dir = Path(bundle_dir)
+    raw = read_manifest(bundle_dir).to_dict()
+    prefix = BUNDLE_KIT_DIR + "/"
+    files = {rel: entry for rel, entry in raw["files"].items() if not rel.startswith(prefix)}
+    kit_files = sorted(p for p in (bundle_dir / BUNDLE_KIT_DIR).rglob("*") if p.is_file())
+    for path in kit_files:
+        rel = path.relative_to(bundle_dir).as_posix()
+        if rel != MANIFEST:
+            files[rel] = file_entry(path)
+    raw["files"] = dict(sorted(files.items()))
+    write_manifest(bundle_dir, raw)
+    return len(kit_files)

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from edge_runtime.bundle import load_bundle
 from edge_runtime.cli import main
+from edge_runtime.errors import BundleError
 from edge_runtime.generation import build_input_embeddings, teacher_forced_logits
 from edge_runtime.portable_rng import SplitMix64
 from edge_runtime.processing.image import load_image, resize
@@ -278,6 +280,40 @@ def test_onnx_bundle_kit_replays_through_the_graphs(bundle_kit, tiny_bundle):
     assert max(e["plan"]["n_slices"] for e in index["images"]) >= 9
     assert [len(g["logits"]["shape"]) for g in index["generations"]] == [2, 2]
     assert replay(bundle_kit, bundle=tiny_bundle) == []
+
+
+def test_kit_written_into_a_bundle_is_listed_and_verified(tiny_bundle, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    args = [
+        "conformance",
+        "--bundle",
+        str(bundle),
+        "--in-bundle",
+        "--questions",
+        "1",
+        "--max-new-tokens",
+        "4",
+    ]
+    assert main(args) == 0
+    assert "kit files in" in capsys.readouterr().err
+    listed = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))["files"]
+    kit_files = {p.relative_to(bundle).as_posix() for p in (bundle / "conformance").rglob("*") if p.is_file()}
+    assert "conformance/conformance.json" in kit_files and kit_files <= set(listed)
+    load_bundle(bundle)  # every listed file, kit included, matches its checksum
+    assert main(["inspect", "--bundle", str(bundle)]) == 0
+    # written again: the old kit's entries are replaced, and the bundle still verifies
+    assert main([*args[:5], "2", *args[6:]]) == 0
+    assert "replaced the previous conformance kit" in capsys.readouterr().err
+    load_bundle(bundle)
+    assert replay(bundle / "conformance", bundle=bundle) == []
+    # a changed kit file is a changed bundle file
+    (bundle / "conformance" / "conformance.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(BundleError, match="conformance/conformance.json"):
+        load_bundle(bundle)
+    # the flag needs a bundle and no --out
+    assert main(["conformance", "--in-bundle", "--out", str(tmp_path / "k")]) == 2
+    assert "--in-bundle" in capsys.readouterr().err
 
 
 def _tamper(kit: Path, tmp_path: Path, name: str) -> Path:

@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from edge_runtime.bundle import load_bundle, sha256_file  # noqa: E402
 from edge_runtime.commands.options import DEFAULT_CHECKPOINT  # noqa: E402
+from edge_runtime.conformance import BUNDLE_KIT_DIR, attach_kit  # noqa: E402
 from edge_runtime.errors import EdgeError  # noqa: E402
 from edge_runtime.init_checkpoint import init_checkpoint  # noqa: E402
 from edge_runtime.parity import Case, compare  # noqa: E402
@@ -88,6 +89,8 @@ def bundle_for(checkpoint: Path, target: str, fmt: str, quant: str) -> Path:
     if (out / "manifest.json").exists() and stamp.is_file() and stamp.read_text().strip() == source:
         try:
             load_bundle(out)  # verifies checksums
+            if not (out / BUNDLE_KIT_DIR / "conformance.json").is_file():
+                attach_kit(out, say=_quiet)  # a bundle cached before kits shipped inside bundles
             return out
         except EdgeError:
             print(f"cached {out.name} is broken; exporting it again", flush=True)
@@ -95,6 +98,7 @@ def bundle_for(checkpoint: Path, target: str, fmt: str, quant: str) -> Path:
     t0 = time.perf_counter()
     print(f"exporting {target} ({fmt}, {quant}) ...", flush=True)
     export_bundle(ExportRequest(checkpoint, out, target, fmt, quant, max_context=1024, chunk_size=32), _quiet)
+    attach_kit(out, say=_quiet)  # the vectors the apps' tests check, inside the bundle they load
     stamp.write_text(source + "\n")
     print(f"  done in {time.perf_counter() - t0:.0f} s", flush=True)
     return out

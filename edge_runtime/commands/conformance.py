@@ -13,7 +13,12 @@ from .options import model_source, resolve_source
 
 @click.command("conformance")
 @model_source
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Kit directory to write.")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Kit directory to write.")
+@click.option(
+    "--in-bundle",
+    is_flag=True,
+    help="Write the kit into the --bundle itself (BUNDLE/conformance/, listed in its manifest) instead of --out.",
+)
 @click.option(
     "--questions",
     "n_questions",
@@ -30,34 +35,37 @@ from .options import model_source, resolve_source
     help="Greedy runs stop after this many tokens (or at a stop token).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
-def conformance(checkpoint, bundle, max_context, threads, out, n_questions, max_new_tokens, as_json) -> None:
+def conformance(
+    checkpoint, bundle, max_context, threads, out, in_bundle, n_questions, max_new_tokens, as_json
+) -> None:
     """Write language-neutral test vectors (docs/conformance.md) from the host code and this model."""
     from ..cli import print_json
-    from ..conformance import INDEX, is_kit, write_kit
+    from ..conformance import BUNDLE_KIT_DIR, INDEX, is_kit, kit_source, list_kit_in_manifest, write_kit
+    from ..errors import InputError
     from ..outputs import atomic_output_dir, preflight
 
     def say(msg: str) -> None:
         click.echo(f"[conformance] {msg}", err=True)
 
+    if in_bundle:
+        if bundle is None or out is not None:
+            raise InputError("--in-bundle writes into the --bundle given; give --bundle and no --out")
+        out = bundle / BUNDLE_KIT_DIR
+    elif out is None:
+        raise InputError("give --out KIT (or --bundle B --in-bundle)")
     preflight(out, "conformance kit", is_kit)  # before the model is loaded
     checkpoint, bundle = resolve_source(checkpoint, bundle)
     t0 = time.perf_counter()
     session = open_session(checkpoint, bundle, max_context=max_context, threads=threads)
-    source = {"kind": "checkpoint", "path": str(checkpoint)}
-    if bundle is not None:
-        from ..bundle import read_manifest
-
-        manifest = read_manifest(bundle)
-        source = {
-            "kind": "bundle", "path": str(bundle), "target": manifest.target, "format": manifest.format,
-            "quantization": manifest.quantization,
-        }  # fmt: skip
-    source["backend"] = session.backend.name
+    source = kit_source(session, checkpoint, bundle)
     say(f"model: {source['kind']} {source['path']} ({session.backend.name})")
     with atomic_output_dir(out, "conformance kit", is_kit, say=say) as tmp:
         index = write_kit(
             session, tmp, source, n_questions=n_questions, max_new_tokens=max_new_tokens, say=say
         )
+    if in_bundle:
+        listed = list_kit_in_manifest(bundle)
+        say(f"listed {listed} kit files in {bundle / 'manifest.json'}")
     size = sum(index["files"].values()) + (out / INDEX).stat().st_size
     say(
         f"wrote {out} ({len(index['files']) + 1} files, {size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s"
