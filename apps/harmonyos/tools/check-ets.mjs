@@ -98,6 +98,8 @@ function compilerOptions() {
   // Third-party packages the app depends on (entry/oh-package.json5) or its tests import.
   paths['@huggingface/tokenizers'] = [path.join(modules, '@huggingface', 'tokenizers', 'types', 'index.d.ts')];
   paths['@ohos/hypium'] = [path.join(modules, '@ohos', 'hypium', 'index.d.ts')];
+  // The app's own NAPI module, declared as DevEco declares it (entry/oh-package.json5 file: dependency).
+  paths['libortengine.so'] = [path.join(here, '..', 'entry', 'src', 'main', 'cpp', 'types', 'libortengine', 'index.d.ts')];
   const options = {
     target: ts.ScriptTarget.ES2021,
     module: ts.ModuleKind.ES2020,
@@ -112,6 +114,9 @@ function compilerOptions() {
     allowArbitraryExtensions: true,
     types: [],
     compatibleSdkVersion: 13,
+    // as ets-loader sets them: imports of a NAPI module ('libx.so') then resolve to its declared .d.ts
+    needDoArkTsLinter: true,
+    isCompatibleVersion: false,
     ets: etsOption(path.join(decl, 'component')),
   };
   const sdkRoots = [path.join(decl, 'global.d.ts')];
