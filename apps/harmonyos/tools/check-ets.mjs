@@ -91,11 +91,43 @@ function etsOption(componentDir) {
   };
 }
 
+// Drops line and block comments and trailing commas: enough JSON5 for our own oh-package.json5 files.
+function parseJson5(text) {
+  const noComments = text.replace(/("(?:[^"\\\n]|\\.)*")|\/\/[^\n]*|\/\*[\s\S]*?\*\//g, (m, str) => str ?? '');
+  return JSON.parse(noComments.replace(/,(\s*[}\]])/g, '$1'));
+}
+
+/**
+ * The entry module's local ohpm dependencies (`"name": "file:folder"`), typed the way ohpm resolves
+ * them: the folder's oh-package.json5 `types`, else its index.d.ts. This is how DevEco types the
+ * NAPI module (`"libxxx.so": "file:./src/main/cpp/types/libxxx"`).
+ */
+function ohpmFilePaths() {
+  const entry = path.resolve(here, '..', 'entry');
+  const manifest = path.join(entry, 'oh-package.json5');
+  const out = {};
+  if (!fs.existsSync(manifest)) return out;
+  const deps = parseJson5(fs.readFileSync(manifest, 'utf8')).dependencies || {};
+  for (const [name, spec] of Object.entries(deps)) {
+    if (typeof spec !== 'string' || !spec.startsWith('file:')) continue;
+    const folder = path.resolve(entry, spec.slice('file:'.length));
+    let types = path.join(folder, 'index.d.ts');
+    const pkg = path.join(folder, 'oh-package.json5');
+    if (fs.existsSync(pkg)) {
+      const t = parseJson5(fs.readFileSync(pkg, 'utf8')).types;
+      if (t) types = path.join(folder, t);
+    }
+    if (fs.existsSync(types)) out[name] = [types];
+  }
+  return out;
+}
+
 function compilerOptions() {
   const decl = path.join(modules, '@arkts', 'declarations', 'dist');
   const base = JSON.parse(fs.readFileSync(path.join(decl, 'tsconfig.base.json'), 'utf8'));
-  const paths = { ...base.compilerOptions.paths };
-  // Third-party packages the app depends on (entry/oh-package.json5) or its tests import.
+  const paths = { ...base.compilerOptions.paths, ...ohpmFilePaths() };
+  // Third-party packages the app depends on (entry/oh-package.json5) or its tests import, from the
+  // pinned npm install (the ohpm copy under vendor/ is the same package, made on demand).
   paths['@huggingface/tokenizers'] = [path.join(modules, '@huggingface', 'tokenizers', 'types', 'index.d.ts')];
   paths['@ohos/hypium'] = [path.join(modules, '@ohos', 'hypium', 'index.d.ts')];
   // The app's own NAPI module, declared as DevEco declares it (entry/oh-package.json5 file: dependency).
