@@ -1,13 +1,16 @@
 #!/usr/bin/env node
 // Run the app's hypium suites on Node against a conformance kit.
 //
-//   CONFORMANCE_KIT=DIR node run-hypium.mjs [--tests DIR]    (default DIR: apps/harmonyos/entry/src/test)
+//   CONFORMANCE_KIT=DIR [MODEL_DIR=DIR] node run-hypium.mjs [--tests DIR]
+//                                                 (default --tests: apps/harmonyos/entry/src/test)
 //
 // Every `*.test.ets` under the tests dir (sorted by path) is a suite module whose default export
 // declares its `describe`s. The suites and the ArkTS code they import are transpiled with
 // ohos-typescript (the compiler DevEco uses) and bundled with esbuild into
 // build/harmonyos/hypium/run.mjs, which installs a Node fs KitReader rooted at $CONFORMANCE_KIT
-// (entry/src/test/support/KitFiles.ets setKitReader) and runs hypium with a console delegator.
+// (entry/src/test/support/KitFiles.ets setKitReader) and a reader of the model's own files
+// (tokenizer.json ...; support/Assets.ets setAssetReader) rooted at $MODEL_DIR, by default the kit's
+// `source.path` (the bundle or checkpoint it was written from), then runs hypium with a console delegator.
 // Prints one line per test and `N passed, M failed`; exits 1 on any failure or error, on a
 // failing beforeAll/afterAll hook, or when no test ran; 2 on a usage or setup error.
 import fs from 'node:fs';
@@ -21,6 +24,7 @@ const repo = path.resolve(app, '..', '..');
 const modules = path.join(here, 'node_modules');
 const outDir = path.join(repo, 'build', 'harmonyos', 'hypium');
 const kitFiles = path.join(app, 'entry', 'src', 'test', 'support', 'KitFiles.ets');
+const assetFiles = path.join(app, 'entry', 'src', 'test', 'support', 'Assets.ets');
 
 function fail(message) {
   console.error(`error: ${message}`);
@@ -55,6 +59,22 @@ function suiteFiles(dir) {
     else if (e.isFile() && e.name.endsWith('.test.ets')) out.push(p);
   }
   return out.sort();
+}
+
+/** $MODEL_DIR, else conformance.json `source.path` (relative paths are relative to the kit). */
+function modelDir(kit) {
+  if (process.env.MODEL_DIR) {
+    const dir = path.resolve(process.env.MODEL_DIR);
+    if (!fs.existsSync(dir)) fail(`MODEL_DIR=${process.env.MODEL_DIR} does not exist`);
+    return dir;
+  }
+  const source = JSON.parse(fs.readFileSync(path.join(kit, 'conformance.json'), 'utf8')).source || {};
+  if (typeof source.path !== 'string') fail(`${kit}/conformance.json has no source.path: set MODEL_DIR to the model directory`);
+  const dir = path.resolve(kit, source.path);
+  if (!fs.existsSync(dir)) {
+    fail(`the kit's model (source.path ${source.path}) does not exist here: set MODEL_DIR to a copy of it`);
+  }
+  return dir;
 }
 
 function kitDir() {
@@ -101,15 +121,17 @@ const etsPlugin = {
   },
 };
 
-function entrySource(suites, kit) {
+function entrySource(suites, kit, model) {
   const lines = [
     "import { Hypium } from '@ohos/hypium';",
     `import { setKitReader } from ${JSON.stringify(kitFiles)};`,
     "import fs from 'node:fs';",
     "import path from 'node:path';",
   ];
+  if (model !== null) lines.push(`import { setAssetReader } from ${JSON.stringify(assetFiles)};`);
   suites.forEach((s, i) => lines.push(`import suite${i} from ${JSON.stringify(s)};`));
   lines.push(`const KIT = ${JSON.stringify(kit)};`);
+  lines.push(`const MODEL = ${JSON.stringify(model)};`);
   lines.push(`const SUITES = [${suites.map((_, i) => `suite${i}`).join(', ')}];`);
   lines.push(`const NAMES = ${JSON.stringify(suites.map((s) => path.relative(app, s)))};`);
   lines.push(`export async function run(report) {
@@ -117,6 +139,12 @@ function entrySource(suites, kit) {
     readText: (p) => fs.readFileSync(path.join(KIT, p), 'utf8'),
     readBytes: (p) => { const b = fs.readFileSync(path.join(KIT, p)); return new Uint8Array(b.buffer, b.byteOffset, b.byteLength); },
   });
+  if (MODEL !== null) {
+    setAssetReader({
+      readText: (p) => fs.readFileSync(path.join(MODEL, p), 'utf8'),
+      exists: (p) => fs.existsSync(path.join(MODEL, p)),
+    });
+  }
   SUITES.forEach((s, i) => { if (typeof s !== 'function') throw new Error(NAMES[i] + ': the default export is not a function'); });
   await new Promise((resolve) => {
     const delegator = {
@@ -180,7 +208,8 @@ async function main() {
   const testsDir = parseArgs(process.argv.slice(2));
   const kit = kitDir();
   const suites = suiteFiles(testsDir);
-  console.log(`run-hypium: ${suites.length} suite files under ${testsDir}, kit ${kit}`);
+  const model = fs.existsSync(assetFiles) ? modelDir(kit) : null;
+  console.log(`run-hypium: ${suites.length} suite files under ${testsDir}, kit ${kit}` + (model ? `, model ${model}` : ''));
   for (const s of suites) console.log(`  ${path.relative(app, s)}`);
   if (suites.length === 0) {
     console.log('0 passed, 0 failed');
@@ -191,7 +220,7 @@ async function main() {
   const outfile = path.join(outDir, 'run.mjs');
   try {
     await esbuild.build({
-      stdin: { contents: entrySource(suites, kit), resolveDir: here, loader: 'js', sourcefile: 'hypium-entry.js' },
+      stdin: { contents: entrySource(suites, kit, model), resolveDir: here, loader: 'js', sourcefile: 'hypium-entry.js' },
       bundle: true,
       platform: 'node',
       format: 'esm',
