@@ -29,6 +29,7 @@ from .session import Session
 SCHEMA = "minicpmv-edge-conformance"
 SCHEMA_VERSION = 1
 INDEX = "conformance.json"
+ASSETS_DIR = "assets"  # the model's host files, copied into the kit
 DEMO_QUESTIONS = Path(__file__).resolve().parent / "data" / "samples-demo" / "questions.json"
 
 # Tolerances (absolute). Integers are always exact (atol 0).
@@ -348,6 +349,26 @@ def _generations(
 # The kit
 
 
+def _copy_assets(model_dir: Path, root: Path, arrays: _Arrays, is_bundle: bool) -> dict[str, str]:
+    """Copy the model's host files (tokenizer, template, configs; a bundle's manifest) into KIT/assets/,
+    so an app's tests build their tokenizer and prompts from the kit alone. {name: kit path}."""
+    from .bundle import HOST_FILES, MANIFEST
+
+    names = [*HOST_FILES, *([MANIFEST] if is_bundle else [])]
+    out: dict[str, str] = {}
+    for name in names:
+        src = model_dir / name
+        if not src.is_file():
+            continue
+        rel = f"{ASSETS_DIR}/{name}"
+        data = src.read_bytes()
+        (root / ASSETS_DIR).mkdir(exist_ok=True)
+        (root / rel).write_bytes(data)
+        arrays.files[rel] = len(data)
+        out[name] = rel
+    return out
+
+
 def is_kit(path: Path) -> str | None:
     """None when `path` holds a conformance kit of ours (recognised by its index's schema), else why not."""
     index = Path(path) / INDEX
@@ -387,6 +408,7 @@ def write_kit(
     say("sampling")
     sampling = _sampling_cases(info.vocab_size, arrays)
     generations = _generations(session, arrays, logit_atol, n_questions, max_new_tokens, say)
+    assets = _copy_assets(Path(source["path"]), root, arrays, source.get("kind") == "bundle")
     cfg = session.assets.slice_config
     index = {
         "schema": SCHEMA,
@@ -412,6 +434,7 @@ def write_kit(
         "prompts": prompts,
         "sampling": sampling,
         "generations": generations,
+        "assets": assets,
         "files": dict(sorted(arrays.files.items())),
     }
     (root / INDEX).write_text(json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

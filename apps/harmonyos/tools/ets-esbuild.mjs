@@ -45,7 +45,7 @@ export const etsPlugin = {
 
 /**
  * Bundle `entry` (a file path, or {contents, resolveDir} for generated source) into one ESM file.
- * `aliases` maps import names to files (e.g. 'libortengine.so' -> a built addon loader).
+ * `plugins` run before the .ets plugin (e.g. one that maps 'libortengine.so' to a built addon).
  * Throws an Error whose message lists every bundle error as `file:line: text`.
  */
 export async function bundleEts(entry, outfile, plugins = []) {

@@ -61,13 +61,16 @@ function suiteFiles(dir) {
   return out.sort();
 }
 
-/** $MODEL_DIR, else conformance.json `source.path` (relative paths are relative to the kit). */
+/** $MODEL_DIR, else the model files the kit carries (KIT/assets/, docs/conformance.md), else
+ *  conformance.json `source.path` (an older kit; relative paths are relative to the kit). */
 function modelDir(kit) {
   if (process.env.MODEL_DIR) {
     const dir = path.resolve(process.env.MODEL_DIR);
     if (!fs.existsSync(dir)) fail(`MODEL_DIR=${process.env.MODEL_DIR} does not exist`);
     return dir;
   }
+  const carried = path.join(kit, 'assets');
+  if (fs.existsSync(path.join(carried, 'tokenizer.json'))) return carried;
   const source = JSON.parse(fs.readFileSync(path.join(kit, 'conformance.json'), 'utf8')).source || {};
   if (typeof source.path !== 'string') fail(`${kit}/conformance.json has no source.path: set MODEL_DIR to the model directory`);
   const dir = path.resolve(kit, source.path);
