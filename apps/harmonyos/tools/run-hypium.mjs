@@ -9,14 +9,15 @@
 // ohos-typescript (the compiler DevEco uses) and bundled with esbuild into
 // build/harmonyos/hypium/run.mjs, which installs a Node fs KitReader rooted at $CONFORMANCE_KIT
 // (entry/src/test/support/KitFiles.ets setKitReader) and a reader of the model's own files
-// (tokenizer.json ...; support/Assets.ets setAssetReader) rooted at $MODEL_DIR, by default the kit's
-// `source.path` (the bundle or checkpoint it was written from), then runs hypium with a console delegator.
+// (tokenizer.json ...; support/Assets.ets setAssetReader) rooted at $MODEL_DIR, by default the copies
+// the kit carries in KIT/assets/ (an older kit: its `source.path`), then runs hypium with a console delegator.
 // Prints one line per test and `N passed, M failed`; exits 1 on any failure or error, on a
 // failing beforeAll/afterAll hook, or when no test ran; 2 on a usage or setup error.
 import fs from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { etsPlugin } from './ets-esbuild.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const app = path.resolve(here, '..');
@@ -36,7 +37,6 @@ if (!fs.existsSync(path.join(modules, 'esbuild'))) {
 }
 const require = createRequire(path.join(modules, 'noop.js'));
 const esbuild = require('esbuild');
-const ts = require('ohos-typescript');
 
 function parseArgs(argv) {
   let tests = path.join(app, 'entry', 'src', 'test');
@@ -91,38 +91,6 @@ function kitDir() {
   }
   return dir;
 }
-
-// .ets (and .ts) through ohos-typescript's transpiler, with an inline source map so stack traces
-// name .ets lines. Type errors are check-ets.mjs's job; syntax errors stop the bundle here.
-const etsPlugin = {
-  name: 'ets',
-  setup(build) {
-    build.onLoad({ filter: /\.ets$/ }, (args) => {
-      const source = fs.readFileSync(args.path, 'utf8');
-      const out = ts.transpileModule(source, {
-        fileName: args.path,
-        reportDiagnostics: true,
-        compilerOptions: {
-          target: ts.ScriptTarget.ES2021,
-          module: ts.ModuleKind.ES2020,
-          experimentalDecorators: true,
-          inlineSourceMap: true,
-          inlineSources: true,
-        },
-      });
-      const errors = (out.diagnostics || []).map((d) => {
-        const pos = d.file && d.start !== undefined ? d.file.getLineAndCharacterOfPosition(d.start) : null;
-        return {
-          text: ts.flattenDiagnosticMessageText(d.messageText, ' '),
-          location: pos ? { file: args.path, line: pos.line + 1, column: pos.character } : null,
-        };
-      });
-      return { contents: out.outputText, loader: 'js', errors };
-    });
-    // Native addons cannot be bundled: load them from the toolchain's node_modules at run time.
-    build.onResolve({ filter: /^onnxruntime-node$/ }, () => ({ path: require.resolve('onnxruntime-node'), external: true }));
-  },
-};
 
 function entrySource(suites, kit, model) {
   const lines = [
