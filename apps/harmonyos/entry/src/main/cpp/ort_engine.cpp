@@ -5,7 +5,9 @@
 // work) so the UI thread never blocks on a decoder step.
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <unordered_set>
 #include <vector>
 
 #include "napi/native_api.h"
@@ -13,6 +15,7 @@
 
 namespace {
 
+// NULL when the library is older than the header (it serves API versions up to its own).
 const OrtApi* Api() {
   static const OrtApi* api = OrtGetApiBase()->GetApi(ORT_API_VERSION);
   return api;
@@ -21,6 +24,7 @@ const OrtApi* Api() {
 OrtEnv* Env() {
   static OrtEnv* env = [] {
     OrtEnv* e = nullptr;
+    if (Api() == nullptr) return static_cast<OrtEnv*>(nullptr);
     OrtStatus* st = Api()->CreateEnv(ORT_LOGGING_LEVEL_WARNING, "minicpmv-edge", &e);
     if (st != nullptr) {
       Api()->ReleaseStatus(st);
@@ -52,7 +56,25 @@ std::string GetString(napi_env env, napi_value v) {
 struct Session {
   OrtSession* session = nullptr;
   std::vector<std::string> outputNames;
+  int running = 0;        // runs queued or in flight; the session outlives them
+  bool released = false;  // releaseSession was called; freed when the last run completes
 };
+
+// The handles JS holds: a handle is checked here before use, so a stale or forged one (a second
+// releaseSession, a run after release) is a JS error instead of a use-after-free.
+std::mutex liveMutex;
+std::unordered_set<Session*> liveSessions;
+
+void FreeSession(Session* s) {
+  if (s->session != nullptr) Api()->ReleaseSession(s->session);
+  delete s;
+}
+
+// A run is over (completed, or refused before it was queued): frees a released session after its last run.
+void Unpin(Session* s) {
+  std::lock_guard<std::mutex> lock(liveMutex);
+  if (--s->running == 0 && s->released) FreeSession(s);
+}
 
 // One tensor copied out of JS before the worker runs (JS buffers must not be touched off-thread).
 struct HostTensor {
@@ -75,13 +97,26 @@ size_t ElementSize(ONNXTensorElementDataType t) {
   return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 ? 8 : 4;
 }
 
-// createSession(path: string, intraOpThreads: number): number (a handle)
+bool Supported(ONNXTensorElementDataType t) {
+  return t == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || t == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+}
+
+std::string ApiMissing() {
+  return std::string("onnxruntime ") + OrtGetApiBase()->GetVersionString() + " does not offer C API version " +
+         std::to_string(ORT_API_VERSION) + " (the library is older than the header it was built with)";
+}
+
+// createSession(path: string, intraOpThreads: number): bigint (a handle; throws with ORT's message)
 napi_value CreateSession(napi_env env, napi_callback_info info) {
   size_t argc = 2;
   napi_value argv[2];
   napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  if (argc < 2 || Env() == nullptr) {
-    Throw(env, argc < 2 ? "createSession(path, threads)" : "onnxruntime environment failed to start");
+  if (argc < 2) {
+    Throw(env, "createSession(path, threads)");
+    return nullptr;
+  }
+  if (Api() == nullptr || Env() == nullptr) {
+    Throw(env, Api() == nullptr ? ApiMissing() : "onnxruntime environment failed to start");
     return nullptr;
   }
   std::string path = GetString(env, argv[0]);
@@ -115,21 +150,27 @@ napi_value CreateSession(napi_env env, napi_callback_info info) {
     }
   }
   if (!err.empty()) {
-    if (s->session != nullptr) api->ReleaseSession(s->session);
-    delete s;
+    FreeSession(s);
     Throw(env, path + ": " + err);
     return nullptr;
+  }
+  {
+    std::lock_guard<std::mutex> lock(liveMutex);
+    liveSessions.insert(s);
   }
   napi_value handle;
   napi_create_bigint_uint64(env, reinterpret_cast<uint64_t>(s), &handle);
   return handle;
 }
 
+// The live session behind a handle, or nullptr (not a bigint, never created, or released).
+// Callers hold liveMutex.
 Session* SessionOf(napi_env env, napi_value v) {
   uint64_t raw = 0;
   bool lossless = false;
-  napi_get_value_bigint_uint64(env, v, &raw, &lossless);
-  return reinterpret_cast<Session*>(raw);
+  if (napi_get_value_bigint_uint64(env, v, &raw, &lossless) != napi_ok || !lossless) return nullptr;
+  Session* s = reinterpret_cast<Session*>(raw);
+  return liveSessions.count(s) != 0 ? s : nullptr;
 }
 
 void ExecuteRun(napi_env /*env*/, void* data) {
@@ -160,6 +201,10 @@ void ExecuteRun(napi_env /*env*/, void* data) {
     size_t ndim = 0;
     size_t count = 0;
     if (job->error.empty()) job->error = Take(api->GetTensorElementType(shape, &t.type));
+    if (job->error.empty() && !Supported(t.type)) {
+      job->error = "output " + t.name + " has ONNX element type " + std::to_string(static_cast<int>(t.type)) +
+                   "; only float32 and int64 are supported";
+    }
     if (job->error.empty()) job->error = Take(api->GetDimensionsCount(shape, &ndim));
     if (job->error.empty()) {
       t.dims.resize(ndim);
@@ -217,6 +262,7 @@ void CompleteRun(napi_env env, napi_status /*status*/, void* data) {
     napi_resolve_deferred(env, job->deferred, list);
   }
   napi_delete_async_work(env, job->work);
+  Unpin(job->session);
   delete job;
 }
 
@@ -229,10 +275,24 @@ napi_value Run(napi_env env, napi_callback_info info) {
     Throw(env, "run(handle, inputs)");
     return nullptr;
   }
-  RunJob* job = new RunJob();
-  job->session = SessionOf(env, argv[0]);
+  Session* session = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(liveMutex);
+    session = SessionOf(env, argv[0]);
+    if (session != nullptr) ++session->running;  // pinned until CompleteRun (or a refusal below)
+  }
+  if (session == nullptr) {
+    Throw(env, "run: not a live session handle (released, or not from createSession)");
+    return nullptr;
+  }
   uint32_t n = 0;
-  napi_get_array_length(env, argv[1], &n);
+  if (napi_get_array_length(env, argv[1], &n) != napi_ok) {
+    Unpin(session);
+    Throw(env, "run: inputs must be an array");
+    return nullptr;
+  }
+  RunJob* job = new RunJob();
+  job->session = session;
   for (uint32_t i = 0; i < n; ++i) {
     napi_value item, name, dtype, dims, data;
     napi_get_element(env, argv[1], i, &item);
@@ -242,7 +302,14 @@ napi_value Run(napi_env env, napi_callback_info info) {
     napi_get_named_property(env, item, "data", &data);
     HostTensor t;
     t.name = GetString(env, name);
-    t.type = GetString(env, dtype) == "int64" ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    const std::string type = GetString(env, dtype);
+    if (type != "int64" && type != "float32") {
+      delete job;
+      Unpin(session);
+      Throw(env, "run: input " + t.name + " has dtype '" + type + "'; only float32 and int64 are supported");
+      return nullptr;
+    }
+    t.type = type == "int64" ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
     uint32_t ndim = 0;
     napi_get_array_length(env, dims, &ndim);
     for (uint32_t d = 0; d < ndim; ++d) {
@@ -254,7 +321,12 @@ napi_value Run(napi_env env, napi_callback_info info) {
     }
     void* bytes = nullptr;
     size_t length = 0;
-    napi_get_arraybuffer_info(env, data, &bytes, &length);
+    if (napi_get_arraybuffer_info(env, data, &bytes, &length) != napi_ok) {
+      delete job;
+      Unpin(session);
+      Throw(env, "run: input " + t.name + ": data is not an ArrayBuffer");
+      return nullptr;
+    }
     t.bytes.assign(static_cast<uint8_t*>(bytes), static_cast<uint8_t*>(bytes) + length);
     job->inputs.push_back(std::move(t));
   }
@@ -272,13 +344,19 @@ napi_value ReleaseSession(napi_env env, napi_callback_info info) {
   size_t argc = 1;
   napi_value argv[1];
   napi_get_cb_info(env, info, &argc, argv, nullptr, nullptr);
-  if (argc >= 1) {
-    Session* s = SessionOf(env, argv[0]);
-    if (s != nullptr) {
-      Api()->ReleaseSession(s->session);
-      delete s;
-    }
+  if (argc < 1) {
+    Throw(env, "releaseSession(handle)");
+    return nullptr;
   }
+  std::lock_guard<std::mutex> lock(liveMutex);
+  Session* s = SessionOf(env, argv[0]);
+  if (s == nullptr) {
+    Throw(env, "releaseSession: not a live session handle (already released, or not from createSession)");
+    return nullptr;
+  }
+  liveSessions.erase(s);
+  s->released = true;
+  if (s->running == 0) FreeSession(s);  // else the last CompleteRun frees it
   return nullptr;
 }
 
