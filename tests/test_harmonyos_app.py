@@ -130,8 +130,10 @@ def _chat_json(bundle: Path, image: Path, question: str, max_new_tokens: int) ->
     return json.loads(done.stdout)
 
 
-def test_node_end_to_end_matches_chat_json(node_toolchain, demo_onnx_bundle):
-    done = _run([node_toolchain, str(TOOLS / "e2e-node.mjs"), "--bundle", str(demo_onnx_bundle)])
+def test_node_end_to_end_matches_chat_json(node_toolchain, demo_onnx_bundle, tmp_path):
+    report = tmp_path / "device-report.json"
+    e2e = [node_toolchain, str(TOOLS / "e2e-node.mjs"), "--bundle", str(demo_onnx_bundle)]
+    done = _run([*e2e, "--device-report", str(report), "--bench-runs", "2"])
     assert done.returncode == 0, done.stdout + done.stderr
     runs = json.loads(done.stdout)["runs"]
     kit = json.loads((demo_onnx_bundle / "conformance" / "conformance.json").read_text(encoding="utf-8"))
@@ -155,3 +157,14 @@ def test_node_end_to_end_matches_chat_json(node_toolchain, demo_onnx_bundle):
     # fp32 answers every demo question right; int4 answers what the Python runtime answers on the same
     # bundle (token-identical, above): one of the 8 differs from the trained answer there
     assert right == len(runs) if demo_onnx_bundle.name.endswith("fp32") else right >= len(runs) - 1
+    # the device report the app's Benchmark button writes (core/DeviceReport.ets) is one bench reads
+    written = json.loads(report.read_text(encoding="utf-8"))
+    assert written["platform"] == "harmonyos" and len(written["runs"]) == 2
+    assert all(r["decode_tokens"] == 64 for r in written["runs"])
+    assert (
+        written["bundle"]["manifest_sha256"]
+        == json.loads((demo_onnx_bundle / "manifest.json").read_text())["manifest_sha256"]
+    )
+    checked = _run([str(MINICPMV_EDGE), "bench", "--device-report", str(report), "--json"])
+    assert checked.returncode in (0, 1), checked.stderr  # 2 would be a malformed report
+    assert json.loads(checked.stdout)["device"] == written["device"]

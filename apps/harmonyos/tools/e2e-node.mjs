@@ -5,7 +5,9 @@
 // max_abs_logit_diff, logits_atol, ttft_ms, decode_tok_s}]}; tests/test_harmonyos_app.py compares
 // it with `minicpmv-edge chat --json` and with the kit.
 //
-//   node apps/harmonyos/tools/e2e-node.mjs --bundle DIR [--kit KIT]   (KIT defaults to DIR/conformance)
+//   node apps/harmonyos/tools/e2e-node.mjs --bundle DIR [--kit KIT] [--device-report OUT [--bench-runs N]]
+//   (KIT defaults to DIR/conformance; --device-report also times N turns of 64 decode steps on the first
+//   run's image, as the app's Benchmark button does, and writes the report core/DeviceReport.ets builds)
 import fs from 'fs';
 import path from 'path';
 import { fileURLToPath, pathToFileURL } from 'url';
@@ -16,12 +18,14 @@ const app = path.resolve(here, '..');
 const outfile = path.resolve(app, '..', '..', 'build', 'harmonyos', 'e2e', 'e2e.mjs');
 
 function args(argv) {
-  const out = { bundle: null, kit: null };
+  const out = { bundle: null, kit: null, report: null, benchRuns: 3 };
   for (let i = 0; i < argv.length; i += 2) {
     const [flag, value] = [argv[i], argv[i + 1]];
     if (flag === '--bundle') out.bundle = value;
     else if (flag === '--kit') out.kit = value;
-    else throw new Error(`unknown argument ${flag} (use --bundle DIR [--kit KIT])`);
+    else if (flag === '--device-report') out.report = value;
+    else if (flag === '--bench-runs') out.benchRuns = Number(value);
+    else throw new Error(`unknown argument ${flag} (use --bundle DIR [--kit KIT] [--device-report OUT [--bench-runs N]])`);
   }
   if (!out.bundle) throw new Error('--bundle DIR is required');
   out.kit = out.kit || path.join(out.bundle, 'conformance');
@@ -39,6 +43,8 @@ import { BundleManifest } from ${JSON.stringify(path.join(app, 'entry/src/main/e
 import { AskOptions, BundleTexts, ChatSession } from ${JSON.stringify(path.join(app, 'entry/src/main/ets/core/Chat.ets'))};
 import { SamplingConfig } from ${JSON.stringify(path.join(app, 'entry/src/main/ets/core/Sampler.ets'))};
 import { ImagePixels } from ${JSON.stringify(path.join(app, 'entry/src/main/ets/core/Slicing.ets'))};
+import { DeviceFacts, DeviceReportBuilder } from ${JSON.stringify(path.join(app, 'entry/src/main/ets/core/DeviceReport.ets'))};
+import os from 'os';
 
 function optional(file) { return fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : null; }
 
@@ -49,7 +55,7 @@ function read(kit, ref, Type) {
   return new Type(copy.buffer);
 }
 
-export async function run(bundle, kit) {
+export async function run(bundle, kit, reportPath, benchRuns) {
   const manifest = BundleManifest.parse(fs.readFileSync(bundle + '/manifest.json', 'utf8'), bundle + '/manifest.json');
   const texts = new BundleTexts();
   texts.tokenizerJson = fs.readFileSync(bundle + '/tokenizer.json', 'utf8');
@@ -84,16 +90,38 @@ export async function run(bundle, kit) {
       max_abs_logit_diff: diff, logits_atol: g.logits.atol, ttft_ms: stats.ttftMs, decode_tok_s: stats.decodeTokS,
     });
   }
+  if (reportPath) {
+    const g = index.generations[0];
+    const [h, w] = g.image.pixels.shape;
+    const facts = new DeviceFacts();
+    facts.device = 'node ' + process.version + ' ' + os.cpus()[0].model;
+    facts.osVersion = os.type() + ' ' + os.release();
+    facts.appVersion = '0.1.0';
+    const options = new AskOptions();
+    options.sampling = new SamplingConfig();
+    options.sampling.maxNewTokens = 65;
+    options.ignoreStopTokens = true;
+    const builder = new DeviceReportBuilder(manifest, facts, {
+      image: g.image_file, width: w, height: h, downsample_mode: g.image.downsample_mode,
+      max_slice_nums: g.image.max_slice_nums, decode_tokens: 64,
+    });
+    for (let i = 0; i < benchRuns; i++) {
+      const image = new ImagePixels(w, h, read(kit, g.image.pixels, Uint8Array));
+      const stats = await session.ask(g.question, [image], () => {}, options);
+      builder.addRun(stats, 0);  // the kit's pixels are already decoded
+    }
+    fs.writeFileSync(reportPath, builder.toJson());
+  }
   engine.close();
   return { bundle, kit, runs };
 }
 `;
 
 try {
-  const { bundle, kit } = args(process.argv.slice(2));
+  const { bundle, kit, report, benchRuns } = args(process.argv.slice(2));
   await bundleEts({ contents: entry, resolveDir: here }, outfile);
   const mod = await import(pathToFileURL(outfile).href);
-  const result = await mod.run(path.resolve(bundle), path.resolve(kit));
+  const result = await mod.run(path.resolve(bundle), path.resolve(kit), report && path.resolve(report), benchRuns);
   console.log(JSON.stringify(result, null, 1));
 } catch (err) {
   console.error(`error: ${err && err.message ? err.message : err}`);
