@@ -9,7 +9,8 @@ runs `npm ci` once per lock file into
 and points apps/harmonyos/tools/node_modules (gitignored) at that directory's node_modules. A
 directory counts as installed only when it holds the completion stamp, which is written after the
 install and a load check of the packages; a half-finished install is never used. Concurrent runs
-are serialised by a lock file.
+are serialised by a lock file (the mechanism is tools/toolchain_cache.py, shared with
+tools/android_toolchain.py).
 
 The install touches nothing but the npm registry: lifecycle scripts are not run
 (onnxruntime-node's postinstall would fetch CUDA providers from NuGet on linux-x64; its CPU
@@ -25,20 +26,19 @@ missing or too old.
 from __future__ import annotations
 
 import argparse
-import fcntl
-import hashlib
-import os
-import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from toolchain_cache import ToolchainError, npm_ci_cached, point_link, require_node  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 TOOLS = REPO / "apps" / "harmonyos" / "tools"
 LINK = TOOLS / "node_modules"
-STAMP = ".minicpmv-edge-complete"
 MIN_NODE = 20
+LABEL = "harmonyos toolchain"
+WHAT = "the HarmonyOS app checks"
 
 # Loaded after the install: the packages the checks import, and onnxruntime-node's native binding
 # for this platform (shipped in the npm package, no download).
@@ -63,95 +63,21 @@ import(require('path').resolve('node_modules/@huggingface/tokenizers/dist/tokeni
 """
 
 
-class ToolchainError(Exception):
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "minicpmv-edge" / "harmonyos-node"
-
-
-def lock_key(lock: Path) -> str:
-    return hashlib.sha256(lock.read_bytes()).hexdigest()[:16]
-
-
-def require_node() -> tuple[str, str]:
-    node = shutil.which("node")
-    npm = shutil.which("npm")
-    if node is None or npm is None:
-        missing = " and ".join(n for n, p in (("node", node), ("npm", npm)) if p is None)
-        raise ToolchainError(
-            f"{missing} not found on PATH: the HarmonyOS app checks need Node.js {MIN_NODE}+ with npm "
-            "(https://nodejs.org, or your distribution's nodejs and npm packages)",
-            2,
-        )
-    out = subprocess.run([node, "--version"], capture_output=True, text=True, check=False).stdout.strip()
-    m = re.match(r"v(\d+)\.", out)
-    if m is None or int(m.group(1)) < MIN_NODE:
-        raise ToolchainError(f"node {out or '(no version)'} at {node}: Node.js {MIN_NODE}+ is required", 2)
-    return node, npm
-
-
-def install(target: Path, node: str, npm: str) -> None:
-    """npm ci into a scratch sibling of target, check it loads, stamp it, rename it into place."""
-    scratch = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
-    for name in ("package.json", "package-lock.json"):
-        shutil.copyfile(TOOLS / name, scratch / name)
-    env = dict(os.environ)
-    env["ONNXRUNTIME_NODE_INSTALL"] = "skip"  # belt and braces: scripts are off anyway
-    cmd = [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"]
-    print(f"harmonyos toolchain: npm ci into {target}", file=sys.stderr)
-    done = subprocess.run(cmd, cwd=scratch, env=env, check=False)
-    if done.returncode != 0:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise ToolchainError(f"`npm ci` failed (exit {done.returncode}) in {scratch}")
+def _load_check(scratch: Path) -> str:
+    node, _ = require_node(WHAT, MIN_NODE)
     check = subprocess.run([node, "-e", LOAD_CHECK], cwd=scratch, capture_output=True, text=True, check=False)
     if check.returncode != 0:
-        shutil.rmtree(scratch, ignore_errors=True)
         raise ToolchainError(f"installed packages do not load:\n{check.stderr.strip()}")
-    print(f"harmonyos toolchain: {check.stdout.strip()}", file=sys.stderr)
-    (scratch / STAMP).write_text(lock_key(TOOLS / "package-lock.json") + "\n")
-    shutil.rmtree(target, ignore_errors=True)  # an unstamped leftover of an interrupted run
-    os.rename(scratch, target)
-
-
-def point_link(modules: Path) -> None:
-    """Make tools/node_modules a symlink to modules, replacing an older link atomically."""
-    if LINK.is_symlink():
-        if Path(os.readlink(LINK)) == modules:
-            return
-    elif LINK.exists():
-        if not (LINK / ".package-lock.json").is_file():
-            raise ToolchainError(f"{LINK} is a directory that npm did not create; move it away and rerun")
-        print(f"harmonyos toolchain: replacing the local npm install {LINK} by a link", file=sys.stderr)
-        shutil.rmtree(LINK)
-    tmp = LINK.with_name(f".node_modules.link-{os.getpid()}")
-    if tmp.is_symlink():
-        tmp.unlink()
-    tmp.symlink_to(modules, target_is_directory=True)
-    os.replace(tmp, LINK)
+    return check.stdout.strip()
 
 
 def ensure() -> Path:
-    lock = TOOLS / "package-lock.json"
-    if not lock.is_file():
-        raise ToolchainError(f"{lock} is missing")
-    target = cache_root() / lock_key(lock)
-    if not (target / STAMP).is_file():
-        node, npm = require_node()
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with open(target.parent / f"{target.name}.lock", "w") as held:
-            fcntl.flock(held, fcntl.LOCK_EX)
-            if not (target / STAMP).is_file():  # another run may have finished it meanwhile
-                install(target, node, npm)
-    else:
-        require_node()  # the checks still need node on PATH
-    point_link(target / "node_modules")
+    # onnxruntime-node's postinstall is not run (--ignore-scripts); the env var is belt and braces
+    target = npm_ci_cached(
+        TOOLS, "harmonyos-node", LABEL, _load_check, env={"ONNXRUNTIME_NODE_INSTALL": "skip"}
+    )
+    require_node(WHAT, MIN_NODE)  # the checks still need node on PATH
+    point_link(LINK, target / "node_modules", LABEL)
     return target
 
 
