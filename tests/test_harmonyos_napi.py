@@ -58,8 +58,20 @@ def bundle_with_kit(tmp_path_factory) -> Path:
     """A fresh fp32 ONNX bundle of the demo model, with its own kit in BUNDLE/conformance/."""
     out = tmp_path_factory.mktemp("napi") / "bundle"
     done = _run(
-        [str(MINICPMV_EDGE), "export", "--target", "harmonyos", "--quant", "fp32", "--max-context", "512",
-         "--chunk-size", "32", "--out", str(out)]
+        [
+            str(MINICPMV_EDGE),
+            "export",
+            "--target",
+            "harmonyos",
+            "--quant",
+            "fp32",
+            "--max-context",
+            "512",
+            "--chunk-size",
+            "32",
+            "--out",
+            str(out),
+        ]
     )
     assert done.returncode == 0, done.stderr
     done = _run([str(MINICPMV_EDGE), "conformance", "--bundle", str(out), "--in-bundle"])
@@ -101,13 +113,20 @@ def test_check_fails_when_the_kit_disagrees(node_toolchain, addon, bundle_with_k
     logits.write_bytes(bytes(raw))
     (kit_dir / "conformance.json").write_text(json.dumps(index))
     done = _run(
-        [node_toolchain, str(TOOLS / "napi-engine-check.mjs"), "--bundle", str(bundle_with_kit), "--kit", str(kit_dir)]
+        [
+            node_toolchain,
+            str(TOOLS / "napi-engine-check.mjs"),
+            "--bundle",
+            str(bundle_with_kit),
+            "--kit",
+            str(kit_dir),
+        ]
     )
     assert done.returncode == 1, done.stdout + done.stderr
     assert re.search(rf"^FAIL {re.escape(first['name'])}: \d+ tokens DIFFER", done.stdout, re.M), done.stdout
-    assert re.search(rf"^FAIL {re.escape(last['name'])}: .*max \|dlogit\| 1\.00e-2 at step 0 id 3", done.stdout, re.M), (
-        done.stdout
-    )
+    assert re.search(
+        rf"^FAIL {re.escape(last['name'])}: .*max \|dlogit\| 1\.00e-2 at step 0 id 3", done.stdout, re.M
+    ), done.stdout
 
 
 @pytest.mark.parametrize(
