@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow lint format demo bench export-harmonyos export-android export-ios clean harmonyos-toolchain
+.PHONY: setup test test-slow lint format demo bench export-harmonyos export-android export-ios clean harmonyos-toolchain android-toolchain
 
 setup: $(STAMP)
 
@@ -21,7 +21,12 @@ $(STAMP): pyproject.toml
 harmonyos-toolchain: setup
 	$(BIN)/python tools/harmonyos_toolchain.py
 
-test: setup harmonyos-toolchain
+# The JVM toolchain of the Android app checks (kotlin-compiler + ktlint by npm ci, Debian's junit5
+# jars by apt-get download, both unpacked into ~/.cache/minicpmv-edge); needs java 17, node 20+, npm.
+android-toolchain: setup
+	$(BIN)/python tools/android_toolchain.py
+
+test: setup harmonyos-toolchain android-toolchain
 	$(BIN)/ruff check edge_runtime export tests tools
 	$(BIN)/ruff format --check edge_runtime export tests tools
 	$(BIN)/python tools/run_pytest.py

@@ -11,7 +11,8 @@
   Prints `N passed, M failed` (and `lint: ...`) and exits 1 when a test fails, none ran, or
   the compile failed.
 - ktlint (1.8.0, standard rules) over every .kt/.kts under apps/android (core, app and Gradle
-  scripts, when they exist; build outputs and node_modules excluded) or over --ktlint-paths.
+  scripts, when they exist; build outputs, node_modules and tools/fixtures excluded) or over
+  --ktlint-paths.
   Exit 1 on a violation, naming file:line and rule.
 
 The toolchain comes from tools/android_toolchain.py (installed on first use, cached). The core
@@ -36,12 +37,16 @@ CORE = ANDROID / "core"
 sys.path.insert(0, str(REPO / "tools"))
 from android_toolchain import AndroidToolchain, ToolchainError, ensure  # noqa: E402
 
+FIXTURES = ANDROID / "tools" / "fixtures"
 SKIP_DIRS = {"build", "node_modules", ".gradle", ".idea", "out"}
 
 
 def kotlin_sources(root: Path) -> list[Path]:
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
+        if Path(dirpath) == FIXTURES:  # deliberately broken files for the checker's own test
+            dirnames[:] = []
+            continue
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
         out += [Path(dirpath) / f for f in sorted(filenames) if f.endswith((".kt", ".kts"))]
     return out
@@ -82,37 +87,45 @@ def compile_and_test(tc: AndroidToolchain, kit: str, build: Path, report_out: st
         print("\n".join(impure))
         return 1
     lib = tc.kotlin_lib
-    classes = build / "classes"
     cp = os.pathsep.join(
         str(p) for p in (lib / "kotlin-test.jar", lib / "kotlin-test-junit5.jar", tc.junit_console)
     )
-    cmd = [str(tc.kotlinc), "-jvm-target", "1.8", "-Werror", "-no-reflect", "-cp", cp, "-d", str(classes)]
-    # the classes are reused while the sources, the compiler and its options are unchanged
-    key = hashlib.sha256("\0".join(cmd).encode())
+    options = ["-jvm-target", "1.8", "-Werror", "-no-reflect", "-cp", cp]
+    # classes live in build/classes-<key>, reused while the sources, the compiler and its options are
+    # unchanged; a compile goes into a scratch sibling renamed into place, so concurrent runs never
+    # see half-written classes (the loser of a race drops its own copy)
+    key = hashlib.sha256("\0".join([str(tc.kotlinc), *options]).encode())
     for f in main_src + test_src:
         key.update(f"\0{f.relative_to(REPO)}\0".encode())
         key.update(f.read_bytes())
-    stamp = build / "classes.sha256"
+    classes = build / f"classes-{key.hexdigest()[:16]}"
     t0 = time.monotonic()
-    if stamp.is_file() and stamp.read_text().strip() == key.hexdigest() and classes.is_dir():
-        print(
-            f"compile: sources unchanged, reusing {classes.relative_to(REPO) if classes.is_relative_to(REPO) else classes}"
-        )
+    if classes.is_dir():
+        print(f"compile: sources unchanged, reusing {classes}")
     else:
-        stamp.unlink(missing_ok=True)
-        shutil.rmtree(classes, ignore_errors=True)
-        classes.mkdir(parents=True)
+        scratch = build / f".{classes.name}.partial-{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
         done = subprocess.run(
-            cmd + [str(p) for p in main_src + test_src], capture_output=True, text=True, check=False
+            [str(tc.kotlinc), *options, "-d", str(scratch), *(str(p) for p in main_src + test_src)],
+            capture_output=True,
+            text=True,
+            check=False,
         )
         # kotlinc's notes about its own launcher are not warnings of the code
         noise = re.compile(r"^(info|warning): (kotlinc-jvm|unable to find kotlin-stdlib)")
         diag = "\n".join(ln for ln in (done.stdout + done.stderr).splitlines() if not noise.match(ln))
         if done.returncode != 0:
+            shutil.rmtree(scratch, ignore_errors=True)
             print(diag)
             print(f"compile: kotlinc failed (exit {done.returncode})")
             return 1
-        stamp.write_text(key.hexdigest() + "\n")
+        for old in build.glob("classes-*"):  # older builds
+            shutil.rmtree(old, ignore_errors=True)
+        try:
+            os.rename(scratch, classes)
+        except OSError:  # another run put the same classes in place meanwhile
+            shutil.rmtree(scratch, ignore_errors=True)
     t_compile = time.monotonic() - t0
     runtime_cp = os.pathsep.join(
         str(p)
@@ -155,7 +168,8 @@ def compile_and_test(tc: AndroidToolchain, kit: str, build: Path, report_out: st
         m = re.search(rf"\[\s*(\d+) {key}\s*\]", out)
         counts[key] = int(m.group(1)) if m else -1
     passed, failed = counts["tests successful"], counts["tests failed"] + max(counts["tests aborted"], 0)
-    print(f"{passed} passed, {failed} failed (compile {t_compile:.1f}s, run {time.monotonic() - t1:.1f}s)")
+    print(f"timing: compile {t_compile:.1f}s, run {time.monotonic() - t1:.1f}s")
+    print(f"{passed} passed, {failed} failed")
     if run.returncode != 0 or passed <= 0 or failed != 0 or passed != counts["tests found"]:
         return 1
     return 0

@@ -34,6 +34,21 @@ class ImagePixels(
         return ImagePixels(w, h, out)
     }
 
+    /** Planar uint8 [3, height, width] (CHW): the layout of ExecuTorch's runner `Image` (edge_runtime PreparedImage.pixels). */
+    fun toChw(): ByteArray {
+        val plane = width * height
+        val out = ByteArray(plane * 3)
+        for (i in 0 until plane) {
+            out[i] = rgb[i * 3]
+            out[plane + i] = rgb[i * 3 + 1]
+            out[2 * plane + i] = rgb[i * 3 + 2]
+        }
+        return out
+    }
+
+    /** [toChw] as ints 0..255 (LlmModule.prefillImages takes an int[] image). */
+    fun toChwInts(): IntArray = toChw().let { b -> IntArray(b.size) { b[it].toInt() and 0xff } }
+
     companion object {
         /**
          * From packed ARGB ints (android.graphics.Bitmap.getPixels order, alpha ignored: a decoded

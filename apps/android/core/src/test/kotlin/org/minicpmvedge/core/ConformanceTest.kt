@@ -116,6 +116,20 @@ class ConformanceTest {
             val posRef = kit.ref(s.req("position_ids"))
             assertContentEquals(posRef.i64(), patches.positionIds, "$name slice $i position_ids")
         }
+        // each slice's pixels are the kit-checked source view, or their tile cut from the kit-checked refined image
+        for (s in prepared.slices) {
+            val expect =
+                if (s.index == 0) {
+                    prepared.source
+                } else {
+                    val grid = prepared.plan.grid!!
+                    val tile = prepared.plan.tileSize!!
+                    val r = (s.index - 1) / grid.w
+                    val c = (s.index - 1) % grid.w
+                    prepared.refine!!.crop(c * tile.w, r * tile.h, tile.w, tile.h)
+                }
+            assertContentEquals(expect.rgb, s.pixels.rgb, "$name slice ${s.index} pixels")
+        }
         // the pixels-only path (an image-taking vision method) gives the same slice pixels
         val pixelsOnly = Slicing.preprocessImage(img, cfg, withPatches = false)
         for ((i, s) in pixelsOnly.slices.withIndex()) {

@@ -177,6 +177,15 @@ class CoreUnitTest {
         }
     }
 
+    @Test
+    fun chwLayoutAndCrop() {
+        // 2x2 image, pixel (x, y) = (10y + x, 100 + 10y + x, 200 + 10y + x)
+        val img = ImagePixels(2, 2, ByteArray(12) { i -> (100 * (i % 3) + 10 * (i / 6) + (i / 3) % 2).toByte() })
+        assertEquals(listOf(0, 1, 10, 11, 100, 101, 110, 111, 200, 201, 210, 211), img.toChwInts().toList())
+        assertEquals(listOf(1, 101, 201, 11, 111, 211), img.crop(1, 0, 1, 2).rgb.map { it.toInt() and 0xff })
+        assertEquals(listOf(0xff, 0x12, 0x34), ImagePixels.fromArgb(1, 1, intArrayOf(0x80ff1234.toInt())).rgb.map { it.toInt() and 0xff })
+    }
+
     // ---- prompt --------------------------------------------------------------------------------------
 
     @Test
