@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow lint format demo bench export-harmonyos export-android export-ios clean harmonyos-toolchain android-toolchain
+.PHONY: setup test test-slow lint format demo bench export-harmonyos export-android export-ios clean harmonyos-toolchain android-toolchain android-apk-toolchain
 
 setup: $(STAMP)
 
@@ -26,7 +26,12 @@ harmonyos-toolchain: setup
 android-toolchain: setup
 	$(BIN)/python tools/android_toolchain.py
 
-test: setup harmonyos-toolchain android-toolchain
+# The offline APK build's tools (bookworm's aapt, zipalign, apksigner, dexdump, proguard-cli,
+# apt-get installed when missing; bullseye's android.jar API 23 and dx, unpacked into the cache).
+android-apk-toolchain: setup
+	$(BIN)/python tools/android_apk_toolchain.py
+
+test: setup harmonyos-toolchain android-toolchain android-apk-toolchain
 	$(BIN)/ruff check edge_runtime export tests tools
 	$(BIN)/ruff format --check edge_runtime export tests tools
 	$(BIN)/python tools/run_pytest.py
