@@ -237,7 +237,7 @@ class PromptBuilder(
                     "(does the text contain $pad or ${tokens.videoToken}?)",
             )
         }
-        val pieces = rendered.split(pad)
+        val pieces = splitOn(rendered, pad)
         val segments = ArrayList<PromptSegment>()
         val buf = StringBuilder(pieces[0])
 
@@ -274,6 +274,23 @@ class PromptBuilder(
     }
 
     private fun content(s: String): String = if (format.trimContent) pyStrip(s) else s
+
+    /** `text.split(token)` without kotlin-stdlib's split, which dx cannot dex at API 23 (invokedynamic). */
+    private fun splitOn(
+        text: String,
+        token: String,
+    ): List<String> {
+        val out = ArrayList<String>()
+        var start = 0
+        var at = text.indexOf(token)
+        while (at >= 0) {
+            out.add(text.substring(start, at))
+            start = at + token.length
+            at = text.indexOf(token, start)
+        }
+        out.add(text.substring(start))
+        return out
+    }
 
     private fun countOf(
         text: String,
