@@ -134,8 +134,8 @@ class Session:
             text, [_layout(im) for im in prepared], [VideoLayout([_layout(u) for u in clip]) for clip in clips],
             history=history,
         )  # fmt: skip
-        image_inputs = [x for im in prepared for x in self._slice_inputs(im, config)]
-        video_inputs = [x for clip in clips for unit in clip for x in self._slice_inputs(unit, config)]
+        image_inputs = [x for im in prepared for x in self._vision_inputs(im, config)]
+        video_inputs = [x for clip in clips for unit in clip for x in self._vision_inputs(unit, config)]
         preprocess_ms = (time.perf_counter() - t0) * 1000
 
         slice_ms: list[float] = []
@@ -162,14 +162,26 @@ class Session:
         mode, side = image.downsample_mode, self.assets.num_patches_per_side
         return [(*slice_to_patches(s, mode, config.patch_size, side), mode) for s in image.slices]
 
+    def _vision_inputs(
+        self, image: PreparedImage, config: SliceConfig
+    ) -> list[tuple[np.ndarray, np.ndarray | None, str]]:
+        """What the backend's vision graph takes per slice: (patches, position ids, mode), or
+        (uint8 pixels, None, mode) for a graph that normalises and patchifies itself."""
+        if self.backend.takes_pixels and len(image.pixels) == len(image.slices):
+            return [(px, None, image.downsample_mode) for px in image.pixels]
+        return self._slice_inputs(image, config)
+
     def _encode(
-        self, inputs: list[tuple[np.ndarray, np.ndarray, str]], times: list[float]
+        self, inputs: list[tuple[np.ndarray, np.ndarray | None, str]], times: list[float]
     ) -> list[np.ndarray]:
         """Run the vision graph slice by slice, recording each slice's time."""
         out = []
         for patches, positions, mode in inputs:
             t0 = time.perf_counter()
-            out.append(self.backend.vision_encoder(patches, positions, mode))
+            if positions is None:
+                out.append(self.backend.vision_encoder_pixels(patches, mode))
+            else:
+                out.append(self.backend.vision_encoder(patches, positions, mode))
             times.append((time.perf_counter() - t0) * 1000)
         return out
 

@@ -29,3 +29,25 @@ def two_mode_cases(tmp_path_factory):
     }
     path.write_text(json.dumps({"cases": [square, tiny]}))
     return load_cases(path)
+
+
+# The tiny fp32 ExecuTorch bundle (~2.5 min to lower here) is exported once per run, for
+# test_executorch_export.py and test_executorch_stock_runner.py.
+EXECUTORCH_TINY_CONTEXT = 128
+EXECUTORCH_TINY_CHUNK = 16
+
+
+@pytest.fixture(scope="session")
+def executorch_tiny_fp32(tiny_checkpoint, tmp_path_factory):
+    pytest.importorskip("executorch")
+    from edge_runtime.backends.executorch import open_executorch_bundle
+    from edge_runtime.bundle import register_backend
+    from export.pipeline import ExportRequest, export_bundle, register_exporter
+
+    register_exporter("executorch", "export.executorch")
+    register_backend("executorch", open_executorch_bundle)
+    out = tmp_path_factory.mktemp("executorch") / "tiny-fp32"
+    request = ExportRequest(
+        tiny_checkpoint, out, "android", None, "fp32", EXECUTORCH_TINY_CONTEXT, EXECUTORCH_TINY_CHUNK
+    )
+    return export_bundle(request)

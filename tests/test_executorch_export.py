@@ -25,7 +25,6 @@ from edge_runtime.bundle import load_bundle, register_backend  # noqa: E402
 from edge_runtime.checkpoint import load_checkpoint  # noqa: E402
 from edge_runtime.errors import InputError  # noqa: E402
 from edge_runtime.generation import decode_one, prefill, teacher_forced_logits  # noqa: E402
-from edge_runtime.init_checkpoint import init_checkpoint  # noqa: E402
 from export.executorch.lower import (  # noqa: E402
     DelegationReport,
     check_delegation,
@@ -34,8 +33,8 @@ from export.executorch.lower import (  # noqa: E402
 )
 from export.executorch.quantize import quantize_model  # noqa: E402
 
-CHUNK = 16
-MAX_CONTEXT = 128
+CHUNK = 16  # conftest.EXECUTORCH_TINY_CHUNK
+MAX_CONTEXT = 128  # conftest.EXECUTORCH_TINY_CONTEXT
 SLOW = os.environ.get("MINICPMV_EDGE_SLOW") == "1"
 # Each quantized lowering takes ~5 min on this 2-core machine; `make test-slow` runs them.
 needs_slow_export = pytest.mark.skipif(
@@ -54,13 +53,14 @@ def _export(ckpt: Path, out: Path, quant: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return init_checkpoint("minicpm-v-4.6", "tiny", tmp_path_factory.mktemp("ckpt") / "tiny")
+def tiny(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def fp32_bundle(tiny, tmp_path_factory) -> Path:
-    return _export(tiny, tmp_path_factory.mktemp("et") / "fp32", "fp32")
+def fp32_bundle(executorch_tiny_fp32) -> Path:
+    """Exported with CHUNK and MAX_CONTEXT (conftest.py), shared with the stock runner tests."""
+    return executorch_tiny_fp32
 
 
 def _open(bundle: Path) -> ExecuTorchBackend:
@@ -72,9 +72,14 @@ def _reference(ckpt: Path) -> TorchBackend:
     return TorchBackend(load_checkpoint(ckpt), max_context=MAX_CONTEXT, chunk_size=CHUNK)
 
 
-def _slice(seed: int, n: int, patch_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal((n, patch_dim)).astype(np.float32), rng.permutation(n).astype(np.int64)
+def _slice(seed: int, h: int, w: int, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A random 8-bit slice of h x w patches: its pixels [3, H, W] and the host's patches and
+    position ids for it (image.normalize + patches.slice_to_patches)."""
+    from edge_runtime.processing.image import normalize
+    from edge_runtime.processing.patches import slice_to_patches
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (3, 14 * h, 14 * w), dtype=np.uint8)
+    return (pixels, *slice_to_patches(normalize(pixels.transpose(1, 2, 0)), mode))
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -110,9 +115,20 @@ def test_pte_methods_and_metadata_match_manifest(fp32_bundle):
         *manifest["executorch"]["metadata"],
     }
     assert expected == backend.method_names
-    assert {"vision_encoder", "token_embedding", "text_decoder", "get_max_seq_len", "get_eos_ids"} <= expected
+    runner = {
+        "vision_encoder",
+        "token_embedding",
+        "text_decoder",
+        "forward",
+        "get_max_seq_len",
+        "get_eos_ids",
+    }
+    assert runner <= expected
+    assert graphs["vision_encoder"]["methods"] == {"16x": "vision_encoder", "4x": "vision_encoder_4x"}
     meta = manifest["executorch"]["metadata"]
-    assert backend.metadata("get_max_seq_len") == manifest["max_context"] == meta["get_max_seq_len"]
+    assert backend.metadata("get_max_context_len") == manifest["max_context"] == meta["get_max_context_len"]
+    assert backend.metadata("get_max_seq_len") == graphs["text_decoder"]["max_tokens"] == MAX_CONTEXT
+    assert backend.metadata("enable_dynamic_shape") is True
     assert backend.metadata("get_vocab_size") == manifest["model"]["vocab_size"]
     eos = backend.metadata("get_eos_ids")
     assert sorted(eos if isinstance(eos, list) else [eos]) == sorted(manifest["prompt"]["stop_ids"])
@@ -123,7 +139,7 @@ def test_pte_methods_and_metadata_match_manifest(fp32_bundle):
     # per DeltaNet layer, the cache update twice (K, V) and SDPA once per attention layer
     et = manifest["executorch"]
     assert et["custom_ops"] == ["llama::custom_sdpa", "llama::gated_delta_rule", "llama::update_cache"]
-    assert sorted(et["custom_op_methods"]["llama::custom_sdpa"]) == ["text_decoder", "text_decoder_decode"]
+    assert sorted(et["custom_op_methods"]["llama::custom_sdpa"]) == ["forward", "text_decoder"]
     assert et["metadata"]["use_sdpa_with_kv_cache"] is True
     kinds = manifest["model"]["layer_types"]
     per_layer = {
@@ -151,13 +167,9 @@ def test_delta_rule_kernel_matches_the_reference_maths(tiny, t):
     args = (embeds, torch.tensor([3]), torch.tensor([max(t - 2, 1)]))
     want, want_state = model.decode(*args, [x.clone() for x in state])
     with delta_rule_op(True):
-        assert (
-            qwen35_text.chunked_delta_rule.__name__
-            == qwen35_text.recurrent_delta_rule.__name__
-            == "_op_delta_rule"
-        )
+        assert qwen35_text.delta_rule.__name__ == "_op_delta_rule"
         got, got_state = model.decode(*args, [x.clone() for x in state])
-    assert qwen35_text.chunked_delta_rule.__name__ == "chunked_delta_rule"
+    assert qwen35_text.delta_rule.__name__ == "delta_rule"
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for a, b in zip(got_state, want_state, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -197,11 +209,12 @@ def test_attention_kernels_match_the_reference_maths(tiny, t, start, n_valid):
 def test_fp32_parity_with_reference(tiny, fp32_bundle):
     """fp32 gates: vision cosine >= 0.99999, prefill logits within 1e-3, identical greedy tokens."""
     ref, et = _reference(tiny), _open(fp32_bundle)
-    patch_dim = ref.model.cfg.vision.patch_dim
-    for mode, n in (("16x", 64), ("16x", 256), ("4x", 64)):
-        patches, pos = _slice(n, n, patch_dim)
-        a, b = ref.vision_encoder(patches, pos, mode), et.vision_encoder(patches, pos, mode)
+    for mode, h, w in (("16x", 8, 8), ("16x", 16, 16), ("16x", 8, 24), ("4x", 8, 8), ("4x", 12, 4)):
+        pixels, patches, pos = _slice(h * w, h, w, mode)
+        a = ref.vision_encoder(patches, pos, mode)
+        b = et.vision_encoder_pixels(pixels, mode)  # the method ExecuTorch's runner calls
         assert a.shape == b.shape and _cosine(a, b) >= 0.99999, mode
+        np.testing.assert_array_equal(et.vision_encoder(patches, pos, mode), b)  # patches -> pixels
     ids = np.arange(5, 45)
     np.testing.assert_allclose(et.token_embedding(ids), ref.token_embedding(ids), atol=1e-6)
     embeds = _prompt(ref)
@@ -224,6 +237,34 @@ def test_state_is_shared_between_prefill_and_decode_and_reset(tiny, fp32_bundle)
         np.testing.assert_array_equal(a, b)
     with pytest.raises(InputError, match="older sequence"):
         et.decode_step(embeds[:1], 0, stale)
+
+
+def test_vision_refuses_what_its_method_cannot_take(fp32_bundle):
+    """Patches that are not normalised 8-bit pixels, and slices outside the method's sizes, are one
+    InputError each, not a wrong answer."""
+    et = _open(fp32_bundle)
+    pixels, patches, pos = _slice(3, 8, 8, "16x")
+    with pytest.raises(InputError, match="8-bit pixels"):
+        et.vision_encoder(patches + 1e-3, pos, "16x")
+    with pytest.raises(InputError, match="per side"):
+        et.vision_encoder_pixels(pixels[:, :56, :], "16x")  # one 4-patch unit high
+    side = et.max_side + 4
+    with pytest.raises(InputError, match="exceeds"):
+        et.vision_encoder_pixels(np.zeros((3, 14 * side, 56 * 2), np.uint8), "16x")
+
+
+def test_a_call_at_position_zero_starts_a_new_sequence(tiny, fp32_bundle):
+    """The program resets its DeltaNet state itself at start_pos 0 (what ExecuTorch's runners do
+    after reset()): a second prefill at 0, with no new_state(), gives the first one's logits, while
+    the same tokens at a later position do not."""
+    ref, et = _reference(tiny), _open(fp32_bundle)
+    embeds = _prompt(ref, 20)
+    state = et.new_state()
+    first, _ = et.prefill_chunk(embeds[:16], 16, 0, state)
+    again, _ = et.prefill_chunk(embeds[:16], 16, 0, state)
+    later, _ = et.prefill_chunk(embeds[:16], 16, 16, state)
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - later).max() > 1e-3
 
 
 def test_bundle_session_chat(fp32_bundle):
@@ -307,8 +348,8 @@ def test_8da4w_weights_use_the_searched_block_scales(tiny):
 def test_quantized_parity(tiny, tmp_path, quant, top1):
     bundle = _export(tiny, tmp_path / quant, quant)
     ref, et = _reference(tiny), _open(bundle)
-    patches, pos = _slice(0, 64, ref.model.cfg.vision.patch_dim)
-    cos = _cosine(ref.vision_encoder(patches, pos, "16x"), et.vision_encoder(patches, pos, "16x"))
+    pixels, patches, pos = _slice(0, 8, 8, "16x")
+    cos = _cosine(ref.vision_encoder(patches, pos, "16x"), et.vision_encoder_pixels(pixels, "16x"))
     assert cos >= (0.99 if quant == "int8" else 0.98)
     embeds = _prompt(ref)
     forced = list(range(20, 52))

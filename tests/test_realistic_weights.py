@@ -179,7 +179,7 @@ def test_the_cases_reach_the_hard_regime(realistic, references):
 BUNDLES = {  # label: export flags
     "onnx-fp32": ["--target", "harmonyos", "--quant", "fp32"],  # onnxruntime's LinearAttention kernel
     "onnx-plain-fp32": ["--target", "harmonyos", "--quant", "fp32", "--onnx-fusions", "none"],  # our maths
-    "executorch-fp32": ["--target", "android", "--quant", "fp32"],  # our chunked maths in XNNPACK
+    "executorch-fp32": ["--target", "android", "--quant", "fp32"],  # llama::gated_delta_rule, any T
     "coreml-fp16": ["--target", "ios", "--quant", "fp16"],  # Core ML has no fp32 states
 }
 

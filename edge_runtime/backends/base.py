@@ -48,10 +48,18 @@ class Backend(ABC):
 
     name: str = "backend"
     info: ModelInfo
+    # True where the vision graph normalises and patchifies a slice itself (executorch bundles, whose
+    # vision method is the one ExecuTorch's multimodal runner calls): the host then hands it the
+    # slice's 8-bit pixels through `vision_encoder_pixels` instead of patches.
+    takes_pixels: bool = False
 
     @abstractmethod
     def vision_encoder(self, patches: np.ndarray, position_ids: np.ndarray, mode: str) -> np.ndarray:
         """One slice: patches [L, 3*P*P] and position ids [L] in window-major order -> [L/16 or L/4, D]."""
+
+    def vision_encoder_pixels(self, pixels: np.ndarray, mode: str) -> np.ndarray:
+        """One slice as uint8 [3, H, W] pixels (resized, not normalised) -> [H*W/(P*P*16 or 4), D]."""
+        raise NotImplementedError(f"{self.name} takes patches, not pixels")
 
     @abstractmethod
     def token_embedding(self, ids: np.ndarray) -> np.ndarray:

@@ -1,9 +1,12 @@
 """The ExecuTorch backend: runs an android bundle's `model.pte` through ExecuTorch's Python runtime.
 
-The decoder state lives inside the program (mutable buffers shared by the prefill and decode
-methods), not in the caller's hands, so this backend runs one sequence at a time: `new_state()`
-zeroes the buffers through the `reset_state` method and hands out a token; a decoder call with a
-token other than the newest one fails with one line instead of silently mixing two sequences.
+It calls the methods ExecuTorch's own LLM runners call, with the same shapes (docs/executorch.md):
+`vision_encoder` on a slice's uint8 pixels [1, 3, H, W], `token_embedding` on ids [1, T],
+`text_decoder` on embeddings [1, T, D] and start_pos [1] for prefill and decode alike. The decoder
+state lives inside the program (mutable buffers), not in the caller's hands, and a call at
+start_pos 0 starts a new sequence; so this backend runs one sequence at a time: `new_state()` hands
+out a token, and a decoder call with a token other than the newest one fails with one line instead
+of silently mixing two sequences.
 """
 
 from __future__ import annotations
@@ -36,8 +39,17 @@ def _runtime(custom_ops: list[str]) -> Any:
     return Runtime.get()
 
 
+def _normalisation_table(mean: list[float], std: list[float], rescale: float) -> np.ndarray:
+    """float32 [3, 256]: each 8-bit level normalised as processing.image.normalize does it."""
+    levels = (np.arange(256, dtype=np.float64) * rescale).astype(np.float32)
+    m = np.asarray(mean, dtype=np.float32).reshape(3, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(3, 1)
+    return (levels[None, :] - m) / s
+
+
 class ExecuTorchBackend(Backend):
     name = "executorch"
+    takes_pixels = True
 
     def __init__(self, pte: Path, manifest: dict[str, Any], max_context: int | None = None):
         import torch
@@ -52,16 +64,29 @@ class ExecuTorchBackend(Backend):
         self.method_names = set(self.program.method_names)
         vision = graphs["vision_encoder"]["methods"]
         decoder = graphs["text_decoder"]["methods"]
-        needed = [*vision.values(), graphs["token_embedding"]["method"], *decoder.values()]
+        needed = [
+            *vision.values(),
+            graphs["token_embedding"]["method"],
+            decoder["prefill"],
+            decoder["decode"],
+        ]
         missing = [m for m in needed if m not in self.method_names]
         if missing:
             raise BundleError(f"{pte}: methods {', '.join(missing)} named in the manifest are missing")
+        if graphs["vision_encoder"].get("input") != "image" or decoder["prefill"] != decoder["decode"]:
+            raise BundleError(
+                f"{pte}: an older ExecuTorch bundle (patch-input vision, fixed-size prefill); "
+                "export it again with this version"
+            )
         self._vision = {mode: self.program.load_method(m) for mode, m in vision.items()}
         self._embed = self.program.load_method(graphs["token_embedding"]["method"])
-        self._prefill = self.program.load_method(decoder["prefill"])
-        self._decode = self.program.load_method(decoder["decode"])
-        self._reset = self.program.load_method(decoder["reset"])
-        self.max_patches = int(graphs["vision_encoder"].get("max_patches", 0)) or None
+        self._decoder = self.program.load_method(decoder["prefill"])
+        self.max_side = int(graphs["vision_encoder"]["max_side_patches"])
+        self.max_tokens = int(graphs["text_decoder"]["max_tokens"])
+        norm = manifest["executorch"]["normalisation"]
+        self._table = _normalisation_table(norm["mean"], norm["std"], norm["rescale"])
+        self._mean, self._std, self._rescale = norm["mean"], norm["std"], float(norm["rescale"])
+        self._side = int(manifest["model"]["num_patches_per_side"])
         model = manifest["model"]
         self.max_context = min(max_context or manifest["max_context"], manifest["max_context"])
         self.chunk_size = int(manifest["chunk_size"])
@@ -88,30 +113,73 @@ class ExecuTorchBackend(Backend):
     def _tensor(self, array: np.ndarray, dtype: Any) -> Any:
         return self._torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
 
-    def vision_encoder(self, patches: np.ndarray, position_ids: np.ndarray, mode: str) -> np.ndarray:
+    def vision_encoder_pixels(self, pixels: np.ndarray, mode: str) -> np.ndarray:
         if mode not in self._vision:
             raise InputError(f"downsample mode {mode!r} is not in this bundle ({', '.join(self._vision)})")
-        n = len(patches)
-        if self.max_patches and n > self.max_patches:
-            raise InputError(f"slice of {n} patches exceeds the bundle's maximum of {self.max_patches}")
-        out = self._vision[mode].execute(
-            [self._tensor(patches, np.float32), self._tensor(position_ids, np.int64)]
+        pixels = np.asarray(pixels)
+        p, unit = self.info.patch_size, 4 if mode == "16x" else 2
+        if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise InputError(f"a slice is uint8 [3, H, W]; got {pixels.dtype} {list(pixels.shape)}")
+        h, w = pixels.shape[1] // p, pixels.shape[2] // p
+        if pixels.shape[1] % (p * unit) or pixels.shape[2] % (p * unit):
+            raise InputError(
+                f"slice {pixels.shape[2]}x{pixels.shape[1]} px is not a multiple of {p * unit} px"
+            )
+        if min(h, w) < 2 * unit:
+            raise InputError(
+                f"slice of {w}x{h} patches; this bundle's vision method needs {2 * unit} per side"
+            )
+        if max(h, w) > self.max_side:
+            raise InputError(
+                f"slice of {w}x{h} patches exceeds the bundle's maximum of {self.max_side} patches per side"
+            )
+        out = self._vision[mode].execute([self._torch.from_numpy(np.ascontiguousarray(pixels))[None]])
+        return out[0].numpy()[0].copy()
+
+    def vision_encoder(self, patches: np.ndarray, position_ids: np.ndarray, mode: str) -> np.ndarray:
+        """The base contract (patches + position ids) on a graph that takes pixels: patches the host
+        made from 8-bit pixels (normalize + slice_to_patches) are turned back into those pixels
+        exactly; anything else is refused."""
+        return self.vision_encoder_pixels(self._pixels(patches, position_ids), mode)
+
+    def _pixels(self, patches: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        p = self.info.patch_size
+        patches, ids = np.asarray(patches, dtype=np.float32), np.asarray(position_ids, dtype=np.int64)
+        _, row = np.unique(ids // self._side, return_inverse=True)
+        _, col = np.unique(ids % self._side, return_inverse=True)
+        h, w = int(row.max()) + 1, int(col.max()) + 1
+        cell = row * w + col
+        if h * w != len(patches) or np.bincount(cell, minlength=h * w).max() != 1:
+            raise InputError("position ids do not form a patch grid")
+        values = patches.reshape(len(patches), 3, p * p)
+        codes = np.empty(values.shape, dtype=np.uint8)
+        for c in range(3):
+            # the table is increasing, so its inverse is the rounded affine inverse, then checked
+            level = np.rint((values[:, c].astype(np.float64) * self._std[c] + self._mean[c]) / self._rescale)
+            codes[:, c] = np.clip(level, 0, 255).astype(np.uint8)
+            if not np.array_equal(self._table[c][codes[:, c]], values[:, c]):
+                raise InputError(
+                    "this bundle's vision method takes 8-bit pixels; the patches are not normalised 8-bit pixels"
+                )
+        grid = np.zeros((h * w, 3, p, p), dtype=np.uint8)
+        grid[cell] = codes.reshape(-1, 3, p, p)
+        return np.ascontiguousarray(
+            grid.reshape(h, w, 3, p, p).transpose(2, 0, 3, 1, 4).reshape(3, h * p, w * p)
         )
-        return out[0].numpy().copy()
 
     def token_embedding(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids) > self.max_context:  # the method was exported with T <= max_context
+        if len(ids) > self.max_tokens:  # the method was exported with T <= max_tokens
             return np.concatenate(
                 [
-                    self.token_embedding(ids[i : i + self.max_context])
-                    for i in range(0, len(ids), self.max_context)
+                    self.token_embedding(ids[i : i + self.max_tokens])
+                    for i in range(0, len(ids), self.max_tokens)
                 ]
             )
-        return self._embed.execute([self._tensor(ids, np.int64)])[0].numpy().copy()
+        return self._embed.execute([self._tensor(ids, np.int64)[None]])[0].numpy()[0].copy()
 
     def new_state(self) -> DecoderState:
-        self._reset.execute([self._torch.zeros(1)])
+        """A token for the next sequence; its first call (at start_pos 0) resets the program's state."""
         self._current = next(self._ids)
         return DecoderState({SEQUENCE_KEY: self._current})
 
@@ -122,34 +190,33 @@ class ExecuTorchBackend(Backend):
                 "this state belongs to an older sequence (call new_state() again)"
             )
 
-    def _run(self, method: Any, embeds: np.ndarray, n_valid: int, start_pos: int, state: DecoderState):
+    def _run(self, embeds: np.ndarray, start_pos: int, state: DecoderState):
         self._check(state)
-        if start_pos + n_valid > self.max_context:
+        if start_pos + len(embeds) > self.max_context:
             raise InputError(
-                f"position {start_pos + n_valid} exceeds the bundle's max context {self.max_context}"
+                f"position {start_pos + len(embeds)} exceeds the bundle's max context {self.max_context}"
             )
-        torch = self._torch
         x = self._tensor(embeds, np.float32)[None]
-        out = method.execute([x, torch.tensor([start_pos]), torch.tensor([n_valid])])
+        out = self._decoder.execute([x, self._torch.tensor([start_pos])])
         return out[0].numpy()[0].copy(), state
 
     def prefill_chunk(self, embeds, n_valid, start_pos, state):
-        if len(embeds) != self.chunk_size:
+        """Only the valid rows go in: the method's T is dynamic, so there is no padding."""
+        if not 1 <= n_valid <= min(len(embeds), self.max_tokens):
             raise InputError(
-                f"prefill chunk of {len(embeds)} rows; this bundle was exported for {self.chunk_size}"
+                f"prefill chunk of {n_valid} valid rows; this bundle takes 1 .. {self.max_tokens}"
             )
-        return self._run(self._prefill, embeds, n_valid, start_pos, state)
+        return self._run(np.asarray(embeds)[:n_valid], start_pos, state)
 
     def decode_step(self, embed, pos, state):
-        return self._run(self._decode, np.asarray(embed).reshape(1, -1), 1, pos, state)
+        return self._run(np.asarray(embed).reshape(1, -1), pos, state)
 
     def state_arrays(self, state: DecoderState) -> dict[str, np.ndarray] | None:
         """The state lives in the program's mutable buffers, which the runtime does not expose."""
         return None
 
     def close(self) -> None:
-        self._vision, self._embed = {}, None
-        self._prefill = self._decode = self._reset = None
+        self._vision, self._embed, self._decoder = {}, None, None
         self.program = None
 
 

@@ -211,6 +211,22 @@ def recurrent_delta_rule(
     return out.unsqueeze(2), state
 
 
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gated delta rule over T tokens: the recurrent form for one token, the chunked form
+    otherwise. A module-level function, so an exporter whose runtime has one kernel for every T
+    swaps it whole (export/executorch/custom_ops.py) and a graph with a dynamic T never branches
+    on it."""
+    rule = recurrent_delta_rule if q.shape[2] == 1 else chunked_delta_rule
+    return rule(q, k, v, g, beta, state)
+
+
 class GatedDeltaNet(nn.Module):
     """Qwen3.5 linear-attention token mixer."""
 
@@ -264,8 +280,7 @@ class GatedDeltaNet(nn.Module):
         g = g * valid[None, :, None]
         beta, g = beta.transpose(1, 2), g.transpose(1, 2)  # [1, H, T]
 
-        rule = recurrent_delta_rule if t == 1 else chunked_delta_rule
-        out, new_state = rule(q, k, v, g, beta, recurrent_state.float())
+        out, new_state = delta_rule(q, k, v, g, beta, recurrent_state.float())
 
         out = out.transpose(1, 2).to(x.dtype)  # [1, T, H, dv]
         z = self.in_proj_z(x).reshape(1, t, self.n_v, self.d_v)

@@ -250,6 +250,9 @@ class PreparedImage:
     token_counts: list[int]
     downsample_mode: str
     plan: SlicePlan = field(repr=False)
+    # the same slices before normalisation: uint8 [3, H, W] (CHW, as ExecuTorch's runner `Image`),
+    # for a vision graph that normalises itself (the executorch bundles)
+    pixels: list[np.ndarray] = field(default_factory=list, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -264,16 +267,24 @@ def slice_image(image: Image.Image, config: SliceConfig) -> PreparedImage:
     norm = (config.image_mean, config.image_std, config.rescale_factor)
 
     src_h, src_w = plan.source_size
-    slices = [normalize(resize(image, src_h, src_w, config.resample), *norm)]
+    source = resize(image, src_h, src_w, config.resample)
+    slices = [normalize(source, *norm)]
+    pixels = [np.ascontiguousarray(np.asarray(source).transpose(2, 0, 1))]
     tile = plan.tile_size
     if plan.grid is not None and plan.refine_size is not None and tile is not None:
-        refined = normalize(resize(image, *plan.refine_size, config.resample), *norm)
+        whole = resize(image, *plan.refine_size, config.resample)
+        refined = normalize(whole, *norm)
+        raw = np.asarray(whole).transpose(2, 0, 1)
         rows, cols = plan.grid
         th, tw = tile
         for r in range(rows):
             for c in range(cols):
-                slices.append(np.ascontiguousarray(refined[:, r * th : (r + 1) * th, c * tw : (c + 1) * tw]))
-    return PreparedImage(slices, plan.patch_grids, plan.grid, plan.token_counts, config.downsample_mode, plan)
+                cut = (slice(None), slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw))
+                slices.append(np.ascontiguousarray(refined[cut]))
+                pixels.append(np.ascontiguousarray(raw[cut]))
+    return PreparedImage(
+        slices, plan.patch_grids, plan.grid, plan.token_counts, config.downsample_mode, plan, pixels
+    )
 
 
 def prepare_image(path: str | os.PathLike[str], config: SliceConfig | None = None) -> PreparedImage:

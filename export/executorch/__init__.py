@@ -2,9 +2,9 @@
 
 Entry point for export/pipeline.py: `export_graphs(ctx)` writes `model.pte` into the bundle's
 temporary directory and returns the manifest's graph table. Methods (see methods.py): the vision
-encoder per downsample mode, the token embedding, the text decoder as a prefill chunk and a decode
-step sharing state in mutable buffers, `reset_state`, and the metadata methods ExecuTorch's LLM
-runners read (`get_max_seq_len`, `get_eos_ids`, ...).
+encoder per downsample mode, the token embedding, the text decoder (embeddings in) and `forward`
+(token ids in) with a dynamic T sharing state in mutable buffers, and the metadata methods
+ExecuTorch's LLM runners read (`get_max_seq_len`, `get_eos_ids`, ...).
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from .custom_ops import ATTENTION_OPS
 from .custom_ops import OP_NAME as DELTA_RULE_OP
 from .lower import DEFAULT_MAX_UNDELEGATED, check_delegation, lower, to_pte_bytes
 from .methods import (
-    DECODE,
-    PREFILL,
-    RESET,
+    DECODER,
+    FORWARD,
     TOKEN_EMBEDDING,
-    VISION_METHODS,
     buffer_name,
     export_methods,
-    max_slice_patches,
+    max_seq_len,
+    max_slice_side,
+    vision_methods,
 )
 from .quantize import QUANTIZATIONS, quantize_model
 
@@ -33,12 +33,12 @@ SUPPORTED_QUANTIZATIONS = QUANTIZATIONS
 PTE_FILE = "model.pte"
 MAX_UNDELEGATED_ENV = "MINICPMV_EDGE_MAX_UNDELEGATED"
 # Decoder methods that call ExecuTorch's gated delta rule kernel instead of our maths in XNNPACK
-# (custom_ops.py). Measured on one DeltaNet core at the released widths (16 heads, 128 x 128 state),
-# each form lowered alone and run by ExecuTorch's Python runtime on this 2-core machine, medians of
-# 5 x 20 calls, three runs: one token 0.24-0.32 ms (kernel) vs 0.59-0.71 ms (ours in XNNPACK); a
-# 64-token chunk 8.8-9.9 ms (kernel, token by token) vs 7.4-8.2 ms (ours, chunked matmuls). So decode
-# only.
-DELTA_RULE_METHODS = frozenset({DECODE})
+# (custom_ops.py): both, since their T is dynamic (the runners' ABI) and our chunked form loops over
+# a number of chunks that must be known at export. Measured on one DeltaNet core at the released
+# widths (16 heads, 128 x 128 state), docs/executorch.md: one token 0.24-0.32 ms (kernel) vs
+# 0.59-0.71 ms (ours in XNNPACK); a 64-token chunk 8.8-9.9 ms (kernel) vs 7.4-8.2 ms (ours).
+DECODER_METHODS = (DECODER, FORWARD)
+DELTA_RULE_METHODS = frozenset(DECODER_METHODS)
 # Both decoder methods update the KV cache in place and attend through ExecuTorch's kernels
 # (custom_ops.py): measured on the full preset, see docs/executorch.md.
 ATTENTION_KERNELS = True
@@ -49,7 +49,7 @@ def custom_op_methods() -> dict[str, list[str]]:
     calls, with the methods that call it: a runtime must register these before loading."""
     ops = {DELTA_RULE_OP: sorted(DELTA_RULE_METHODS)} if DELTA_RULE_METHODS else {}
     if ATTENTION_KERNELS:
-        ops.update({op: sorted({PREFILL, DECODE}) for op in ATTENTION_OPS})
+        ops.update({op: sorted(DECODER_METHODS) for op in ATTENTION_OPS})
     return ops
 
 
@@ -63,17 +63,21 @@ def max_undelegated(ctx: Any) -> float:
 
 
 def metadata_methods(ctx: Any, stop_ids: list[int], bos_id: int) -> dict[str, Any]:
-    """Constant methods of ExecuTorch's runner ABI (extension/llm/runner/constants.h) plus ours."""
+    """Constant methods of ExecuTorch's runner ABI (extension/llm/runner/constants.h) plus ours.
+
+    `get_max_seq_len` is the most tokens one decoder call takes (the TextLLMRunner splits longer
+    prompts), `get_max_context_len` the positions the caches hold; `enable_dynamic_shape` makes the
+    TextLLMRunner prefill a prompt in one call instead of token by token."""
     cfg = ctx.config
     return {
         "get_bos_id": bos_id,
         "get_eos_ids": list(stop_ids),
-        "get_max_seq_len": ctx.max_context,
+        "get_max_seq_len": max_seq_len(ctx.chunk_size, ctx.max_context),
         "get_max_context_len": ctx.max_context,
         "get_vocab_size": cfg.text.vocab_size,
         "use_kv_cache": True,
         "use_sdpa_with_kv_cache": ATTENTION_KERNELS,
-        "enable_dynamic_shape": False,  # the decoder is static: C = chunk (prefill) and C = 1 (decode)
+        "enable_dynamic_shape": True,
         "get_chunk_size": ctx.chunk_size,
         "get_hidden_size": cfg.text.hidden_size,
         "get_image_token_id": cfg.image_token_id,
@@ -94,13 +98,21 @@ def export_graphs(ctx: Any) -> Any:
     model, summary = quantize_model(ckpt.model, ctx.quantization, in_place=True)
     del ckpt
     cache_len = ctx.max_context + ctx.chunk_size
-    scale = int(ctx.raw_config.get("scale_resolution", 0) or _scale_resolution(ctx))
-    max_patches = max_slice_patches(model, scale)
-    ctx.progress(
-        f"torch.export: {len(VISION_METHODS) + 4} methods (chunk {ctx.chunk_size}, cache {cache_len})"
-    )
+    slicing = _slice_config(ctx)
+    max_side = max_slice_side(model, slicing.scale_resolution)
+    max_tokens = meta["get_max_seq_len"]
+    default_mode = ctx.config.downsample_mode
+    normalisation = (slicing.image_mean, slicing.image_std, slicing.rescale_factor)
+    ctx.progress(f"torch.export: 5 methods (T <= {max_tokens}, cache {cache_len}, slice side <= {max_side})")
     programs = export_methods(
-        model, ctx.chunk_size, cache_len, max_patches, ctx.max_context, DELTA_RULE_METHODS, ATTENTION_KERNELS
+        model,
+        cache_len,
+        max_side,
+        max_tokens,
+        default_mode,
+        normalisation,
+        bool(DELTA_RULE_METHODS),
+        ATTENTION_KERNELS,
     )
     ctx.progress("lowering to XNNPACK (to_edge_transform_and_lower)")
     with heartbeat(ctx.progress, "lowering to XNNPACK"):
@@ -117,7 +129,7 @@ def export_graphs(ctx: Any) -> Any:
     (ctx.out / PTE_FILE).write_bytes(data)
     ctx.progress(f"model.pte: {len(data) / 1e6:.1f} MB in {time.perf_counter() - started:.0f} s")
     return GraphSet(
-        graphs=graph_table(ctx, max_patches),
+        graphs=graph_table(ctx, max_side, default_mode),
         decode_weight_bytes=summary.decode_weight_bytes,
         extra={
             "executorch": {
@@ -127,7 +139,12 @@ def export_graphs(ctx: Any) -> Any:
                 "linear_schemes": summary.linear_schemes,
                 "embedding_scheme": summary.embedding_scheme,
                 "delegation": report.to_json(),
-                "max_slice_patches": max_patches,
+                "max_slice_side": max_side,
+                "normalisation": {
+                    "mean": list(slicing.image_mean),
+                    "std": list(slicing.image_std),
+                    "rescale": slicing.rescale_factor,
+                },
                 # kernels outside XNNPACK and the portable / quantized libraries that a runtime
                 # must register before loading the program, and the methods that call them
                 "custom_ops": sorted(kernels),
@@ -137,12 +154,15 @@ def export_graphs(ctx: Any) -> Any:
     )
 
 
-def _scale_resolution(ctx: Any) -> int:
+def _slice_config(ctx: Any) -> Any:
+    """The checkpoint's preprocessing (scale resolution, normalisation) the vision methods bake in."""
     import json
+
+    from edge_runtime.processing.slicing import SliceConfig
 
     path = ctx.checkpoint / "preprocessor_config.json"
     raw = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    return int(raw.get("scale_resolution", 448))
+    return SliceConfig.from_preprocessor_config(raw)
 
 
 def _specs(ctx: Any, cache_len: int) -> list[Any]:
@@ -151,34 +171,38 @@ def _specs(ctx: Any, cache_len: int) -> list[Any]:
     return state_specs(ctx.config.text, cache_len)
 
 
-def graph_table(ctx: Any, max_patches: int) -> dict[str, Any]:
+def graph_table(ctx: Any, max_side: int, default_mode: str) -> dict[str, Any]:
     """The manifest's `graphs`: every entry point names its method in model.pte."""
     cfg = ctx.config
-    d, v, patch_dim = cfg.text.hidden_size, cfg.text.vocab_size, cfg.vision.patch_dim
-    vision_in = [io_spec("patches", ["L", patch_dim], "float32"), io_spec("position_ids", ["L"], "int64")]
+    d, v = cfg.text.hidden_size, cfg.text.vocab_size
+    methods = vision_methods(default_mode)
     return {
         "vision_encoder": {
             "file": PTE_FILE,
-            "methods": dict(VISION_METHODS),
-            "modes": list(VISION_METHODS),
-            "max_patches": max_patches,
-            "inputs": vision_in,
-            "outputs": [io_spec("embeds", ["L/16 (16x) or L/4 (4x)", d], "float32")],
+            "methods": methods,
+            "modes": list(methods),
+            "input": "image",
+            "max_side_patches": max_side,
+            "inputs": [io_spec("image", [1, 3, "H", "W"], "uint8")],
+            "outputs": [io_spec("embeds", [1, "H*W/(14*14*16) (16x) or /(14*14*4) (4x)", d], "float32")],
         },
         "token_embedding": {
             "file": PTE_FILE,
             "method": TOKEN_EMBEDDING,
-            "inputs": [io_spec("ids", ["T"], "int64")],
-            "outputs": [io_spec("embeds", ["T", d], "float32")],
+            "inputs": [io_spec("ids", [1, "T"], "int64")],
+            "outputs": [io_spec("embeds", [1, "T", d], "float32")],
         },
         "text_decoder": {
             "file": PTE_FILE,
-            "methods": {"prefill": PREFILL, "decode": DECODE, "reset": RESET},
+            # one method for both: T is dynamic; `forward` is the same decoder taking token ids
+            # (ExecuTorch's TextLLMRunner), sharing the state
+            "methods": {"prefill": DECODER, "decode": DECODER, "tokens": FORWARD},
             "state": "mutable_buffers",
+            "max_tokens": max_seq_len(ctx.chunk_size, ctx.max_context),
+            "reset": "start_pos == 0",
             "inputs": [
-                io_spec("embeds", [1, "C (prefill, = chunk_size) or 1 (decode)", d], "float32"),
+                io_spec("embeds", [1, "T", d], "float32"),
                 io_spec("start_pos", [1], "int64"),
-                io_spec("n_valid", [1], "int64"),
             ],
             "outputs": [io_spec("logits", [1, v], "float32")],
         },

@@ -40,6 +40,26 @@ def register_kernels() -> None:
     from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
 
 
+# Absolute positions of the tokens of the decoder call being traced (a stack: innermost wins). Set
+# by `fresh_state_at_position_zero`; `_op_delta_rule` zeroes the recurrent state before a token at
+# position 0 through that token's decay.
+_POSITIONS: list[torch.Tensor] = []
+
+
+@contextlib.contextmanager
+def fresh_state_at_position_zero(positions: torch.Tensor) -> Iterator[None]:
+    """While active, the kernel's decay of a token at absolute position 0 is 0: the recurrence
+    S = decay * S + k (x) delta then starts that token from an empty state, so a call at
+    start_pos 0 begins a new sequence whatever the buffers held. Folding the reset into the
+    [1, H, T] decay costs nothing per call; zeroing the [1, H, d_k, d_v] state itself would stream
+    it once more per layer per decoded token."""
+    _POSITIONS.append(positions)
+    try:
+        yield
+    finally:
+        _POSITIONS.pop()
+
+
 def _op_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -48,26 +68,34 @@ def _op_delta_rule(
     beta: torch.Tensor,
     state: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Same contract as qwen35_text.chunked_delta_rule (g: log decay [1, H, T])."""
+    """Same contract as qwen35_text.delta_rule (g: log decay [1, H, T]), any T."""
+    decay = g.exp()
+    if _POSITIONS:
+        decay = decay * (_POSITIONS[-1] != 0).to(decay.dtype)
     return torch.ops.llama.gated_delta_rule(
-        q.contiguous(), k.contiguous(), v.contiguous(), g.exp(), beta.contiguous(), state.contiguous()
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        decay.contiguous(),
+        beta.contiguous(),
+        state.contiguous(),
     )
 
 
 @contextlib.contextmanager
 def delta_rule_op(enabled: bool) -> Iterator[None]:
     """While active (and `enabled`), every GatedDeltaNet calls the ExecuTorch kernel instead of our
-    recurrent / chunked maths; the reference functions are restored afterwards."""
+    recurrent / chunked maths, for every T; the reference function is restored afterwards."""
     if not enabled:
         yield
         return
     register_kernels()
-    saved = qwen35_text.recurrent_delta_rule, qwen35_text.chunked_delta_rule
-    qwen35_text.recurrent_delta_rule = qwen35_text.chunked_delta_rule = _op_delta_rule
+    saved = qwen35_text.delta_rule
+    qwen35_text.delta_rule = _op_delta_rule
     try:
         yield
     finally:
-        qwen35_text.recurrent_delta_rule, qwen35_text.chunked_delta_rule = saved
+        qwen35_text.delta_rule = saved
 
 
 def _op_cached_attention(

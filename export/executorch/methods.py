@@ -1,32 +1,50 @@
 """The `.pte` methods as exported programs: the three graphs of export/graphs.py, with decoder state in
 mutable buffers.
 
-ExecuTorch keeps state as mutable buffers of the program. Prefill (C = chunk) and decode (C = 1) are
-two methods traced from the *same* module instance, so their buffers have the same fully qualified
-names; `MemoryPlanningPass(share_mutable_buffers=True)` then places each buffer at one address shared
-by every method, so a decode step sees what prefill wrote. A third method, `reset_state`, zeroes the
-buffers for a new sequence (the state is per program, so a program runs one sequence at a time).
+ExecuTorch keeps state as mutable buffers of the program. `text_decoder` (embeddings in) and
+`forward` (token ids in) are traced from the *same* module instance, so their buffers have the same
+fully qualified names; `MemoryPlanningPass(share_mutable_buffers=True)` then places each buffer at
+one address shared by every method. One method serves prefill and decode (T is dynamic), and a call
+at start_pos 0 starts a new sequence (the state is per program, so a program runs one sequence at a
+time).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram, export
 
 from edge_runtime.models.minicpm_v46 import MiniCPMV46
 from edge_runtime.models.qwen35_text import state_specs
-from export.graphs import TokenEmbeddingGraph, VisionEncoderGraph
 
-from .custom_ops import attention_ops, delta_rule_op
+from .custom_ops import attention_ops, delta_rule_op, fresh_state_at_position_zero
 
-# Method names follow ExecuTorch's multimodal runner (extension/llm/runner/constants.h) where one
-# exists: `vision_encoder`, `token_embedding`, `text_decoder`. The rest are ours.
-VISION_METHODS = {"16x": "vision_encoder", "4x": "vision_encoder_4x"}
+# Method names and signatures are those of ExecuTorch's LLM runners (extension/llm/runner:
+# constants.h, multimodal_prefiller.cpp, multimodal_decoder_runner.h, text_decoder_runner.cpp), so
+# the stock MultimodalRunner / TextLLMRunner (and Android's LlmModule over them) drive the program
+# unchanged, and our backend calls the very same methods:
+#   token_embedding(ids [1, T]) -> [1, T, D]
+#   text_decoder(embeds [1, T, D], start_pos [1]) -> logits [1, V] of the last position
+#   forward(tokens [1, T], start_pos [1]) -> logits [1, V] (TextLLMRunner: token_embedding + text_decoder)
+# T is dynamic (1 .. max_seq_len) for prefill and decode alike; a call at start_pos 0 starts a new
+# sequence (the DeltaNet state is reset inside the program).
+#   vision_encoder(image uint8 [1, 3, H, W]) -> [1, N, D] for one slice in the checkpoint's default
+#     downsample mode; the other mode as `vision_encoder_<mode>`. H, W multiples of 14 x 4 (16x) or
+#     14 x 2 (4x), at least two such units per side; normalisation, patchify (window-major) and
+#     position ids happen in the graph.
+VISION_METHOD = "vision_encoder"
+
+
+def vision_methods(default_mode: str) -> dict[str, str]:
+    """Downsample mode -> method name: the runner's `vision_encoder` is the default mode."""
+    return {m: VISION_METHOD if m == default_mode else f"{VISION_METHOD}_{m}" for m in ("16x", "4x")}
+
+
 TOKEN_EMBEDDING = "token_embedding"
-PREFILL = "text_decoder"
-DECODE = "text_decoder_decode"
-RESET = "reset_state"
+DECODER = "text_decoder"
+FORWARD = "forward"
 
 
 def buffer_name(state_name: str) -> str:
@@ -35,7 +53,14 @@ def buffer_name(state_name: str) -> str:
 
 
 class StatefulDecoder(nn.Module):
-    """TextDecoderGraph with the state held in buffers, written back in place after every call.
+    """The text decoder with its state held in buffers, written back in place after every call.
+
+    Inputs as ExecuTorch's runners pass them: `embeds` [1, T, D] (or token ids [1, T] when
+    `from_tokens`: the `forward` method) and `start_pos` [1]; output the logits [1, V] of the last
+    of the T positions. At start_pos 0 the DeltaNet conv and recurrent states start empty (the conv
+    state is multiplied by 0, the recurrent state is dropped through the first token's decay:
+    custom_ops.fresh_state_at_position_zero); the KV caches need no reset, since attention reads
+    only positions below start_pos + T, all written by the current sequence.
 
     `seq_major_cache` lays the KV caches out [1, S, n_kv, D] (ExecuTorch's cache kernels update
     them in place and hand the buffer itself back, which then needs no write-back) instead of the
@@ -46,69 +71,154 @@ class StatefulDecoder(nn.Module):
         self.model = model
         self.specs = state_specs(model.cfg.text, cache_len)
         self.names = [buffer_name(s.name) for s in self.specs]
+        self.conv = [s.name.endswith("conv_state") for s in self.specs]
         for name, spec in zip(self.names, self.specs, strict=True):
             shape = spec.shape
             if seq_major_cache and spec.name.endswith(("k_cache", "v_cache")):
                 shape = (shape[0], shape[2], shape[1], shape[3])
             self.register_buffer(name, torch.zeros(shape, dtype=spec.dtype), persistent=False)
-        self.reset_mode = False  # traced as a python constant: selects which method is exported
+        self.from_tokens = False  # traced as a python constant: selects which method is exported
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        state = [getattr(self, n) for n in self.names]
-        if self.reset_mode:
-            for buf in state:
-                buf.zero_()
-            return args[0] * 0  # a method needs an output; the runtime ignores it
-        embeds, start_pos, n_valid = args
-        logits, new_state = self.model.decode(embeds, start_pos, n_valid, state)
-        for buf, new in zip(state, new_state, strict=True):
+    def forward(self, inputs: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
+        embeds = self.model.embed(inputs) if self.from_tokens else inputs
+        t = embeds.shape[1]
+        n_valid = torch.ones_like(start_pos) * t
+        keep = (start_pos != 0).to(torch.float32)
+        buffers = [getattr(self, n) for n in self.names]
+        state = [b * keep.to(b.dtype) if c else b for b, c in zip(buffers, self.conv, strict=True)]
+        with fresh_state_at_position_zero(start_pos + torch.arange(t)):
+            logits, new_state = self.model.decode(embeds, start_pos, n_valid, state)
+        for buf, new in zip(buffers, new_state, strict=True):
             if new is not buf:
                 buf.copy_(new)
         return logits
 
 
-def max_slice_patches(model: MiniCPMV46, scale_resolution: int) -> int:
-    """Upper bound on patches per slice: memory planning sizes buffers for the largest L, so it must
-    be realistic. A slice has ~scale_resolution^2 pixels at any aspect; allow twice that."""
-    side = scale_resolution // model.cfg.vision.patch_size
-    return 2 * side * side // 16 * 16
+class TokenEmbedding(nn.Module):
+    """ids [1, T] -> [1, T, D], as the multimodal runner calls it."""
+
+    def __init__(self, model: MiniCPMV46):
+        super().__init__()
+        self.embed_tokens = model.language_model.embed_tokens
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(ids)
+
+
+class ImageSliceEncoder(nn.Module):
+    """One slice as ExecuTorch's MultimodalRunner passes an image: uint8 [1, 3, H, W] (CHW, as its
+    `Image` is laid out) -> [1, N, D] LLM-space embeddings.
+
+    The host steps of processing/ done in the graph, bit for bit: normalisation through the host's
+    own 256-entry table per channel (image.normalize), patches flattened (c, y, x) and reordered
+    window-major (patches.window_order), position ids as patches.position_ids computes them
+    (bucketize(arange(h) / h, right=True) as a count of boundaries <= value)."""
+
+    def __init__(self, model: MiniCPMV46, mode: str, mean, std, rescale: float):
+        super().__init__()
+        self.model, self.mode = model, mode
+        self.patch = model.cfg.vision.patch_size
+        self.side = model.cfg.vision.num_patches_per_side
+        levels = (np.arange(256, dtype=np.float64) * rescale).astype(np.float32)
+        m = np.asarray(mean, dtype=np.float32).reshape(3, 1)
+        sd = np.asarray(std, dtype=np.float32).reshape(3, 1)
+        table = ((levels[None, :] - m) / sd).reshape(-1)  # [3 * 256], channel-major
+        self.register_buffer("table", torch.from_numpy(np.ascontiguousarray(table)), persistent=False)
+        self.register_buffer(
+            "offsets", torch.arange(3, dtype=torch.int64).reshape(1, 3, 1, 1) * 256, persistent=False
+        )
+        n = self.side
+        self.register_buffer(
+            "boundaries", torch.arange(1 / n, 1.0, 1 / n, dtype=torch.float32), persistent=False
+        )
+
+    def _buckets(self, length: int) -> torch.Tensor:
+        steps = torch.arange(length, dtype=torch.float32)
+        values = steps / (steps[-1:] + 1.0)
+        return (values[:, None] >= self.boundaries[None, :]).sum(dim=1)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        p = self.patch
+        height, width = image.shape[2], image.shape[3]
+        h, w = height // p, width // p
+        pixels = self.table[(image.to(torch.int64) + self.offsets).reshape(-1)].reshape(3, height, width)
+        # row-major patches [h, w, 3 * p * p], each flattened (c, y, x)
+        grid = pixels.reshape(3, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h, w, 3 * p * p)
+        ids = (self._buckets(h)[:, None] * self.side + self._buckets(w)[None, :])[:, :, None]
+        # window-major: group 2 x 2 neighbours once (4x) or twice (16x: 2 x 2 windows of 2 x 2
+        # patches); at most 5 dims per step, XNNPACK's limit is 6
+        for _ in range(2 if self.mode == "16x" else 1):
+            grid, ids = _group_2x2(grid), _group_2x2(ids)
+        patches = grid.reshape(h * w, 3 * p * p)
+        return self.model.encode_slice(patches, ids.reshape(h * w), self.mode).unsqueeze(0)
+
+
+def _group_2x2(grid: torch.Tensor) -> torch.Tensor:
+    """[R, C, F] -> [R/2, C/2, 4 F]: each 2 x 2 block of cells becomes one cell, its four cells
+    row-major inside (patches.window_order applied one level at a time)."""
+    rows, cols, feat = grid.shape
+    blocks = grid.reshape(rows // 2, 2, cols // 2, 2, feat).permute(0, 2, 1, 3, 4)
+    return blocks.reshape(rows // 2, cols // 2, 4 * feat)
+
+
+def max_slice_side(model: MiniCPMV46, scale_resolution: int) -> int:
+    """Most patches per side of a slice the vision methods take: twice a square slice's side (896 px
+    at scale_resolution 448, i.e. source views up to about 4:1). Memory planning sizes the vision
+    activations for this side squared (the graph's two dims are bounded separately)."""
+    return 2 * (scale_resolution // model.cfg.vision.patch_size)
+
+
+def max_seq_len(chunk: int, max_context: int) -> int:
+    """Most tokens one decoder call takes (the runners' `get_max_seq_len`): the TextLLMRunner
+    splits a longer prompt into calls of this many; the MultimodalRunner sends each input (a text,
+    a slice's embeddings) in one call. Memory planning sizes every activation for it, so it is kept
+    at 512 (a 4x slice of the largest size is 512 tokens) unless the context is shorter."""
+    return max(chunk, min(max_context, PREFILL_BOUND))
+
+
+PREFILL_BOUND = 512
 
 
 def export_methods(
     model: MiniCPMV46,
-    chunk: int,
     cache_len: int,
-    max_patches: int,
+    max_side: int,
     max_tokens: int,
-    delta_rule_methods: frozenset[str] = frozenset(),
+    default_mode: str,
+    normalisation: tuple,
+    delta_rule: bool = True,
     attention_kernels: bool = False,
 ) -> dict[str, ExportedProgram]:
-    """torch.export every method. Vision has one dynamic dim L (a multiple of 16 / 4), token
-    embedding a dynamic T; the decoder is static (C = chunk and C = 1). The decoder methods named
-    in `delta_rule_methods` call ExecuTorch's gated delta rule kernel; with `attention_kernels`
-    both decoder methods (they share the cache layout) use its cache-update and SDPA kernels
-    (custom_ops.py)."""
+    """torch.export every method. Vision has dynamic H, W (multiples of 14 x 4 / 14 x 2, at most
+    `max_side` patches each; `normalisation` = (mean, std, rescale) of the preprocessor); token
+    embedding and both decoder methods a dynamic T in 1 .. max_tokens. The decoder methods call
+    ExecuTorch's gated delta rule kernel (a dynamic T leaves no room for our chunk loop) and, with
+    `attention_kernels`, its cache-update and SDPA kernels (custom_ops.py)."""
+    if not delta_rule:
+        raise ValueError("the ExecuTorch decoder needs llama::gated_delta_rule (its T is dynamic)")
     model = model.eval()
     d = model.cfg.text.hidden_size
-    patch_dim = model.cfg.vision.patch_dim
     programs: dict[str, ExportedProgram] = {}
     with torch.no_grad():
-        for mode, name in VISION_METHODS.items():
-            step = 16 if mode == "16x" else 4
-            n = Dim(f"n_{mode}", min=1, max=max_patches // step)
-            example = (torch.zeros(64, patch_dim), torch.arange(64, dtype=torch.int64))
+        p = model.cfg.vision.patch_size
+        for mode, name in vision_methods(default_mode).items():
+            unit = 4 if mode == "16x" else 2  # patches per side merged into one LLM token
+            # at least two merge units per side: torch.export specialises a size of 1
+            rows = Dim(f"rows_{mode}", min=2, max=max_side // unit)
+            cols = Dim(f"cols_{mode}", min=2, max=max_side // unit)
+            encoder = ImageSliceEncoder(model, mode, *normalisation)
+            example = torch.zeros(1, 3, 2 * unit * p, 3 * unit * p, dtype=torch.uint8)
             programs[name] = export(
-                VisionEncoderGraph(model, mode), example, dynamic_shapes=({0: step * n}, {0: step * n})
+                encoder, (example,), dynamic_shapes=({2: unit * p * rows, 3: unit * p * cols},)
             )
         t = Dim("tokens", min=1, max=max_tokens)
-        programs[TOKEN_EMBEDDING] = export(
-            TokenEmbeddingGraph(model), (torch.zeros(4, dtype=torch.int64),), dynamic_shapes=({0: t},)
-        )
+        ids = torch.zeros(1, 4, dtype=torch.int64)
+        programs[TOKEN_EMBEDDING] = export(TokenEmbedding(model), (ids,), dynamic_shapes=({1: t},))
         decoder = StatefulDecoder(model, cache_len, seq_major_cache=attention_kernels)
-        for name, c in ((PREFILL, chunk), (DECODE, 1)):
-            with delta_rule_op(name in delta_rule_methods), attention_ops(attention_kernels):
-                programs[name] = export(decoder, (torch.zeros(1, c, d), torch.tensor([0]), torch.tensor([c])))
-        decoder.reset_mode = True
-        programs[RESET] = export(decoder, (torch.zeros(1),))
-        decoder.reset_mode = False
+        start = torch.tensor([0])
+        with delta_rule_op(True), attention_ops(attention_kernels):
+            programs[DECODER] = export(decoder, (torch.zeros(1, 4, d), start), dynamic_shapes=({1: t}, None))
+            decoder.from_tokens = True
+            programs[FORWARD] = export(decoder, (ids, start), dynamic_shapes=({1: t}, None))
+            decoder.from_tokens = False
     return programs
