@@ -1,6 +1,7 @@
 """The HarmonyOS app (apps/harmonyos), checked on Node: every .ets type-checked with ohos-typescript and
 linted with ArkTS linter 1.1 against unofficial API-13 declarations, the checker itself shown to catch
-a type error and a lint violation, and the ArkTS core's hypium suites run against a conformance kit.
+a type error and a lint violation, the ArkTS core's hypium suites run against a conformance kit, the
+core end to end on onnxruntime-node against `chat --json`, and the NAPI module compiled and run under Node.
 
 The Node toolchain is installed (once per lock file, outside the repo) by tools/harmonyos_toolchain.py;
 node 20+ and npm must be on PATH. A missing node fails these tests: it is not a reason to skip them.
@@ -108,19 +109,27 @@ SAMPLES = REPO / "edge_runtime" / "data" / "samples-demo"
 N_DEMO_QUESTIONS = 8
 
 
+_DEMO_BUNDLES: dict[str, Path] = {}
+
+
+def _demo_bundle(quant: str, tmp_path_factory) -> Path:
+    """The demo model exported as `make demo` exports it (int4) or in fp32, carrying the kit of its own
+    model (conformance --in-bundle) with a greedy run for every demo sample question; once per session."""
+    if quant not in _DEMO_BUNDLES:
+        out = tmp_path_factory.mktemp("harmonyos-e2e") / f"harmonyos-{quant}"
+        export = [str(MINICPMV_EDGE), "export", "--target", "harmonyos", "--quant", quant, "--out", str(out)]
+        done = _run([*export, "--max-context", "1024", "--chunk-size", "32"])
+        assert done.returncode == 0, done.stderr
+        kit = [str(MINICPMV_EDGE), "conformance", "--bundle", str(out), "--in-bundle"]
+        done = _run([*kit, "--questions", str(N_DEMO_QUESTIONS)])
+        assert done.returncode == 0, done.stderr
+        _DEMO_BUNDLES[quant] = out
+    return _DEMO_BUNDLES[quant]
+
+
 @pytest.fixture(scope="session", params=["fp32", "int4"])
 def demo_onnx_bundle(request, tmp_path_factory) -> Path:
-    """The demo model exported as `make demo` exports it (int4) and in fp32, each carrying the kit of
-    its own model (conformance --in-bundle) with a greedy run for every demo sample question."""
-    quant = request.param
-    out = tmp_path_factory.mktemp("harmonyos-e2e") / f"harmonyos-{quant}"
-    export = [str(MINICPMV_EDGE), "export", "--target", "harmonyos", "--quant", quant, "--out", str(out)]
-    done = _run([*export, "--max-context", "1024", "--chunk-size", "32"])
-    assert done.returncode == 0, done.stderr
-    kit = [str(MINICPMV_EDGE), "conformance", "--bundle", str(out), "--in-bundle"]
-    done = _run([*kit, "--questions", str(N_DEMO_QUESTIONS)])
-    assert done.returncode == 0, done.stderr
-    return out
+    return _demo_bundle(request.param, tmp_path_factory)
 
 
 def _chat_json(bundle: Path, image: Path, question: str, max_new_tokens: int) -> dict:
@@ -168,3 +177,98 @@ def test_node_end_to_end_matches_chat_json(node_toolchain, demo_onnx_bundle, tmp
     checked = _run([str(MINICPMV_EDGE), "bench", "--device-report", str(report), "--json"])
     assert checked.returncode in (0, 1), checked.stderr  # 2 would be a malformed report
     assert json.loads(checked.stdout)["device"] == written["device"]
+
+
+# --- The NAPI module (apps/harmonyos/entry/src/main/cpp/ort_engine.cpp), compiled for Linux and run under
+# --- Node: HarmonyOS NAPI is the Node-API surface, so the on-device source builds unchanged against Node's
+# --- headers and onnxruntime-node's libonnxruntime (tools/build-napi-host.mjs); tools/napi-engine-check.mjs
+# --- drives it through the app's own OrtEngine + NapiOrtRuntime and replays the bundle's kit greedy runs.
+
+ADDON = REPO / "build" / "harmonyos" / "napi-host" / "libortengine.node"
+
+
+@pytest.fixture(scope="module")
+def addon(node_toolchain) -> Path:
+    """The module compiled by the build script (cached by its sources; -Wall -Werror); needs g++."""
+    assert (TOOLS / "node_modules" / "node-api-headers" / "include" / "node_api.h").is_file()
+    done = _run([node_toolchain, str(TOOLS / "build-napi-host.mjs")], timeout=300)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert done.stdout.strip() == str(ADDON)
+    assert "-Wall -Werror" in done.stderr and "ort_engine.cpp" in done.stderr, done.stderr
+    assert ADDON.is_file()
+    return ADDON
+
+
+@pytest.fixture(scope="module")
+def bundle_with_kit(tmp_path_factory) -> Path:
+    """The demo model's fp32 ONNX bundle with its own kit in BUNDLE/conformance/ (shared with the e2e test)."""
+    return _demo_bundle("fp32", tmp_path_factory)
+
+
+def test_napi_module_replays_the_kit_generations(node_toolchain, addon, bundle_with_kit):
+    kit = json.loads((bundle_with_kit / "conformance" / "conformance.json").read_text())
+    names = [g["name"] for g in kit["generations"]]
+    assert names, "the kit has no greedy runs"
+    done = _run([node_toolchain, str(TOOLS / "napi-engine-check.mjs"), "--bundle", str(bundle_with_kit)])
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"addon {addon}" in done.stdout
+    for name in names:
+        # one PASS line per generation: tokens equal, logits within atol
+        assert re.search(rf"^PASS {re.escape(name)}: \d+ tokens equal, ", done.stdout, re.M), done.stdout
+    # the chunked prefill ran more than one chunk (prompts are longer than the bundles' --chunk-size 32)
+    assert max(len(g["prompt_ids"]) for g in kit["generations"]) > 32
+    assert re.search(r"^PASS run on a released session is rejected: ", done.stdout, re.M)
+    assert re.search(r"^PASS a second release throws: ", done.stdout, re.M)
+    assert f"{len(names) + 2} passed, 0 failed" in done.stdout
+
+
+def test_check_fails_when_the_kit_disagrees(node_toolchain, addon, bundle_with_kit, tmp_path):
+    """The replay is a real comparison: one changed token and one logit moved past atol both fail."""
+    kit_dir = tmp_path / "kit"
+    subprocess.run(["cp", "-r", str(bundle_with_kit / "conformance"), str(kit_dir)], check=True)
+    index = json.loads((kit_dir / "conformance.json").read_text())
+    first, last = index["generations"][0], index["generations"][-1]
+    assert first is not last
+    first["token_ids"][0] += 1
+    logits = kit_dir / last["logits"]["file"]
+    raw = bytearray(logits.read_bytes())
+    value = memoryview(raw).cast("f")
+    value[3] += 10 * last["logits"]["atol"]
+    logits.write_bytes(bytes(raw))
+    (kit_dir / "conformance.json").write_text(json.dumps(index))
+    done = _run(
+        [
+            node_toolchain,
+            str(TOOLS / "napi-engine-check.mjs"),
+            "--bundle",
+            str(bundle_with_kit),
+            "--kit",
+            str(kit_dir),
+        ]
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(rf"^FAIL {re.escape(first['name'])}: \d+ tokens DIFFER", done.stdout, re.M), done.stdout
+    assert re.search(
+        rf"^FAIL {re.escape(last['name'])}: .*max \|dlogit\| 1\.00e-2 at step 0 id 3", done.stdout, re.M
+    ), done.stdout
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing", "File doesn't exist"),
+        ("garbage", "Protobuf parsing failed"),
+    ],
+)
+def test_bad_model_is_a_js_error_with_orts_message(node_toolchain, addon, tmp_path, case, message):
+    model = tmp_path / "model.onnx"
+    if case == "garbage":
+        model.write_bytes(b"\x07not an onnx model\xff" * 8)
+    done = _run([node_toolchain, str(TOOLS / "napi-engine-check.mjs"), "--open", str(model)])
+    # exit 1 with the rejection printed by JS: not a signal (a crash would be negative or 134/139)
+    assert done.returncode == 1, done.stdout + done.stderr
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("rejected: ")), None)
+    assert line is not None, done.stdout + done.stderr
+    assert line.startswith(f"rejected: Error: {model}: Load model from {model} failed"), line
+    assert message in line, line

@@ -15,9 +15,7 @@
 // failing beforeAll/afterAll hook, or when no test ran; 2 on a usage or setup error.
 import fs from 'node:fs';
 import path from 'node:path';
-import { createRequire } from 'node:module';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { etsPlugin } from './ets-esbuild.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const app = path.resolve(here, '..');
@@ -35,8 +33,8 @@ function fail(message) {
 if (!fs.existsSync(path.join(modules, 'esbuild'))) {
   fail(`${modules} has no esbuild; run tools/harmonyos_toolchain.py (or make harmonyos-toolchain)`);
 }
-const require = createRequire(path.join(modules, 'noop.js'));
-const esbuild = require('esbuild');
+// after the check: the shared bundler loads esbuild from the toolchain as it is imported
+const { bundleEts } = await import('./ets-esbuild.mjs');
 
 function parseArgs(argv) {
   let tests = path.join(app, 'entry', 'src', 'test');
@@ -190,25 +188,9 @@ async function main() {
   fs.mkdirSync(outDir, { recursive: true });
   const outfile = path.join(outDir, 'run.mjs');
   try {
-    await esbuild.build({
-      stdin: { contents: entrySource(suites, kit, model), resolveDir: here, loader: 'js', sourcefile: 'hypium-entry.js' },
-      bundle: true,
-      platform: 'node',
-      format: 'esm',
-      target: 'node20',
-      outfile,
-      sourcemap: 'inline',
-      nodePaths: [modules],
-      resolveExtensions: ['.ets', '.ts', '.js', '.mjs'],
-      plugins: [etsPlugin],
-      logLevel: 'silent',
-    });
+    await bundleEts({ contents: entrySource(suites, kit, model), resolveDir: here }, outfile);
   } catch (err) {
-    for (const e of err.errors || []) {
-      const at = e.location ? `${path.relative(repo, e.location.file)}:${e.location.line}: ` : '';
-      console.log(`bundle error: ${at}${e.text}`);
-    }
-    if (!err.errors) console.log(`bundle error: ${err.message}`);
+    console.log(err.message.split(`${repo}/`).join(''));
     return 1;
   }
 
