@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow lint format demo bench export-harmonyos export-android export-ios clean harmonyos-toolchain android-toolchain android-apk-toolchain
+.PHONY: setup test test-slow lint format demo bench export-harmonyos export-android export-ios clean harmonyos-toolchain android-toolchain android-apk-toolchain ios-toolchain
 
 setup: $(STAMP)
 
@@ -31,7 +31,12 @@ android-toolchain: setup
 android-apk-toolchain: setup
 	$(BIN)/python tools/android_apk_toolchain.py
 
-test: setup harmonyos-toolchain android-toolchain android-apk-toolchain
+# The Swift toolchain of the iOS app checks: Swift 6.0.3 from Debian trixie in a debootstrap chroot under
+# ~/.cache/minicpmv-edge/swift-trixie (about 1 min and 2.6 GB once); needs root and the Debian mirror.
+ios-toolchain: setup
+	$(BIN)/python tools/ios_toolchain.py
+
+test: setup harmonyos-toolchain android-toolchain android-apk-toolchain ios-toolchain
 	$(BIN)/ruff check edge_runtime export tests tools
 	$(BIN)/ruff format --check edge_runtime export tests tools
 	$(BIN)/python tools/run_pytest.py

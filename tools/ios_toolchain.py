@@ -32,6 +32,7 @@ Exit codes: 0 done, 1 an install or check failed (or the command's own exit code
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import shlex
 import shutil
@@ -145,7 +146,7 @@ def _install(scratch: Path, tools: dict[str, str]) -> None:
     if f"Swift version {SWIFT_VERSION}" not in out:
         raise ToolchainError(f"expected Swift {SWIFT_VERSION}, got:\n{out.strip()}")
     fmt = _in_root(root, tools, f"{SWIFT_FORMAT} --version 2>&1", "swift-format --version").strip()
-    for d in ("src", "kit", "build"):
+    for d in ("src", "kit", "build", "out"):
         (root / d).mkdir(exist_ok=True)
     print(f"{LABEL}: {out.strip().splitlines()[0]}; swift-format {fmt}", file=sys.stderr)
 
@@ -170,6 +171,7 @@ def run_swift(
     command: str,
     *,
     kit: Path | None = None,
+    out: Path | None = None,
     package: Path = PACKAGE,
     env: dict[str, str] | None = None,
     timeout: float = 1800,
@@ -177,7 +179,9 @@ def run_swift(
 ) -> subprocess.CompletedProcess[str]:
     """Run a shell command in /src (package bind-mounted) inside the root; kit read-only at /kit.
 
-    ``env`` adds variables inside the root (CONFORMANCE_KIT=/kit is set when a kit is given).
+    ``out``, when given, is bind-mounted writable at /out (OUT_DIR=/out). ``env`` adds variables
+    inside the root (CONFORMANCE_KIT=/kit is set when a kit is given). Runs are serialised by a
+    lock file beside the root (they share SwiftPM's build directory /build).
     """
     tc = ensure()
     tools = _require_host()
@@ -187,12 +191,18 @@ def run_swift(
     if kit is not None:
         mounts.append(f'mount --bind "{kit.resolve()}" "{root}/kit" && mount -o remount,bind,ro "{root}/kit"')
         inner_env["CONFORMANCE_KIT"] = "/kit"
+    if out is not None:
+        (root / "out").mkdir(exist_ok=True)
+        mounts.append(f'mount --bind "{out.resolve()}" "{root}/out"')
+        inner_env["OUT_DIR"] = "/out"
     inner_env.update(env or {})
     exports = " ".join(f"{k}={_sh_quote(v)}" for k, v in inner_env.items())
     inner = f"cd /src && exec env -i {exports} /bin/sh -c {_sh_quote(command)}"
     wrapper = " && ".join(mounts) + f' && exec chroot "{root}" /bin/sh -c {_sh_quote(inner)}'
     cmd = [tools["unshare"], "--mount", "--propagation", "private", "sh", "-c", wrapper]
-    return subprocess.run(cmd, capture_output=capture, text=True, check=False, timeout=timeout)
+    with open(root.parent / "swift-run.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        return subprocess.run(cmd, capture_output=capture, text=True, check=False, timeout=timeout)
 
 
 def _sh_quote(s: str) -> str:
@@ -204,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd")
     run = sub.add_parser("run", help="run a shell command in apps/ios inside the root")
     run.add_argument("--kit", type=Path, help="a conformance kit, mounted read-only at /kit")
+    run.add_argument("--out", type=Path, help="a writable directory, mounted at /out")
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command (after --)")
     args = parser.parse_args(argv)
     try:
@@ -213,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("run needs a command after --")
             if args.kit is not None and not (args.kit / "conformance.json").is_file():
                 raise ToolchainError(f"{args.kit} is not a conformance kit (no conformance.json)", 2)
-            done = run_swift(shlex.join(words), kit=args.kit, capture=False)
+            done = run_swift(shlex.join(words), kit=args.kit, out=args.out, capture=False)
             return done.returncode
         tc = ensure()
     except ToolchainError as exc:
