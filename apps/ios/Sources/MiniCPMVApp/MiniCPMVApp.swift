@@ -1,0 +1,13 @@
+import SwiftUI
+
+@main
+struct MiniCPMVApp: App {
+    @StateObject private var controller = ChatController()
+
+    var body: some Scene {
+        WindowGroup {
+            ContentView()
+                .environmentObject(controller)
+        }
+    }
+}
