@@ -140,9 +140,12 @@ class ExecuTorchBackend(Backend):
         """The base contract (patches + position ids) on a graph that takes pixels: patches the host
         made from 8-bit pixels (normalize + slice_to_patches) are turned back into those pixels
         exactly; anything else is refused."""
-        return self.vision_encoder_pixels(self._pixels(patches, position_ids), mode)
+        return self.vision_encoder_pixels(self._pixels(patches, position_ids, mode), mode)
 
-    def _pixels(self, patches: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+    def _pixels(self, patches: np.ndarray, position_ids: np.ndarray, mode: str) -> np.ndarray:
+        from ..processing.patches import position_ids as grid_position_ids
+        from ..processing.patches import window_order
+
         p = self.info.patch_size
         patches, ids = np.asarray(patches, dtype=np.float32), np.asarray(position_ids, dtype=np.int64)
         _, row = np.unique(ids // self._side, return_inverse=True)
@@ -151,6 +154,9 @@ class ExecuTorchBackend(Backend):
         cell = row * w + col
         if h * w != len(patches) or np.bincount(cell, minlength=h * w).max() != 1:
             raise InputError("position ids do not form a patch grid")
+        # the graph computes the ids of an h x w slice itself: they must be these
+        if not np.array_equal(grid_position_ids(h, w, self._side)[window_order(h, w, mode)], ids):
+            raise InputError(f"position ids are not those of a {h}x{w} slice in {mode} window order")
         values = patches.reshape(len(patches), 3, p * p)
         codes = np.empty(values.shape, dtype=np.uint8)
         for c in range(3):
