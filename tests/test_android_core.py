@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from kit_tampering import copy_kit, flip_refine_pixel, write_index
 
 from edge_runtime.bench import check_device_report, read_device_report
 
@@ -109,19 +109,11 @@ def test_junit_suite_passes_on_the_kit(android_toolchain, android_kit, tmp_path)
 
 def test_junit_suite_fails_on_a_tampered_kit(android_toolchain, android_kit, tmp_path):
     """One level off in a resized image and one changed prompt character must each fail their test."""
-    kit = tmp_path / "kit"
-    shutil.copytree(android_kit, kit)
-    index = json.loads((kit / "conformance.json").read_text(encoding="utf-8"))
-    case = next(c for c in index["images"] if c["resized"]["refine"] is not None)
-    ref = kit / case["resized"]["refine"]["file"]
-    data = bytearray(ref.read_bytes())
-    data[len(data) // 2] ^= 1
-    ref.write_bytes(bytes(data))
+    kit, index = copy_kit(android_kit, tmp_path / "kit")
+    case = flip_refine_pixel(kit, index)
     prompt = next(p for p in index["prompts"] if p["images"])
     prompt["prompt_text"] = prompt["prompt_text"].replace("<slice>", "<slice>\n", 1)
-    (kit / "conformance.json").write_text(
-        json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    write_index(kit, index)
     done = _run([sys.executable, str(TEST_CORE), "--no-lint", "--kit", str(kit)])
     passed, failed = _summary(done.stdout)
     assert done.returncode == 1, done.stdout + done.stderr

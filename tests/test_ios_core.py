@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from kit_tampering import copy_kit, flip_refine_pixel, write_index
 
 from edge_runtime.bench import check_device_report, read_device_report
 
@@ -130,21 +130,13 @@ def test_swift_test_passes_on_the_kit(ios_toolchain_ready, ios_kit, tmp_path):
 
 def test_swift_test_fails_on_a_tampered_kit(ios_toolchain_ready, ios_kit, tmp_path):
     """A level off in a resized image, a changed prompt id and a flipped greedy token each fail."""
-    kit = tmp_path / "kit"
-    shutil.copytree(ios_kit, kit)
-    index = json.loads((kit / "conformance.json").read_text(encoding="utf-8"))
-    case = next(c for c in index["images"] if c["resized"]["refine"] is not None)
-    ref = kit / case["resized"]["refine"]["file"]
-    data = bytearray(ref.read_bytes())
-    data[len(data) // 2] ^= 1
-    ref.write_bytes(bytes(data))
+    kit, index = copy_kit(ios_kit, tmp_path / "kit")
+    case = flip_refine_pixel(kit, index)
     prompt = next(p for p in index["prompts"] if p["images"])
     prompt["ids"][-1] += 1
     run = index["generations"][0]
     run["token_ids"][0] = (run["token_ids"][0] + 1) % index["model"]["vocab_size"]
-    (kit / "conformance.json").write_text(
-        json.dumps(index, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+    write_index(kit, index)
     build, _ = _swift(f"swift build --build-tests --scratch-path {SCRATCH} 2>&1")
     assert build.returncode == 0, build.stdout[-5000:]
     done, _ = _swift(f"swift test --skip-build --scratch-path {SCRATCH} 2>&1", kit=kit)
