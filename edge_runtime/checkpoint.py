@@ -23,13 +23,8 @@ import torch
 from safetensors import safe_open
 
 from .errors import CheckpointError
+from .families import Family, family_for_config, family_of
 from .jsonfile import read_json_file
-from .models.minicpm_v46 import (
-    MiniCPMV46,
-    MiniCPMV46Config,
-    checkpoint_key_to_module,
-    module_key_to_checkpoint,
-)
 from .outputs import atomic_output_dir
 from .paths import missing_reason
 from .safetensors_header import read_header
@@ -45,17 +40,21 @@ class Checkpoint:
     """A loaded checkpoint: its directory, parsed config, raw config.json and the reference model."""
 
     path: Path
-    config: MiniCPMV46Config
+    config: Any  # the family's config class
     raw_config: dict[str, Any]
-    model: MiniCPMV46
+    model: torch.nn.Module  # the family's model class
+
+    @property
+    def family(self) -> Family:
+        return family_of(self.config)
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
     return read_json_file(path, what, CheckpointError)
 
 
-def read_config(path: str | Path) -> tuple[MiniCPMV46Config, dict[str, Any]]:
-    """Parse `config.json` of a checkpoint directory."""
+def read_config(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """Parse `config.json` of a checkpoint directory into its family's config class."""
     path = Path(path)
     if not path.is_dir():
         reason = missing_reason(path) if not path.exists() else "is not a directory"
@@ -63,7 +62,7 @@ def read_config(path: str | Path) -> tuple[MiniCPMV46Config, dict[str, Any]]:
     raw = read_json(path / "config.json", "config file")
     validate_config(raw, str(path / "config.json"), CheckpointError)
     try:
-        return MiniCPMV46Config.from_hf(raw), raw
+        return family_for_config(raw).config_class.from_hf(raw), raw
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
 
@@ -133,8 +132,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
     """Load a checkpoint directory into the reference model (eval mode, `dtype` weights)."""
     path = Path(path)
     cfg, raw = read_config(path)
+    family = family_of(cfg)
+    checkpoint_key_to_module = family.checkpoint_key_to_module
     with torch.device("meta"):
-        model = MiniCPMV46(cfg)
+        model = family.new_model(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     tied = cfg.tie_word_embeddings
     if tied:
@@ -161,7 +162,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
             f"{path}: NaN or infinite weights in {len(nonfinite)} tensor(s): {_short_list(nonfinite)}"
         )
     seen = {checkpoint_key_to_module(m.split(" ", 1)[0]) for m in misshaped}
-    missing = [module_key_to_checkpoint(k) for k in expected if k not in loaded and k not in seen]
+    missing = [family.module_key_to_checkpoint(k) for k in expected if k not in loaded and k not in seen]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)}: {_short_list(missing)}")
@@ -173,17 +174,10 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
         raise CheckpointError(f"{path}: tensors do not match the config: " + "; ".join(problems))
 
     model.load_state_dict(loaded, strict=False, assign=True)
-    _materialize_buffers(model, cfg)
+    family.materialize_buffers(model)
     if tied:
         model.lm_head.weight = model.language_model.embed_tokens.weight
     return Checkpoint(path=path, config=cfg, raw_config=raw, model=model.eval())
-
-
-def _materialize_buffers(model: MiniCPMV46, cfg: MiniCPMV46Config) -> None:
-    """Non-persistent buffers (RoPE inverse frequencies) are not in checkpoints: rebuild them."""
-    lm = model.language_model
-    rot = cfg.text.rotary_dim
-    lm.inv_freq = 1.0 / (cfg.text.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
 
 
 def _short_list(items: list[str], limit: int = 6) -> str:
@@ -227,17 +221,16 @@ def write_safetensors(
             fh.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
 
 
-def checkpoint_tensor_specs(
-    cfg: MiniCPMV46Config, dtype: torch.dtype
-) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+def checkpoint_tensor_specs(cfg: Any, dtype: torch.dtype) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
     """(checkpoint name, shape, dtype) of every tensor a checkpoint of this config stores."""
+    family = family_of(cfg)
     with torch.device("meta"):
-        model = MiniCPMV46(cfg)
+        model = family.new_model(cfg)
     specs = []
     for key, value in model.state_dict().items():
         if cfg.tie_word_embeddings and key == "lm_head.weight":
             continue
-        specs.append((module_key_to_checkpoint(key), tuple(value.shape), dtype))
+        specs.append((family.module_key_to_checkpoint(key), tuple(value.shape), dtype))
     return specs
 
 
@@ -286,7 +279,7 @@ def atomic_directory(out: Path, say: Callable[[str], None] | None = None) -> Ite
 
 
 def save_checkpoint(
-    model: MiniCPMV46,
+    model: torch.nn.Module,
     out_dir: str | Path,
     dtype: torch.dtype = torch.float32,
     extra_files: Callable[[Path], None] | None = None,
@@ -294,7 +287,8 @@ def save_checkpoint(
     """Write `model` as config.json + model.safetensors (+ whatever `extra_files` adds, e.g. tokenizer)."""
     cfg = model.cfg
     state = model.state_dict()
-    lookup = {module_key_to_checkpoint(k): v for k, v in state.items()}
+    to_checkpoint = family_of(cfg).module_key_to_checkpoint
+    lookup = {to_checkpoint(k): v for k, v in state.items()}
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         write_safetensors(
@@ -306,7 +300,7 @@ def save_checkpoint(
     return out_dir
 
 
-def write_config_files(out: Path, cfg: MiniCPMV46Config) -> None:
+def write_config_files(out: Path, cfg: Any) -> None:
     config = cfg.to_hf()
     config["torch_dtype"] = "float32"
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -317,14 +311,19 @@ def tensor_generator(name: str, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + _stable_hash(name)) % (2**63))
 
 
-def random_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def random_init(
+    name: str,
+    shape: tuple[int, ...],
+    seed: int,
+    neutral_norm_value: Callable[[str], float] | None = None,
+) -> torch.Tensor:
     """Deterministic per-tensor random init, independent of the order tensors are made in.
 
     Norm weights get small noise around their neutral value so the 1 + w convention matters.
     DeltaNet decay rates A = exp(A_log) are log-uniform over [1e-3, 16]: about half the heads decay
     slower than 0.1 per token, as trained DeltaNet heads keep for long memory, the regime where an
     unstable chunked form loses its precision (issue 26); upstream's uniform(0.01, 16) init leaves
-    almost every head fast.
+    almost every head fast. `neutral_norm_value` is the family's (default: the default family's).
     """
     gen = tensor_generator(name, seed)
     noise = torch.randn(shape, generator=gen)
@@ -333,18 +332,11 @@ def random_init(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     if name.endswith("dt_bias"):
         return 1.0 + 0.1 * noise
     if "norm" in name:
-        return _neutral_norm_value(name) + 0.05 * noise
+        neutral = neutral_norm_value or family_for_config({}).neutral_norm_value
+        return neutral(name) + 0.05 * noise
     if name.endswith(".bias"):
         return 0.01 * noise
     return 0.02 * noise
-
-
-def _neutral_norm_value(name: str) -> float:
-    """The value at which a norm weight is the identity scale: 0 for Qwen3.5's (1 + w) norms."""
-    if name.endswith(".bias"):
-        return 0.0
-    zero_centered = name.startswith("model.language_model.") and ".linear_attn.norm." not in name
-    return 0.0 if zero_centered else 1.0
 
 
 def _stable_hash(text: str) -> int:
@@ -354,9 +346,10 @@ def _stable_hash(text: str) -> int:
     return value
 
 
-def write_random_checkpoint(cfg: MiniCPMV46Config, out: Path, seed: int, dtype: torch.dtype) -> None:
+def write_random_checkpoint(cfg: Any, out: Path, seed: int, dtype: torch.dtype) -> None:
     """Random weights for `cfg`, streamed straight to disk (no model is ever materialised)."""
     specs = checkpoint_tensor_specs(cfg, dtype)
     shapes = {name: shape for name, shape, _ in specs}
-    write_safetensors(out / WEIGHTS_FILE, specs, lambda n: random_init(n, shapes[n], seed))
+    neutral = family_of(cfg).neutral_norm_value
+    write_safetensors(out / WEIGHTS_FILE, specs, lambda n: random_init(n, shapes[n], seed, neutral))
     write_config_files(out, cfg)

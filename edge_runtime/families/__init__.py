@@ -1,0 +1,131 @@
+"""The model-family registry: every family the runtime and the exporters know, by name and by
+`config.json`'s `model_type` (plus `version` where remote-code families share one model_type).
+
+A family module (one per family, in this package) describes everything family-specific that the
+rest of the tree needs: the config class (`from_hf` / `to_hf`), presets, the checkpoint key map,
+the model class and its entry points, the decoder state layout, the vision variants, how a random
+checkpoint is initialised and which tensors stay fp32 in a half-precision graph. It builds one
+`Family` and hands it to `register_family`. Code outside the family modules looks the family up
+(`family_for_config`, `family_by_name`, `family_of`) and never names it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family: its identity, its config and model classes, and its per-family hooks."""
+
+    name: str  # the user-facing name, e.g. for `init-checkpoint FAMILY`
+    model_type: str  # config.json's `model_type`
+    config_class: type  # has from_hf(raw: dict) and to_hf() -> dict, .text.vocab_size etc.
+    model_class: type  # built from a config; encode_slice / embed / decode / new_state
+    presets: tuple[str, ...]
+    # preset(name, vocab_size, token_ids) -> config; token_ids are the tokenizer's special ids
+    make_preset: Callable[[str, int, Mapping[str, int]], Any]
+    # checkpoint tensor name -> module state_dict name (None: ignore the tensor), and back
+    checkpoint_key_to_module: Callable[[str], str | None]
+    module_key_to_checkpoint: Callable[[str], str]
+    # state_specs(config, cache_len, kv_dtype, conv_dtype) -> [StateSpec] in graph order
+    state_specs: Callable[..., list[Any]]
+    vision_modes: tuple[str, ...]  # the vision encoder's variants (one graph each)
+    # rebuild non-persistent buffers (e.g. RoPE frequencies) after loading weights onto meta modules
+    materialize_buffers: Callable[[Any], None]
+    # the value at which a norm weight of this checkpoint name is the identity scale
+    neutral_norm_value: Callable[[str], float]
+    # writes the tokenizer files into a directory; returns {"token_ids", "vocab_size", ...}
+    build_tokenizer: Callable[..., dict[str, Any]]
+    full_vocab: int  # the vocabulary of the released checkpoint (the `full` preset's)
+    preprocessor: Mapping[str, Any] = field(default_factory=dict)  # preprocessor_config.json base
+    # quantization policy: parameters/buffers (by name suffix) and modules (by class name) that
+    # stay fp32 in a half-precision graph
+    fp32_keep_suffixes: tuple[str, ...] = ()
+    fp32_keep_modules: tuple[str, ...] = ()
+    version: str | None = None  # config.json's `version`, for families sharing a model_type
+    default: bool = False  # the family a config.json without `model_type` is read as
+
+    def preset(self, name: str, vocab_size: int, token_ids: Mapping[str, int]) -> Any:
+        if name not in self.presets:
+            raise ValueError(f"unknown preset {name!r} (choose {' or '.join(self.presets)})")
+        return self.make_preset(name, vocab_size, token_ids)
+
+    def new_model(self, cfg: Any) -> torch.nn.Module:
+        return self.model_class(cfg)
+
+
+_BY_NAME: dict[str, Family] = {}
+_BY_TYPE: dict[tuple[str, str | None], Family] = {}
+
+
+def register_family(family: Family) -> Family:
+    """Add `family`; a second family with the same name or (model_type, version) is an error."""
+    key = (family.model_type, family.version)
+    if family.name in _BY_NAME or key in _BY_TYPE:
+        raise ValueError(
+            f"family {family.name!r} ({family.model_type}, {family.version}) is already registered"
+        )
+    if family.default and any(f.default for f in _BY_NAME.values()):
+        raise ValueError("only one family can read config.json files without a model_type")
+    _BY_NAME[family.name] = family
+    _BY_TYPE[key] = family
+    return family
+
+
+def families() -> list[Family]:
+    """Every registered family, in registration order."""
+    return list(_BY_NAME.values())
+
+
+def family_names() -> list[str]:
+    return list(_BY_NAME)
+
+
+def family_by_name(name: str) -> Family:
+    """The family called `name`; KeyError (naming the known ones) otherwise."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"unknown family {name!r}; available: {', '.join(_BY_NAME)}") from None
+
+
+def family_for_config(raw: Mapping[str, Any]) -> Family:
+    """The family a parsed `config.json` belongs to, by `model_type` (and `version` when several
+    families share the model_type); ValueError when none matches."""
+    model_type = raw.get("model_type")
+    if model_type is None:
+        for family in _BY_NAME.values():
+            if family.default:
+                return family
+        raise ValueError("config.json has no model_type")
+    version = raw.get("version")
+    found = _BY_TYPE.get((model_type, None if version is None else str(version)))
+    if found is None:
+        found = _BY_TYPE.get((model_type, None))
+    if found is None:
+        candidates = [f for (t, _), f in _BY_TYPE.items() if t == model_type]
+        if len(candidates) == 1:
+            found = candidates[0]
+    if found is None:
+        known = ", ".join(sorted({t for t, _ in _BY_TYPE}))
+        raise ValueError(
+            f"model_type {model_type!r} (version {version!r}) is no known family; known: {known}"
+        )
+    return found
+
+
+def family_of(cfg: Any) -> Family:
+    """The family of a parsed config object (an instance of some family's config class)."""
+    for family in _BY_NAME.values():
+        if isinstance(cfg, family.config_class):
+            return family
+    raise TypeError(f"{type(cfg).__name__} is no registered family's config")
+
+
+# The built-in families register themselves on import.
+from . import minicpm_v46  # noqa: E402, F401
