@@ -20,12 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edge_runtime.models.minicpm_v46 import MiniCPMV46
-from edge_runtime.models.qwen35_text import StateSpec, state_specs
+from edge_runtime.families import StateSpec, family_of
 
 
 class VisionEncoderGraph(nn.Module):
-    def __init__(self, model: MiniCPMV46, mode: str):
+    def __init__(self, model: nn.Module, mode: str):
         super().__init__()
         self.model = model
         self.mode = mode
@@ -35,7 +34,7 @@ class VisionEncoderGraph(nn.Module):
 
 
 class TokenEmbeddingGraph(nn.Module):
-    def __init__(self, model: MiniCPMV46):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.embed_tokens = model.language_model.embed_tokens
 
@@ -44,7 +43,7 @@ class TokenEmbeddingGraph(nn.Module):
 
 
 class TextDecoderGraph(nn.Module):
-    def __init__(self, model: MiniCPMV46):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
@@ -55,24 +54,23 @@ class TextDecoderGraph(nn.Module):
         return (logits, *new_state)
 
 
-# Parameters and buffers that stay fp32 in a half-precision graph: the DeltaNet decay parameters
-# and the rotary frequencies (fp16 would round them), and the norm weights (norms compute in fp32).
-FP32_KEEP_SUFFIXES = ("A_log", "dt_bias", "inv_freq")
-FP32_KEEP_NORMS = ("ZeroCenteredRMSNorm", "GatedRMSNorm")
-
-
-def to_half_precision(model: MiniCPMV46) -> MiniCPMV46:
+def to_half_precision(model: nn.Module) -> nn.Module:
     """`model` in fp16 (in place) except the tensors DESIGN.md keeps in fp32: what a fp16-activation
-    graph is traced from. The reference modules upcast where the numerics need it (norms, softmax,
-    the delta rule and its decay), so tracing this model gives those islands in fp32."""
+    graph is traced from. Which ones is the family's policy (`fp32_keep_suffixes` for parameters and
+    buffers by name, `fp32_keep_modules` for whole modules by class; for 4.6 the DeltaNet decay, the
+    rotary frequencies and the norm weights). The reference modules upcast where the numerics need
+    it (norms, softmax, the delta rule and its decay), so tracing this model gives those islands in
+    fp32."""
+    family = family_of(model.cfg)
+    keep_suffixes, keep_modules = family.fp32_keep_suffixes, family.fp32_keep_modules
     model.half()
     for module in model.modules():
-        keep_all = type(module).__name__ in FP32_KEEP_NORMS
+        keep_all = type(module).__name__ in keep_modules
         for name, param in module.named_parameters(recurse=False):
-            if keep_all or name.endswith(FP32_KEEP_SUFFIXES):
+            if keep_all or name.endswith(keep_suffixes):
                 param.data = param.data.float()
         for name, buf in module.named_buffers(recurse=False):
-            if name.endswith(FP32_KEEP_SUFFIXES):
+            if name.endswith(keep_suffixes):
                 setattr(module, name, buf.float())
     return model
 
@@ -112,19 +110,18 @@ class DecoderSignature:
 
 
 def decoder_signature(
-    model: MiniCPMV46,
+    model: nn.Module,
     cache_len: int,
     kv_dtype: torch.dtype = torch.float32,
     conv_dtype: torch.dtype | None = None,
 ) -> DecoderSignature:
-    cfg = model.cfg.text
-    return DecoderSignature(
-        state_specs(cfg, cache_len, kv_dtype, conv_dtype), cfg.hidden_size, cfg.vocab_size
-    )
+    cfg = model.cfg
+    specs = family_of(cfg).state_specs(cfg, cache_len, kv_dtype, conv_dtype)
+    return DecoderSignature(specs, cfg.text.hidden_size, cfg.text.vocab_size)
 
 
 def decoder_example_inputs(
-    model: MiniCPMV46,
+    model: nn.Module,
     chunk: int,
     cache_len: int,
     kv_dtype: torch.dtype = torch.float32,
@@ -137,7 +134,7 @@ def decoder_example_inputs(
     return (embeds, torch.tensor([0]), torch.tensor([chunk]), *state)
 
 
-def vision_example_inputs(model: MiniCPMV46, length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def vision_example_inputs(model: nn.Module, length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Patches and position ids of an L-patch slice (L a multiple of 16)."""
     patch_dim = model.cfg.vision.patch_dim
     return torch.zeros(length, patch_dim), torch.zeros(length, dtype=torch.int64)

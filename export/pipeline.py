@@ -36,8 +36,7 @@ from edge_runtime.bundle import (
 )
 from edge_runtime.checkpoint import read_config
 from edge_runtime.errors import InputError
-from edge_runtime.models.minicpm_v46 import FAMILY, MiniCPMV46Config
-from edge_runtime.models.qwen35_text import state_specs
+from edge_runtime.families import Family, family_of
 from edge_runtime.outputs import atomic_output_dir, preflight
 from edge_runtime.parity import GATES
 
@@ -62,7 +61,7 @@ class ExportContext:
     """What an exporter gets: the source checkpoint, where to write, and the export settings."""
 
     checkpoint: Path
-    config: MiniCPMV46Config
+    config: Any  # the family's config class
     raw_config: dict[str, Any]
     out: Path  # the temporary bundle directory; write graph files here
     target: str
@@ -73,6 +72,11 @@ class ExportContext:
     progress: Progress
     max_undelegated: float | None = None  # formats with a delegate: the share of ops it may leave behind
     onnx_fusions: bool = True  # ONNX: decoder contrib ops (export/onnx/fuse.py)
+
+    @property
+    def family(self) -> Family:
+        """The checkpoint's model family (edge_runtime.families): state layout, vision variants, ..."""
+        return family_of(self.config)
 
 
 @dataclass
@@ -221,7 +225,7 @@ def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str
     pre_path = ctx.checkpoint / "preprocessor_config.json"
     preprocessing = json.loads(pre_path.read_text(encoding="utf-8")) if pre_path.is_file() else {}
     cache_len = ctx.max_context + ctx.chunk_size
-    state = graph_set.state or state_entries(state_specs(cfg.text, cache_len))
+    state = graph_set.state or state_entries(ctx.family.state_specs(cfg, cache_len))
     special = {
         name: tok.token_to_id(token)
         for name, token in {
@@ -233,7 +237,7 @@ def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str
     }
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "family": FAMILY,
+        "family": ctx.family.name,
         "target": ctx.target,
         "format": ctx.format,
         "quantization": ctx.quantization,

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 from edge_runtime.bundle import TensorInfo, decode_weight_numel
-from edge_runtime.checkpoint import WEIGHTS_FILE, checkpoint_key_to_module, weight_files, write_safetensors
+from edge_runtime.checkpoint import WEIGHTS_FILE, weight_files, write_safetensors
 
 from .pipeline import ExportContext, GraphSet, io_spec
 
@@ -27,6 +27,7 @@ def export_graphs(ctx: ExportContext) -> GraphSet:
     dtype = _STORE[ctx.quantization]
     sources: dict[str, str] = {}
     infos: list[TensorInfo] = []
+    checkpoint_key_to_module = ctx.family.checkpoint_key_to_module
     for file in weight_files(ctx.checkpoint):
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict

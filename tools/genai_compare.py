@@ -125,9 +125,10 @@ def convert_checkpoint(checkpoint: Path, out: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
     from edge_runtime.checkpoint import read_config, weight_files, write_safetensors
-    from edge_runtime.models.minicpm_v46 import checkpoint_key_to_module
+    from edge_runtime.families import family_of
 
     cfg, raw = read_config(checkpoint)
+    checkpoint_key_to_module = family_of(cfg).checkpoint_key_to_module
     text = dict(raw["text_config"])
     sources: dict[str, tuple[Path, str]] = {}
     mapping: dict[str, tuple[str, tuple[int, ...]]] = {}

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint
-from ..models.qwen35_text import state_specs
 from .base import Backend, DecoderState, ModelInfo
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -35,7 +34,7 @@ class TorchBackend(Backend):
         self.max_context = min(max_context, cfg.text.max_position_embeddings)
         self.cache_len = self.max_context + chunk_size  # padding of the last prefill chunk lands here
         self.info = ModelInfo(
-            family="minicpm-v-4.6",
+            family=checkpoint.family.name,
             hidden_size=cfg.text.hidden_size,
             vocab_size=cfg.text.vocab_size,
             max_context=self.max_context,
@@ -44,7 +43,7 @@ class TorchBackend(Backend):
             image_token_id=cfg.image_token_id,
             video_token_id=cfg.video_token_id,
         )
-        self._names = [s.name for s in state_specs(cfg.text, self.cache_len)]
+        self._names = [s.name for s in checkpoint.family.state_specs(cfg, self.cache_len)]
 
     @torch.inference_mode()
     def vision_encoder(self, patches: np.ndarray, position_ids: np.ndarray, mode: str) -> np.ndarray:

@@ -17,6 +17,19 @@ from typing import Any
 
 import torch
 
+from ..models.blocks import StateSpec
+
+__all__ = [
+    "Family",
+    "StateSpec",
+    "families",
+    "family_by_name",
+    "family_for_config",
+    "family_names",
+    "family_of",
+    "register_family",
+]
+
 
 @dataclass(frozen=True)
 class Family:
@@ -33,7 +46,7 @@ class Family:
     checkpoint_key_to_module: Callable[[str], str | None]
     module_key_to_checkpoint: Callable[[str], str]
     # state_specs(config, cache_len, kv_dtype, conv_dtype) -> [StateSpec] in graph order
-    state_specs: Callable[..., list[Any]]
+    state_specs: Callable[..., list[StateSpec]]
     vision_modes: tuple[str, ...]  # the vision encoder's variants (one graph each)
     # rebuild non-persistent buffers (e.g. RoPE frequencies) after loading weights onto meta modules
     materialize_buffers: Callable[[Any], None]

@@ -7,9 +7,20 @@ load by name.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+@dataclass(frozen=True)
+class StateSpec:
+    """One decoder state tensor: its name, shape and dtype (for manifests and graph signatures)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

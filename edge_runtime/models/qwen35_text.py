@@ -27,7 +27,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import GatedRMSNorm, SwiGLU, ZeroCenteredRMSNorm, apply_partial_rope, rope_cos_sin
+from .blocks import (  # noqa: F401 - StateSpec is re-exported
+    GatedRMSNorm,
+    StateSpec,
+    SwiGLU,
+    ZeroCenteredRMSNorm,
+    apply_partial_rope,
+    rope_cos_sin,
+)
 
 DELTANET_CHUNK = 64
 
@@ -76,15 +83,6 @@ class TextConfig:
     @property
     def value_dim(self) -> int:
         return self.linear_value_head_dim * self.linear_num_value_heads
-
-
-@dataclass(frozen=True)
-class StateSpec:
-    """One decoder state tensor: its name, shape and dtype (for manifests and graph signatures)."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
 
 
 def state_specs(

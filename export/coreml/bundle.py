@@ -17,7 +17,6 @@ from pathlib import Path
 
 from edge_runtime.backends.coreml.executor import MILProgram
 from edge_runtime.checkpoint import load_checkpoint
-from edge_runtime.models.qwen35_text import state_specs
 
 from ..pipeline import ExportContext, GraphSet, heartbeat, io_spec
 from .convert import convert_decoder, convert_embedding, convert_vision, save_multifunction
@@ -49,7 +48,7 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
         say(f"int4: block scales searched for {n} text linear weights")
     cfg = ctx.config
     cache_len = ctx.max_context + ctx.chunk_size
-    specs = state_specs(cfg.text, cache_len)
+    specs = ctx.family.state_specs(cfg, cache_len)
     max_patches = (cfg.vision.num_patches_per_side**2) // 16 * 16
     timings: dict[str, float] = {}
     vision_quant = VISION_QUANT.get(ctx.quantization, ctx.quantization)

@@ -21,9 +21,9 @@ from pathlib import Path
 import coremltools as ct
 import numpy as np
 import torch
+from torch import nn
 
-from edge_runtime.models.minicpm_v46 import MiniCPMV46
-from edge_runtime.models.qwen35_text import StateSpec
+from edge_runtime.families import StateSpec
 
 from . import torch_ops  # noqa: F401 - registers the index_copy converter
 from .lower import Embedding32, StatefulDecoder, VisionGraph32, export_program
@@ -88,7 +88,7 @@ def _convert(program, precision) -> ct.models.MLModel:
         )
 
 
-def convert_decoder(model: MiniCPMV46, specs: list[StateSpec], chunk: int) -> ct.models.MLModel:
+def convert_decoder(model: nn.Module, specs: list[StateSpec], chunk: int) -> ct.models.MLModel:
     """The stateful decoder at chunk length `chunk` (C > 1: chunked DeltaNet, C == 1: recurrent)."""
     wrapper = StatefulDecoder(model, specs)
     hidden = model.cfg.text.hidden_size
@@ -100,7 +100,7 @@ def convert_decoder(model: MiniCPMV46, specs: list[StateSpec], chunk: int) -> ct
     return _convert(export_program(wrapper, example), fp16_except_positions())
 
 
-def convert_vision(model: MiniCPMV46, mode: str, max_patches: int) -> ct.models.MLModel:
+def convert_vision(model: nn.Module, mode: str, max_patches: int) -> ct.models.MLModel:
     """One downsample mode, L dynamic in steps of 16 (16x) or 4 (4x) up to max_patches."""
     step = 16 if mode == "16x" else 4
     dim = torch.export.Dim(f"blocks_{mode}", min=1, max=max_patches // step)
@@ -109,7 +109,7 @@ def convert_vision(model: MiniCPMV46, mode: str, max_patches: int) -> ct.models.
     return _convert(program, ct.precision.FLOAT16)
 
 
-def convert_embedding(model: MiniCPMV46, max_tokens: int) -> ct.models.MLModel:
+def convert_embedding(model: nn.Module, max_tokens: int) -> ct.models.MLModel:
     dim = torch.export.Dim("tokens", min=1, max=max_tokens)
     program = export_program(Embedding32(model), (torch.zeros(8, dtype=torch.int32),), ({0: dim},))
     return _convert(program, ct.precision.FLOAT16)

@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edge_runtime.models.minicpm_v46 import MiniCPMV46
-from edge_runtime.models.qwen35_text import StateSpec
+from edge_runtime.families import StateSpec
 from export.graphs import VisionEncoderGraph
 
 _IDENTITY_OPS = (torch.ops.aten.alias.default, torch.ops.aten.lift_fresh_copy.default)
@@ -27,7 +26,7 @@ def state_buffer_name(state_name: str) -> str:
 class StatefulDecoder(nn.Module):
     """embeds [1, C, D], start_pos/n_valid int32 [1] -> logits [1, V]; state lives in buffers."""
 
-    def __init__(self, model: MiniCPMV46, specs: list[StateSpec], state_dtype: torch.dtype = torch.float32):
+    def __init__(self, model: nn.Module, specs: list[StateSpec], state_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.model = model
         self.names = [state_buffer_name(s.name) for s in specs]
@@ -47,7 +46,7 @@ class StatefulDecoder(nn.Module):
 class VisionGraph32(nn.Module):
     """VisionEncoderGraph with int32 position ids (Core ML I/O)."""
 
-    def __init__(self, model: MiniCPMV46, mode: str):
+    def __init__(self, model: nn.Module, mode: str):
         super().__init__()
         self.inner = VisionEncoderGraph(model, mode)
 
@@ -56,7 +55,7 @@ class VisionGraph32(nn.Module):
 
 
 class Embedding32(nn.Module):
-    def __init__(self, model: MiniCPMV46):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.embed_tokens = model.language_model.embed_tokens
 

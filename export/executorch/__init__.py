@@ -166,9 +166,7 @@ def _slice_config(ctx: Any) -> Any:
 
 
 def _specs(ctx: Any, cache_len: int) -> list[Any]:
-    from edge_runtime.models.qwen35_text import state_specs
-
-    return state_specs(ctx.config.text, cache_len)
+    return ctx.family.state_specs(ctx.config, cache_len)
 
 
 def graph_table(ctx: Any, max_side: int, default_mode: str) -> dict[str, Any]:

@@ -16,8 +16,7 @@ import torch
 from torch import nn
 from torch.export import Dim, ExportedProgram, export
 
-from edge_runtime.models.minicpm_v46 import MiniCPMV46
-from edge_runtime.models.qwen35_text import state_specs
+from edge_runtime.families import family_of
 
 from .custom_ops import attention_ops, delta_rule_op, fresh_state_at_position_zero
 
@@ -66,10 +65,10 @@ class StatefulDecoder(nn.Module):
     them in place and hand the buffer itself back, which then needs no write-back) instead of the
     reference's [1, n_kv, S, D]."""
 
-    def __init__(self, model: MiniCPMV46, cache_len: int, seq_major_cache: bool = False):
+    def __init__(self, model: nn.Module, cache_len: int, seq_major_cache: bool = False):
         super().__init__()
         self.model = model
-        self.specs = state_specs(model.cfg.text, cache_len)
+        self.specs = family_of(model.cfg).state_specs(model.cfg, cache_len)
         self.names = [buffer_name(s.name) for s in self.specs]
         self.conv = [s.name.endswith("conv_state") for s in self.specs]
         for name, spec in zip(self.names, self.specs, strict=True):
@@ -97,7 +96,7 @@ class StatefulDecoder(nn.Module):
 class TokenEmbedding(nn.Module):
     """ids [1, T] -> [1, T, D], as the multimodal runner calls it."""
 
-    def __init__(self, model: MiniCPMV46):
+    def __init__(self, model: nn.Module):
         super().__init__()
         self.embed_tokens = model.language_model.embed_tokens
 
@@ -114,7 +113,7 @@ class ImageSliceEncoder(nn.Module):
     window-major (patches.window_order), position ids as patches.position_ids computes them
     (bucketize(arange(h) / h, right=True) as a count of boundaries <= value)."""
 
-    def __init__(self, model: MiniCPMV46, mode: str, mean, std, rescale: float):
+    def __init__(self, model: nn.Module, mode: str, mean, std, rescale: float):
         super().__init__()
         self.model, self.mode = model, mode
         self.patch = model.cfg.vision.patch_size
@@ -161,7 +160,7 @@ def _group_2x2(grid: torch.Tensor) -> torch.Tensor:
     return blocks.reshape(rows // 2, cols // 2, 4 * feat)
 
 
-def max_slice_side(model: MiniCPMV46, scale_resolution: int) -> int:
+def max_slice_side(model: nn.Module, scale_resolution: int) -> int:
     """Most patches per side of a slice the vision methods take: twice a square slice's side (896 px
     at scale_resolution 448, i.e. source views up to about 4:1). Memory planning sizes the vision
     activations for this side squared (the graph's two dims are bounded separately)."""
@@ -180,7 +179,7 @@ PREFILL_BOUND = 512
 
 
 def export_methods(
-    model: MiniCPMV46,
+    model: nn.Module,
     cache_len: int,
     max_side: int,
     max_tokens: int,

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edge_runtime.models.minicpm_v46 import MiniCPMV46
 from export.onnx.quantize import int4_blocks, unpack_int4
 
 QUANTIZATIONS = ("fp32", "int8", "8da4w")
@@ -63,8 +62,8 @@ def _linear_scheme(quantization: str, name: str, layer: nn.Linear) -> str:
 
 
 def quantize_model(
-    model: MiniCPMV46, quantization: str, in_place: bool = False
-) -> tuple[MiniCPMV46, QuantSummary]:
+    model: nn.Module, quantization: str, in_place: bool = False
+) -> tuple[nn.Module, QuantSummary]:
     """A quantized copy of `model` (the original is left untouched unless `in_place`: the exporter
     does not need it, and a copy of the full preset's fp32 weights is 5.2 GB) and what was done."""
     if quantization not in QUANTIZATIONS:
@@ -88,7 +87,7 @@ def quantize_model(
     return model, QuantSummary(counts, embed_scheme, decode_bytes)
 
 
-def _apply(model: MiniCPMV46, quantization: str, schemes: dict[str, str]) -> None:
+def _apply(model: nn.Module, quantization: str, schemes: dict[str, str]) -> None:
     from torchao.quantization import quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig
@@ -128,7 +127,7 @@ def _apply(model: MiniCPMV46, quantization: str, schemes: dict[str, str]) -> Non
         quantize_(model, embed, filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
 
 
-def _use_searched_scales(model: MiniCPMV46, searched: dict[str, tuple]) -> None:
+def _use_searched_scales(model: nn.Module, searched: dict[str, tuple]) -> None:
     """Replace torchao's absmax int4 codes and scales (scale = amax / 7.5, codes in [-8, 7]) by the
     ONNX exporter's searched ones (`int4_blocks`: least squared error over 1.0 ... 0.75 x amax / 7 per
     block of 32; same group size, same storage). With plain absmax the demo checkpoint's 8da4w

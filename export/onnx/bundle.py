@@ -13,11 +13,10 @@ from typing import Any
 import onnx
 import onnxruntime
 import torch
+from torch import nn
 
 from edge_runtime.checkpoint import load_checkpoint
 from edge_runtime.errors import EdgeError
-from edge_runtime.models.minicpm_v46 import MiniCPMV46
-from edge_runtime.models.qwen35_text import state_specs
 
 from ..pipeline import ExportContext, GraphSet, io_spec, state_entries
 from .check import check_graphs
@@ -65,7 +64,7 @@ def in_place_state(decoders: list[onnx.ModelProto]) -> list[str]:
 def onnx_state(ctx: ExportContext, cache_len: int) -> list[dict[str, Any]]:
     """The manifest's state list: fp16 KV cache in the fp16 variant, fp32 everywhere else."""
     return state_entries(
-        state_specs(ctx.config.text, cache_len, kv_dtype(ctx.quantization == "fp16"), torch.float32)
+        ctx.family.state_specs(ctx.config, cache_len, kv_dtype(ctx.quantization == "fp16"), torch.float32)
     )
 
 
@@ -128,7 +127,7 @@ class GraphJob:
 
 
 def run_graph_job(
-    job: GraphJob, model: MiniCPMV46 | None, store: WeightStore
+    job: GraphJob, model: nn.Module | None, store: WeightStore
 ) -> tuple[dict[str, int], onnx.ModelProto]:
     """Lower, quantize and write one graph; returns its quantization counts and its written
     structure (weights moved to `store`). `model`: a `prepare`d model, or None to load the

@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterable
 
 import onnx
 import torch
+from torch import nn
 from torch.export import Dim
 
 from edge_runtime.errors import EdgeError
-from edge_runtime.models.minicpm_v46 import MiniCPMV46
 from export.graphs import (
     Fp32Boundary,
     TextDecoderGraph,
@@ -96,7 +96,7 @@ def kv_dtype(half: bool) -> torch.dtype:
     return torch.float16 if half else torch.float32
 
 
-def prepare(model: MiniCPMV46, half: bool) -> MiniCPMV46:
+def prepare(model: nn.Module, half: bool) -> nn.Module:
     """The model as the graphs are traced from: eval mode, and in `half` a half-precision copy
     (`to_half_precision` keeps norms, DeltaNet decay and recurrent + conv state fp32)."""
     model = model.eval()
@@ -114,7 +114,7 @@ def describe(name: str, chunk: int, cache_len: int) -> str:
 
 
 def lower_graph(
-    model: MiniCPMV46, name: str, chunk: int, cache_len: int, half: bool, fusions: Iterable[str] = FUSIONS
+    model: nn.Module, name: str, chunk: int, cache_len: int, half: bool, fusions: Iterable[str] = FUSIONS
 ) -> onnx.ModelProto:
     """One entry point of a `prepare`d model as an ONNX model. `half`: fp16 weights and activations
     inside fp32 graph I/O; the KV cache is fp16. `fusions`: the decoder contrib ops (fuse.py)."""
@@ -151,7 +151,7 @@ def lower_graph(
             )
 
 
-def release_vision(model: MiniCPMV46) -> None:
+def release_vision(model: nn.Module) -> None:
     """Drop the vision tower and merger once their graphs are out: the token embedding and decoder
     graphs do not use them (1.7 GB at the full preset's fp32)."""
     if hasattr(model, "vision_tower"):
@@ -159,7 +159,7 @@ def release_vision(model: MiniCPMV46) -> None:
 
 
 def lower_graphs(
-    model: MiniCPMV46, chunk: int, cache_len: int, progress: Callable[[str], None], half: bool = False
+    model: nn.Module, chunk: int, cache_len: int, progress: Callable[[str], None], half: bool = False
 ) -> dict[str, onnx.ModelProto]:
     """Every graph of `model`, in graph_names() order, in this process (tests). The exporter lowers
     one graph at a time instead (bundle.py): a process keeps most of each lowering's memory
