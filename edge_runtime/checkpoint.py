@@ -28,7 +28,6 @@ from .jsonfile import read_json_file
 from .outputs import atomic_output_dir
 from .paths import missing_reason
 from .safetensors_header import read_header
-from .schema import validate_config
 
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -60,11 +59,18 @@ def read_config(path: str | Path) -> tuple[Any, dict[str, Any]]:
         reason = missing_reason(path) if not path.exists() else "is not a directory"
         raise CheckpointError(f"checkpoint directory {path} {reason}")
     raw = read_json(path / "config.json", "config file")
-    validate_config(raw, str(path / "config.json"), CheckpointError)
+    where = str(path / "config.json")
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{where}: not a JSON object")
     try:
-        return family_for_config(raw).config_class.from_hf(raw), raw
+        family = family_for_config(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+    family.validate_config(raw, where, CheckpointError)
+    try:
+        return family.config_class.from_hf(raw), raw
     except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path / 'config.json'}: {exc}") from None
+        raise CheckpointError(f"{where}: {exc}") from None
 
 
 def weight_files(path: Path) -> list[Path]:

@@ -43,3 +43,20 @@ def test_a_second_family_with_the_same_identity_is_refused():
         register_family(dataclasses.replace(family, default=False))
     with pytest.raises(ValueError, match="only one family"):
         register_family(dataclasses.replace(family, name="other", version="9", default=True))
+
+
+def test_read_config_picks_the_family_by_model_type(tmp_path):
+    import json
+
+    from edge_runtime.checkpoint import read_config
+    from edge_runtime.errors import CheckpointError
+
+    family = family_by_name("minicpm-v-4.6")
+    cfg = family.preset("tiny", 512, {"<|image_pad|>": 500, "<|video_pad|>": 501})
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_hf()))
+    parsed, _ = read_config(tmp_path)
+    assert family_of(parsed) is family
+    for bad, words in (("llama", "no known family"), (7, "must be a string")):
+        (tmp_path / "config.json").write_text(json.dumps(dict(cfg.to_hf(), model_type=bad)))
+        with pytest.raises(CheckpointError, match=words):
+            read_config(tmp_path)

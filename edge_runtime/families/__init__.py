@@ -55,6 +55,9 @@ class Family:
     # writes the tokenizer files into a directory; returns {"token_ids", "vocab_size", ...}
     build_tokenizer: Callable[..., dict[str, Any]]
     full_vocab: int  # the vocabulary of the released checkpoint (the `full` preset's)
+    # validate_config(raw, where, error_class) -> raw: the family's config.json schema, one line per
+    # failure, raised as error_class
+    validate_config: Callable[[dict[str, Any], str, type], dict[str, Any]]
     preprocessor: Mapping[str, Any] = field(default_factory=dict)  # preprocessor_config.json base
     # quantization policy: parameters/buffers (by name suffix) and modules (by class name) that
     # stay fp32 in a half-precision graph
@@ -111,6 +114,8 @@ def family_for_config(raw: Mapping[str, Any]) -> Family:
     """The family a parsed `config.json` belongs to, by `model_type` (and `version` when several
     families share the model_type); ValueError when none matches."""
     model_type = raw.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise ValueError(f"model_type must be a string, got {model_type!r:.60}")
     if model_type is None:
         for family in _BY_NAME.values():
             if family.default:

@@ -24,6 +24,7 @@ from ..models.minicpm_v46 import (
     module_key_to_checkpoint,
     preset,
 )
+from ..schema import validate_config
 from ..tokenizer_build import build_tokenizer_files
 from . import Family, register_family
 
@@ -99,6 +100,7 @@ FAMILY_SPEC = register_family(
         neutral_norm_value=neutral_norm_value,
         build_tokenizer=_build_tokenizer,
         full_vocab=FULL_VOCAB,
+        validate_config=validate_config,
         preprocessor=PREPROCESSOR,
         # the DeltaNet decay parameters and the rotary frequencies (fp16 would round them), and the
         # norm weights (norms compute in fp32)
