@@ -252,7 +252,7 @@ def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str
             "num_patches_per_side": cfg.vision.num_patches_per_side,
             "image_token_id": cfg.image_token_id,
             "video_token_id": cfg.video_token_id,
-            "downsample_modes": ["16x", "4x"],
+            "downsample_modes": list(ctx.family.vision_modes),
             "default_downsample_mode": cfg.downsample_mode,
             "tie_word_embeddings": cfg.tie_word_embeddings,
             "decode_weight_bytes": int(graph_set.decode_weight_bytes),

@@ -64,12 +64,12 @@ def _graphs(ctx: ExportContext) -> dict:
         "vision_encoder": {
             **weights,
             "method": "encode_slice",
-            "modes": ["16x", "4x"],
+            "modes": list(ctx.family.vision_modes),
             "inputs": [
                 io_spec("patches", ["L", patch_dim], "float32"),
                 io_spec("position_ids", ["L"], "int64"),
             ],
-            "outputs": [io_spec("embeds", ["L/16 (16x) or L/4 (4x)", d], "float32")],
+            "outputs": [io_spec("embeds", [_token_rows(ctx), d], "float32")],
         },
         "token_embedding": {
             **weights,
@@ -89,3 +89,9 @@ def _graphs(ctx: ExportContext) -> dict:
             "outputs": [io_spec("logits", [1, v], "float32")],
         },
     }
+
+
+def _token_rows(ctx: ExportContext) -> str:
+    """The vision output's row count per variant, e.g. "L/16 (16x) or L/4 (4x)"."""
+    reduction = ctx.family.vision_reduction
+    return " or ".join(f"L/{reduction[m]} ({m})" for m in ctx.family.vision_modes)

@@ -48,6 +48,8 @@ class Family:
     # state_specs(config, cache_len, kv_dtype, conv_dtype) -> [StateSpec] in graph order
     state_specs: Callable[..., list[StateSpec]]
     vision_modes: tuple[str, ...]  # the vision encoder's variants (one graph each)
+    # patches per LLM token of each vision variant (a square: sqrt patches per side are merged)
+    vision_reduction: Mapping[str, int]
     # rebuild non-persistent buffers (e.g. RoPE frequencies) after loading weights onto meta modules
     materialize_buffers: Callable[[Any], None]
     # the value at which a norm weight of this checkpoint name is the identity scale

@@ -96,6 +96,7 @@ FAMILY_SPEC = register_family(
         module_key_to_checkpoint=module_key_to_checkpoint,
         state_specs=state_specs,
         vision_modes=tuple(DOWNSAMPLE_FACTOR),
+        vision_reduction=dict(DOWNSAMPLE_FACTOR),
         materialize_buffers=materialize_buffers,
         neutral_norm_value=neutral_norm_value,
         build_tokenizer=_build_tokenizer,

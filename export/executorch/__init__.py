@@ -173,7 +173,7 @@ def graph_table(ctx: Any, max_side: int, default_mode: str) -> dict[str, Any]:
     """The manifest's `graphs`: every entry point names its method in model.pte."""
     cfg = ctx.config
     d, v = cfg.text.hidden_size, cfg.text.vocab_size
-    methods = vision_methods(default_mode)
+    methods = vision_methods(default_mode, ctx.family.vision_modes)
     return {
         "vision_encoder": {
             "file": PTE_FILE,

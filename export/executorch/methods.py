@@ -11,6 +11,9 @@ time).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from torch import nn
@@ -36,9 +39,9 @@ from .custom_ops import attention_ops, delta_rule_op, fresh_state_at_position_ze
 VISION_METHOD = "vision_encoder"
 
 
-def vision_methods(default_mode: str) -> dict[str, str]:
+def vision_methods(default_mode: str, modes: Iterable[str]) -> dict[str, str]:
     """Downsample mode -> method name: the runner's `vision_encoder` is the default mode."""
-    return {m: VISION_METHOD if m == default_mode else f"{VISION_METHOD}_{m}" for m in ("16x", "4x")}
+    return {m: VISION_METHOD if m == default_mode else f"{VISION_METHOD}_{m}" for m in modes}
 
 
 TOKEN_EMBEDDING = "token_embedding"
@@ -200,8 +203,9 @@ def export_methods(
     programs: dict[str, ExportedProgram] = {}
     with torch.no_grad():
         p = model.cfg.vision.patch_size
-        for mode, name in vision_methods(default_mode).items():
-            unit = 4 if mode == "16x" else 2  # patches per side merged into one LLM token
+        family = family_of(model.cfg)
+        for mode, name in vision_methods(default_mode, family.vision_modes).items():
+            unit = math.isqrt(family.vision_reduction[mode])  # patches per side merged into one LLM token
             # at least two merge units per side: torch.export specialises a size of 1
             rows = Dim(f"rows_{mode}", min=2, max=max_side // unit)
             cols = Dim(f"cols_{mode}", min=2, max=max_side // unit)

@@ -75,7 +75,7 @@ def manifest_graphs(ctx: ExportContext, cache_len: int, state: list[dict[str, An
     present = [io_spec(f"present.{s['name']}", s["shape"], s["dtype"]) for s in state]
     return {
         "vision_encoder": {
-            "files": {"16x": FILES["vision_16x"], "4x": FILES["vision_4x"]},
+            "files": {m: FILES[f"vision_{m}"] for m in ctx.family.vision_modes},
             "inputs": [
                 io_spec("patches", ["L", patch_dim], "float32"),
                 io_spec("position_ids", ["L"], "int64"),
@@ -178,7 +178,7 @@ def lower_all(
     store = WeightStore(out / WEIGHTS_FILE)
     fusions = FUSIONS if ctx.onnx_fusions else ()
     try:
-        for name in graph_names():
+        for name in graph_names(ctx.family.vision_modes):
             job = GraphJob(
                 ctx.checkpoint, name, ctx.quantization, ctx.chunk_size, cache_len, out / FILES[name], fusions
             )

@@ -12,6 +12,7 @@ import numpy as np
 
 from edge_runtime.backends.onnxruntime import make_session
 from edge_runtime.errors import EdgeError
+from edge_runtime.families import family_of
 
 VISION_LENGTHS = (64, 128)
 EMBED_LENGTHS = (1, 5)
@@ -41,7 +42,9 @@ def check_graphs(
 
 def _check(out: Path, files: dict[str, str], cfg: Any, chunk: int, state: list[dict]) -> None:
     d = cfg.text.hidden_size
-    for mode, factor in (("16x", 16), ("4x", 4)):
+    family = family_of(cfg)
+    for mode in family.vision_modes:
+        factor = family.vision_reduction[mode]
         sess = None  # one session at a time: a full-size decoder session holds its weights
         sess = make_session(out / files[f"vision_{mode}"], threads=1, prepack=False)
         for length in VISION_LENGTHS:

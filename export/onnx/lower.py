@@ -24,6 +24,7 @@ from torch import nn
 from torch.export import Dim
 
 from edge_runtime.errors import EdgeError
+from edge_runtime.families import family_of
 from export.graphs import (
     Fp32Boundary,
     TextDecoderGraph,
@@ -37,13 +38,13 @@ from export.graphs import (
 
 from .fuse import FUSIONS, fused_decoder
 
-VISION_MODES = ("16x", "4x")
 VISION_EXAMPLE_L = 64
 EMBED_EXAMPLE_T = 8
 
 
-def graph_names() -> list[str]:
-    return [f"vision_{m}" for m in VISION_MODES] + ["token_embedding", "decoder_prefill", "decoder_decode"]
+def graph_names(vision_modes: Iterable[str]) -> list[str]:
+    """One vision graph per variant of the family, then the embedding and both decoder graphs."""
+    return [f"vision_{m}" for m in vision_modes] + ["token_embedding", "decoder_prefill", "decoder_decode"]
 
 
 class LoweringError(EdgeError):
@@ -166,7 +167,7 @@ def lower_graphs(
     (measured on the full preset: it grows with every graph, to about 21 GB)."""
     model = prepare(model, half)
     graphs = {}
-    for name in graph_names():
+    for name in graph_names(family_of(model.cfg).vision_modes):
         progress(describe(name, chunk, cache_len))
         graphs[name] = lower_graph(model, name, chunk, cache_len, half)
     return graphs
