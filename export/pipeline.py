@@ -216,6 +216,12 @@ def state_entries(specs: list) -> list[dict[str, Any]]:
     ]
 
 
+def vision_output_rows(ctx: ExportContext) -> str:
+    """The vision entry's output rows per variant of the family, e.g. "L/16 (16x) or L/4 (4x)"."""
+    reduction = ctx.family.vision_reduction
+    return " or ".join(f"L/{reduction[m]} ({m})" for m in ctx.family.vision_modes)
+
+
 def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str]) -> dict[str, Any]:
     """Every manifest field (docs/bundle.md), with the sha256 and size of every file now in ctx.out."""
     from edge_runtime.processing.tokenizer import Tokenizer

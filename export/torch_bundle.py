@@ -15,7 +15,7 @@ from safetensors import safe_open
 from edge_runtime.bundle import TensorInfo, decode_weight_numel
 from edge_runtime.checkpoint import WEIGHTS_FILE, weight_files, write_safetensors
 
-from .pipeline import ExportContext, GraphSet, io_spec
+from .pipeline import ExportContext, GraphSet, io_spec, vision_output_rows
 
 SUPPORTED_QUANTIZATIONS = ("fp32", "fp16")
 _STORE = {"fp32": torch.float32, "fp16": torch.float16}
@@ -69,7 +69,7 @@ def _graphs(ctx: ExportContext) -> dict:
                 io_spec("patches", ["L", patch_dim], "float32"),
                 io_spec("position_ids", ["L"], "int64"),
             ],
-            "outputs": [io_spec("embeds", [_token_rows(ctx), d], "float32")],
+            "outputs": [io_spec("embeds", [vision_output_rows(ctx), d], "float32")],
         },
         "token_embedding": {
             **weights,
@@ -89,9 +89,3 @@ def _graphs(ctx: ExportContext) -> dict:
             "outputs": [io_spec("logits", [1, v], "float32")],
         },
     }
-
-
-def _token_rows(ctx: ExportContext) -> str:
-    """The vision output's row count per variant, e.g. "L/16 (16x) or L/4 (4x)"."""
-    reduction = ctx.family.vision_reduction
-    return " or ".join(f"L/{reduction[m]} ({m})" for m in ctx.family.vision_modes)

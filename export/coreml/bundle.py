@@ -18,7 +18,7 @@ from pathlib import Path
 from edge_runtime.backends.coreml.executor import MILProgram
 from edge_runtime.checkpoint import load_checkpoint
 
-from ..pipeline import ExportContext, GraphSet, heartbeat, io_spec
+from ..pipeline import ExportContext, GraphSet, heartbeat, io_spec, vision_output_rows
 from .convert import convert_decoder, convert_embedding, convert_vision, save_multifunction
 from .lower import state_buffer_name
 from .quantize import presearch_int4_scales, quantize
@@ -69,9 +69,12 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
         prefill = build("prefill", lambda: convert_decoder(model, specs, ctx.chunk_size))
         decode = build("decode", lambda: convert_decoder(model, specs, 1))
         save_multifunction({"prefill": prefill, "decode": decode}, ctx.out / FILES["decoder"], "decode")
-        v16 = build("vision_16x", lambda: convert_vision(model, "16x", max_patches))
-        v4 = build("vision_4x", lambda: convert_vision(model, "4x", max_patches))
-        save_multifunction({"vision_16x": v16, "vision_4x": v4}, ctx.out / FILES["vision"], "vision_16x")
+        modes = ctx.family.vision_modes
+        vision = {
+            f"vision_{m}": build(f"vision_{m}", lambda m=m: convert_vision(model, m, max_patches))
+            for m in modes
+        }
+        save_multifunction(vision, ctx.out / FILES["vision"], f"vision_{modes[0]}")
         embed = build("token_embedding", lambda: convert_embedding(model, ctx.max_context))
         shutil.copytree(embed, ctx.out / FILES["embedding"])
 
@@ -90,13 +93,13 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
     graphs = {
         "vision_encoder": {
             "file": FILES["vision"],
-            "functions": {"16x": "vision_16x", "4x": "vision_4x"},
+            "functions": {m: f"vision_{m}" for m in ctx.family.vision_modes},
             "max_patches": max_patches,
             "inputs": [
                 io_spec("patches", ["L", cfg.vision.patch_dim], "float32"),
                 io_spec("position_ids", ["L"], "int32"),
             ],
-            "outputs": [io_spec("embeds", ["L/16 (16x) or L/4 (4x)", d], "float16")],
+            "outputs": [io_spec("embeds", [vision_output_rows(ctx), d], "float16")],
         },
         "token_embedding": {
             "file": FILES["embedding"],

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_runtime.families import StateSpec
+from edge_runtime.families import StateSpec, family_of
 
 from . import torch_ops  # noqa: F401 - registers the index_copy converter
 from .lower import Embedding32, StatefulDecoder, VisionGraph32, export_program
@@ -101,8 +101,8 @@ def convert_decoder(model: nn.Module, specs: list[StateSpec], chunk: int) -> ct.
 
 
 def convert_vision(model: nn.Module, mode: str, max_patches: int) -> ct.models.MLModel:
-    """One downsample mode, L dynamic in steps of 16 (16x) or 4 (4x) up to max_patches."""
-    step = 16 if mode == "16x" else 4
+    """One downsample mode, L dynamic in steps of the mode's reduction (16x: 16, 4x: 4) up to max_patches."""
+    step = family_of(model.cfg).vision_reduction[mode]
     dim = torch.export.Dim(f"blocks_{mode}", min=1, max=max_patches // step)
     example = (torch.zeros(4 * step, model.cfg.vision.patch_dim), torch.zeros(4 * step, dtype=torch.int32))
     program = export_program(VisionGraph32(model, mode), example, ({0: step * dim}, {0: step * dim}))
