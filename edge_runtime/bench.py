@@ -254,13 +254,14 @@ def _worker_open(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """Load the candidate; report what bench needs to know about it."""
     from .bundle import decode_weight_numel, load_bundle, safetensors_tensors
     from .checkpoint import read_config, weight_files
+    from .families import family_of
     from .runtime import open_session
 
     settings, path = spec["settings"], Path(spec["path"])
     baseline = _rss_mb("VmRSS")
     t0 = time.perf_counter()
     if spec["kind"] == "checkpoint":
-        read_config(path)
+        cfg, _ = read_config(path)
         session = open_session(
             checkpoint=path, max_context=settings["max_context"], threads=settings["threads"]
         )
@@ -269,7 +270,8 @@ def _worker_open(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             "format": "checkpoint (torch reference)",
             "quantization": "fp32",
             "size_bytes": _dir_bytes(path),
-            "weight_bytes_per_token": decode_weight_numel(tensors) * 4,  # the reference computes in fp32
+            # the reference computes in fp32
+            "weight_bytes_per_token": decode_weight_numel(tensors, family_of(cfg).model_class) * 4,
         }
     else:
         bundle = load_bundle(path)

@@ -209,20 +209,24 @@ def safetensors_tensors(path: Path) -> list[TensorInfo]:
     return out
 
 
-def is_decode_weight(name: str) -> bool:
-    """Weights every decoded token reads: the text decoder's, except the embedding table (one row is
-    read per token); the vocabulary head is counted by `decode_weight_numel`."""
-    return (
-        name.startswith("model.language_model.") and "embed_tokens" not in name
-    ) or name == "lm_head.weight"
+def _text_names(model_class: type) -> tuple[str, str, str]:
+    """Checkpoint names of a family's text decoder: (prefix, head weight, embedding weight)."""
+    from .families import family_of_model_class
+
+    family = family_of_model_class(model_class)
+    prefix = family.module_key_to_checkpoint(model_class.TEXT_MODULE + ".")
+    head = family.module_key_to_checkpoint(model_class.HEAD_MODULE + ".weight")
+    return prefix, head, prefix + "embed_tokens.weight"
 
 
-def decode_weight_numel(tensors: list[TensorInfo]) -> int:
-    """Elements read from weights per decoded token: decoder layers + final norm + lm_head. With tied
-    embeddings (no lm_head.weight stored) the head is the embedding table, counted once."""
-    numel = sum(t.numel for t in tensors if is_decode_weight(t.name))
-    if not any(t.name == "lm_head.weight" for t in tensors):
-        numel += sum(t.numel for t in tensors if t.name.endswith("language_model.embed_tokens.weight"))
+def decode_weight_numel(tensors: list[TensorInfo], model_class: type) -> int:
+    """Elements read from weights per decoded token: decoder layers + final norm + the head (not the
+    embedding table: one row a token). With tied embeddings (no head stored) the head is the
+    embedding table, counted once."""
+    prefix, head, embed = _text_names(model_class)
+    numel = sum(t.numel for t in tensors if (t.name.startswith(prefix) and t.name != embed) or t.name == head)
+    if not any(t.name == head for t in tensors):
+        numel += sum(t.numel for t in tensors if t.name == embed)
     return numel
 
 
@@ -368,7 +372,10 @@ def open_bundle_session(
     from .session import HostAssets, Session
 
     opened, backend = open_bundle(bundle, max_context=max_context, threads=threads)
-    assets = HostAssets.from_dir(opened.path, num_patches_per_side(opened.manifest), **slice_overrides)
+    default_mode = opened.manifest.model.get("default_downsample_mode")
+    assets = HostAssets.from_dir(
+        opened.path, num_patches_per_side(opened.manifest), default_mode, **slice_overrides
+    )
     return Session(backend, assets)
 
 

@@ -181,8 +181,7 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
 
     model.load_state_dict(loaded, strict=False, assign=True)
     family.materialize_buffers(model)
-    if tied:
-        model.lm_head.weight = model.language_model.embed_tokens.weight
+    model.tie_weights()
     return Checkpoint(path=path, config=cfg, raw_config=raw, model=model.eval())
 
 

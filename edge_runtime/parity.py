@@ -33,9 +33,10 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import EdgeError, InputError
+from .families import family_by_name
 from .generation import SamplingConfig, check_context, generate, prefill, teacher_forced_logits
 from .jsonfile import read_json_file
-from .processing.slicing import prepare_image
+from .processing.slicing import prepare_image, vision_mode_names
 from .session import HostAssets, PreparedInput, Session
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "data" / "samples"
@@ -119,8 +120,9 @@ def load_cases(path: str | Path) -> list[Case]:
             if not image.is_file():
                 raise InputError(f"{where} ({name}): image {image} does not exist")
         mode = item.get("downsample_mode")
-        if mode not in (None, "16x", "4x"):
-            raise InputError(f"{where} ({name}): downsample_mode must be 16x or 4x, got {mode!r}")
+        known = vision_mode_names()
+        if mode is not None and mode not in known:
+            raise InputError(f"{where} ({name}): downsample_mode must be {' or '.join(known)}, got {mode!r}")
         slices = item.get("max_slice_nums")
         if slices is not None and (type(slices) is not int or slices < 1):
             raise InputError(f"{where} ({name}): max_slice_nums must be an integer >= 1")
@@ -353,6 +355,21 @@ def _as_session(side: Session | Backend, assets: HostAssets | None) -> Session:
     return Session(side, assets)
 
 
+def case_mode(case: Case, family_name: str) -> str | None:
+    """The case's vision variant for this model: its own where the family has it; the model's
+    default (None) where the family has one variant (the shared cases name 4.6's 16x / 4x); an
+    error for a variant the family lacks otherwise."""
+    try:
+        modes = family_by_name(family_name).vision_modes
+    except KeyError:  # a test double's family: take the case as it is
+        return case.downsample_mode
+    if case.downsample_mode is None or case.downsample_mode in modes:
+        return case.downsample_mode
+    if len(modes) == 1:
+        return None
+    raise InputError(f"case {case.name}: downsample_mode {case.downsample_mode!r} is not one of {modes}")
+
+
 def _error_text(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, EdgeError) else text
@@ -361,11 +378,10 @@ def _error_text(exc: BaseException) -> str:
 def _run_case(ref: Session, cand: Session, case: Case, n_steps: int) -> CaseResult:
     """One case through every stage; a candidate failure ends the case with the stage named."""
     result = CaseResult(case.name)
-    config = ref.slice_config(case.downsample_mode, case.max_slice_nums)
+    mode = case_mode(case, ref.backend.info.family)
+    config = ref.slice_config(mode, case.max_slice_nums)
     images = [prepare_image(path, config) for path in case.images]
-    ref_in = ref.prepare(
-        case.prompt, images, downsample_mode=case.downsample_mode, max_slice_nums=case.max_slice_nums
-    )
+    ref_in = ref.prepare(case.prompt, images, downsample_mode=mode, max_slice_nums=case.max_slice_nums)
     result.n_slices, result.n_prompt_tokens = ref_in.n_slices, len(ref_in.prompt.ids)
     try:  # a case that cannot fit is bad input for the whole run, not a finding about the candidate
         for side in (ref, cand):
@@ -380,9 +396,7 @@ def _run_case(ref: Session, cand: Session, case: Case, n_steps: int) -> CaseResu
 
     stage = "vision"
     try:
-        cand_in = cand.prepare(
-            case.prompt, images, downsample_mode=case.downsample_mode, max_slice_nums=case.max_slice_nums
-        )
+        cand_in = cand.prepare(case.prompt, images, downsample_mode=mode, max_slice_nums=case.max_slice_nums)
         result.stages["vision"] = _vision_stage(ref_in, cand_in)
         if list(cand_in.prompt.ids) != list(ref_in.prompt.ids):
             raise InputError("prompt token ids differ: the bundle's host files (tokenizer, template) differ")

@@ -31,6 +31,8 @@ NonNeg = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Name = Annotated[str, Field(min_length=1)]
 Mode = Literal["16x", "4x"]
+# a vision variant of any family in a manifest (4.6: 16x / 4x; 4.0: resampler)
+VisionModeName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=32)]
 LayerType = Literal["full_attention", "linear_attention"]
 DType = Literal["float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"]
 
@@ -70,7 +72,7 @@ class OnnxDecoderFiles(_Strict):
 
 
 class OnnxVision(Graph):
-    files: dict[Mode, Name] = Field(min_length=1)
+    files: dict[VisionModeName, Name] = Field(min_length=1)
 
 
 class OnnxDecoder(Graph):
@@ -78,7 +80,7 @@ class OnnxDecoder(Graph):
 
 
 class ExecuTorchVision(FileGraph):
-    methods: dict[Mode, Name] = Field(min_length=1)
+    methods: dict[VisionModeName, Name] = Field(min_length=1)
 
 
 class ExecuTorchEmbedding(FileGraph):
@@ -95,7 +97,7 @@ class ExecuTorchDecoder(FileGraph):
 
 
 class CoreMLVision(FileGraph):
-    functions: dict[Mode, Name] = Field(min_length=1)
+    functions: dict[VisionModeName, Name] = Field(min_length=1)
 
 
 class CoreMLChunk(_Strict):
@@ -162,9 +164,9 @@ class ModelDims(_Strict):
     patch_size: Dim
     num_patches_per_side: Dim
     image_token_id: TokenId
-    video_token_id: TokenId
-    downsample_modes: list[Mode] = Field(min_length=1)
-    default_downsample_mode: Mode
+    video_token_id: Annotated[int, Field(ge=-1, lt=1 << 24)]  # -1: the family takes no video
+    downsample_modes: list[VisionModeName] = Field(min_length=1)
+    default_downsample_mode: VisionModeName
     tie_word_embeddings: bool
     decode_weight_bytes: NonNeg
 
@@ -398,11 +400,55 @@ class ConfigSchema(_Strict):
         return self
 
 
-def validate_config(raw: Any, where: str, error: type[EdgeError]) -> dict[str, Any]:
-    """Validate a parsed config.json; returns `raw` unchanged."""
+class LongRopeSchema(_Strict):
+    rope_type: Literal["longrope", "default"] = "default"
+    factor: PosFloat | None = None
+    original_max_position_embeddings: Dim | None = None
+    long_factor: list[PosFloat] | None = None
+    short_factor: list[PosFloat] | None = None
+
+
+class LlamaVLConfigSchema(_Strict):
+    """config.json of a remote-code MiniCPM-V 4.0 checkpoint: Llama fields at the top level."""
+
+    model_type: Literal["minicpmv"]
+    version: float | str
+    vision_config: VisionConfigSchema
+    vocab_size: Vocab
+    hidden_size: Dim
+    intermediate_size: Dim
+    num_hidden_layers: Count
+    num_attention_heads: Count
+    num_key_value_heads: Count
+    head_dim: Dim | None = None
+    max_position_embeddings: Dim = 32768
+    rms_norm_eps: PosFloat = 1e-6
+    rope_theta: PosFloat = 10000.0
+    rope_scaling: LongRopeSchema | None = None
+    hidden_act: Literal["silu"] = "silu"
+    attention_bias: bool = False
+    mlp_bias: Literal[False] = False
+    tie_word_embeddings: bool = False
+    query_num: Annotated[int, Field(gt=0, le=4096)] = 64
+    drop_vision_last_layer: bool = False
+
+    @model_validator(mode="after")
+    def _heads(self) -> LlamaVLConfigSchema:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        return self
+
+
+def validate_config(
+    raw: Any, where: str, error: type[EdgeError], schema: type[BaseModel] = ConfigSchema
+) -> dict[str, Any]:
+    """Validate a parsed config.json against a family's schema; returns `raw` unchanged."""
     if not isinstance(raw, dict):
         raise error(f"{where}: not a JSON object")
-    _validate(ConfigSchema, raw, where, error)
+    _validate(schema, raw, where, error)
     return raw
 
 

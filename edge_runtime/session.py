@@ -39,11 +39,22 @@ class HostAssets:
     stop_ids: tuple[int, ...]
 
     @classmethod
-    def from_dir(cls, path: str | Path, num_patches_per_side: int, **slice_overrides: Any) -> HostAssets:
-        """Read host files from a checkpoint or bundle directory; CLI flags override the preprocessor config."""
+    def from_dir(
+        cls,
+        path: str | Path,
+        num_patches_per_side: int,
+        default_mode: str | None = None,
+        **slice_overrides: Any,
+    ) -> HostAssets:
+        """Read host files from a checkpoint or bundle directory; CLI flags override the preprocessor
+        config, and `default_mode` (the model's first vision variant) stands in where it names none
+        (a remote-code processor config has no downsample_mode)."""
         path = Path(path)
         pre_path = path / "preprocessor_config.json"
         pre = read_json_file(pre_path, "preprocessor config", CheckpointError, missing_ok=True) or {}
+        named = isinstance(pre, dict) and "downsample_mode" in pre.get("image_processor", pre)
+        if default_mode is not None and not named and slice_overrides.get("downsample_mode") is None:
+            slice_overrides["downsample_mode"] = default_mode
         overrides = {k: v for k, v in slice_overrides.items() if v is not None}
         slice_config = SliceConfig.from_preprocessor_config(pre, **overrides)
         tokenizer = Tokenizer(path)

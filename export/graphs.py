@@ -16,11 +16,14 @@ and CoreML states all carry the same names.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from edge_runtime.families import StateSpec, family_of
+from edge_runtime.processing.slicing import vision_mode
 
 
 class VisionEncoderGraph(nn.Module):
@@ -36,7 +39,7 @@ class VisionEncoderGraph(nn.Module):
 class TokenEmbeddingGraph(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.embed_tokens = model.language_model.embed_tokens
+        self.embed_tokens = model.text_model.embed_tokens
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
@@ -134,7 +137,24 @@ def decoder_example_inputs(
     return (embeds, torch.tensor([0]), torch.tensor([chunk]), *state)
 
 
-def vision_example_inputs(model: nn.Module, length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+def vision_position_example(cfg: Any, mode: str, length: int) -> np.ndarray:
+    """Valid position ids of an L-patch slice for `mode`: int64 [L], or the family's [K, L] (a
+    1 x L grid), whose last axis is the dynamic one."""
+    custom = vision_mode(mode).position_ids
+    if custom is None:
+        return np.arange(length, dtype=np.int64)
+    return custom(1, length, cfg.vision.num_patches_per_side)
+
+
+def vision_tokens(cfg: Any, mode: str, length: int) -> int:
+    """LLM tokens the vision graph of `mode` makes from an L-patch slice."""
+    if vision_mode(mode).fixed_tokens:
+        return cfg.query_num
+    return length // family_of(cfg).vision_reduction[mode]
+
+
+def vision_example_inputs(model: nn.Module, mode: str, length: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Patches and position ids of an L-patch slice (L a multiple of 16)."""
     patch_dim = model.cfg.vision.patch_dim
-    return torch.zeros(length, patch_dim), torch.zeros(length, dtype=torch.int64)
+    ids = vision_position_example(model.cfg, mode, length)
+    return torch.zeros(length, patch_dim), torch.from_numpy(np.zeros_like(ids))

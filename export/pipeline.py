@@ -217,9 +217,29 @@ def state_entries(specs: list) -> list[dict[str, Any]]:
 
 
 def vision_output_rows(ctx: ExportContext) -> str:
-    """The vision entry's output rows per variant of the family, e.g. "L/16 (16x) or L/4 (4x)"."""
+    """The vision entry's output rows per variant of the family, e.g. "L/16 (16x) or L/4 (4x)", or
+    "64 (resampler)" for a fixed-token variant."""
+    from edge_runtime.processing.slicing import vision_mode
+
     reduction = ctx.family.vision_reduction
-    return " or ".join(f"L/{reduction[m]} ({m})" for m in ctx.family.vision_modes)
+    return " or ".join(
+        f"{ctx.config.query_num} ({m})" if vision_mode(m).fixed_tokens else f"L/{reduction[m]} ({m})"
+        for m in ctx.family.vision_modes
+    )
+
+
+def vision_inputs(ctx: ExportContext) -> list[dict[str, Any]]:
+    """The vision entry's inputs: patches [L, 3*P*P] and the family's position ids ([L] or [K, L])."""
+    from export.graphs import vision_position_example
+
+    cfg = ctx.config
+    rows = {vision_position_example(cfg, m, 1).shape[:-1] for m in ctx.family.vision_modes}
+    if len(rows) != 1:
+        raise ValueError(f"{ctx.family.name}: vision variants disagree on the position-id shape")
+    return [
+        io_spec("patches", ["L", cfg.vision.patch_dim], "float32"),
+        io_spec("position_ids", [*rows.pop(), "L"], "int64"),
+    ]
 
 
 def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str]) -> dict[str, Any]:
@@ -232,14 +252,14 @@ def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str
     preprocessing = json.loads(pre_path.read_text(encoding="utf-8")) if pre_path.is_file() else {}
     cache_len = ctx.max_context + ctx.chunk_size
     state = graph_set.state or state_entries(ctx.family.state_specs(cfg, cache_len))
+    named = {
+        "im_start": "<|im_start|>",
+        "im_end": "<|im_end|>",
+        "endoftext": "<|endoftext|>",
+        **{k.removesuffix("_token"): v for k, v in tok.extra_special_tokens.items()},
+    }
     special = {
-        name: tok.token_to_id(token)
-        for name, token in {
-            "im_start": "<|im_start|>",
-            "im_end": "<|im_end|>",
-            "endoftext": "<|endoftext|>",
-            **{k.removesuffix("_token"): v for k, v in tok.extra_special_tokens.items()},
-        }.items()
+        name: tok.token_to_id(token) for name, token in named.items() if tok.token_to_id(token) is not None
     }
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from edge_runtime.bundle import TensorInfo, decode_weight_numel
 from edge_runtime.checkpoint import WEIGHTS_FILE, weight_files, write_safetensors
 
-from .pipeline import ExportContext, GraphSet, io_spec, vision_output_rows
+from .pipeline import ExportContext, GraphSet, io_spec, vision_inputs, vision_output_rows
 
 SUPPORTED_QUANTIZATIONS = ("fp32", "fp16")
 _STORE = {"fp32": torch.float32, "fp16": torch.float16}
@@ -51,24 +51,23 @@ def export_graphs(ctx: ExportContext) -> GraphSet:
         handles.clear()  # release the memory maps
     config = dict(ctx.raw_config, torch_dtype="float32" if dtype == torch.float32 else "float16")
     (ctx.out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return GraphSet(graphs=_graphs(ctx), decode_weight_bytes=decode_weight_numel(infos) * COMPUTE_BYTES)
+    return GraphSet(
+        graphs=_graphs(ctx),
+        decode_weight_bytes=decode_weight_numel(infos, ctx.family.model_class) * COMPUTE_BYTES,
+    )
 
 
 def _graphs(ctx: ExportContext) -> dict:
     """The three entry points; symbolic dims are strings (L patches, T tokens, C chunk)."""
     cfg = ctx.config
     d, v = cfg.text.hidden_size, cfg.text.vocab_size
-    patch_dim = cfg.vision.patch_dim
     weights = {"file": WEIGHTS_FILE, "config": "config.json"}
     return {
         "vision_encoder": {
             **weights,
             "method": "encode_slice",
             "modes": list(ctx.family.vision_modes),
-            "inputs": [
-                io_spec("patches", ["L", patch_dim], "float32"),
-                io_spec("position_ids", ["L"], "int64"),
-            ],
+            "inputs": vision_inputs(ctx),
             "outputs": [io_spec("embeds", [vision_output_rows(ctx), d], "float32")],
         },
         "token_embedding": {

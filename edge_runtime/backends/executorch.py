@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BundleError, InputError
+from ..processing.slicing import merge_factor, vision_mode
 from .base import Backend, DecoderState, ModelInfo
 
 SEQUENCE_KEY = "executorch_sequence"
@@ -117,7 +118,7 @@ class ExecuTorchBackend(Backend):
         if mode not in self._vision:
             raise InputError(f"downsample mode {mode!r} is not in this bundle ({', '.join(self._vision)})")
         pixels = np.asarray(pixels)
-        p, unit = self.info.patch_size, 4 if mode == "16x" else 2
+        p, unit = self.info.patch_size, merge_factor(mode)
         if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[0] != 3:
             raise InputError(f"a slice is uint8 [3, H, W]; got {pixels.dtype} {list(pixels.shape)}")
         h, w = pixels.shape[1] // p, pixels.shape[2] // p
@@ -148,14 +149,19 @@ class ExecuTorchBackend(Backend):
 
         p = self.info.patch_size
         patches, ids = np.asarray(patches, dtype=np.float32), np.asarray(position_ids, dtype=np.int64)
-        _, row = np.unique(ids // self._side, return_inverse=True)
-        _, col = np.unique(ids % self._side, return_inverse=True)
+        custom = vision_mode(mode).position_ids
+        if custom is not None and ids.ndim == 2 and len(ids) == 3:  # (table ids, rows, cols)
+            row, col = ids[1], ids[2]
+        else:
+            _, row = np.unique(ids // self._side, return_inverse=True)
+            _, col = np.unique(ids % self._side, return_inverse=True)
         h, w = int(row.max()) + 1, int(col.max()) + 1
         cell = row * w + col
         if h * w != len(patches) or np.bincount(cell, minlength=h * w).max() != 1:
             raise InputError("position ids do not form a patch grid")
         # the graph computes the ids of an h x w slice itself: they must be these
-        if not np.array_equal(grid_position_ids(h, w, self._side)[window_order(h, w, mode)], ids):
+        expected = grid_position_ids(h, w, self._side) if custom is None else custom(h, w, self._side)
+        if not np.array_equal(expected[..., window_order(h, w, mode)], ids):
             raise InputError(f"position ids are not those of a {h}x{w} slice in {mode} window order")
         values = patches.reshape(len(patches), 3, p * p)
         codes = np.empty(values.shape, dtype=np.uint8)

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BundleError, InputError
-from .base import DOWNSAMPLE_MODES, Backend, DecoderState, ModelInfo
+from .base import Backend, DecoderState, ModelInfo
 
 # onnxruntime fuses DequantizeLinear(int8 weight) + MatMul into an 8-bit MatMulNBits (weights stay
 # int8 in memory, read once per call). Its default accuracy level 4 also quantizes the activations
@@ -100,8 +100,9 @@ class OnnxRuntimeBackend(Backend):
         return self._sessions[key]
 
     def vision_encoder(self, patches: np.ndarray, position_ids: np.ndarray, mode: str) -> np.ndarray:
-        if mode not in DOWNSAMPLE_MODES:
-            raise InputError(f"unknown downsample mode {mode!r} (choose {' or '.join(DOWNSAMPLE_MODES)})")
+        if f"vision_{mode}" not in self._files:
+            modes = [k.removeprefix("vision_") for k in self._files if k.startswith("vision_")]
+            raise InputError(f"unknown downsample mode {mode!r} (this bundle has {' or '.join(modes)})")
         feeds = {
             "patches": np.ascontiguousarray(patches, dtype=np.float32),
             "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64),

@@ -139,6 +139,14 @@ def family_for_config(raw: Mapping[str, Any]) -> Family:
     return found
 
 
+def family_of_model_class(model_class: type) -> Family:
+    """The family whose model class is `model_class`."""
+    for family in _BY_NAME.values():
+        if family.model_class is model_class:
+            return family
+    raise TypeError(f"{model_class.__name__} is no registered family's model")
+
+
 def family_of(cfg: Any) -> Family:
     """The family of a parsed config object (an instance of some family's config class)."""
     for family in _BY_NAME.values():
@@ -148,4 +156,5 @@ def family_of(cfg: Any) -> Family:
 
 
 # The built-in families register themselves on import.
-from . import minicpm_v46  # noqa: E402, F401
+from . import minicpm_v46  # noqa: E402, F401, I001 - the default family first
+from . import minicpm_v40  # noqa: E402, F401

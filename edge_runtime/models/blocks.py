@@ -45,6 +45,20 @@ class ZeroCenteredRMSNorm(nn.Module):
         return (out * (1.0 + self.weight.float())).to(x.dtype)
 
 
+class RMSNorm(nn.Module):
+    """Llama RMSNorm: w * (x * rsqrt(mean(x^2) + eps)), normalised in fp32, scaled in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
 class GatedRMSNorm(nn.Module):
     """Gated-DeltaNet output norm: rmsnorm(x) * w * silu(gate), plain w (not 1 + w), norm before gate."""
 

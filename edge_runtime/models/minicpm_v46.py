@@ -159,7 +159,30 @@ class MiniCPMV46(nn.Module):
         self.merger = Merger(cfg.vision.hidden_size, cfg.text.hidden_size)
         self.language_model = Qwen35TextModel(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
+        self.tie_weights()
+
+    # where the exporters find the parts (module paths, so quantizers can match by name)
+    TEXT_MODULE = "language_model"
+    HEAD_MODULE = "lm_head"
+    VISION_MODULES = ("vision_tower", "merger")
+
+    @property
+    def text_model(self) -> nn.Module:
+        """Token embedding, decoder layers, final norm and RoPE buffer."""
+        return self.get_submodule(self.TEXT_MODULE)
+
+    @property
+    def output_head(self) -> nn.Linear:
+        return self.get_submodule(self.HEAD_MODULE)
+
+    def release_vision(self) -> None:
+        """Drop the vision modules (once their graphs are out: the text graphs do not use them)."""
+        for name in self.VISION_MODULES:
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
 
     # --- graph 1: vision encoder -------------------------------------------------------------

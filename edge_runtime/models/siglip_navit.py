@@ -93,9 +93,11 @@ class WindowAttentionMerger(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """Embeddings, encoder layers with the window merger after `insert_layer_id` (16x), post norm."""
+    """Embeddings, encoder layers with the window merger after `insert_layer_id` (16x), post norm.
 
-    def __init__(self, cfg: VisionConfig, drop_last_layer: bool = False):
+    `window_merger=False` builds the plain NaViT tower of MiniCPM-V 2.5-4.0 (no in-ViT merger)."""
+
+    def __init__(self, cfg: VisionConfig, drop_last_layer: bool = False, window_merger: bool = True):
         super().__init__()
         self.cfg = cfg
         self.embeddings = VisionEmbeddings(cfg)
@@ -108,7 +110,8 @@ class VisionTower(nn.Module):
             for _ in range(n_layers)
         )
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.vit_merger = WindowAttentionMerger(cfg)
+        if window_merger:
+            self.vit_merger = WindowAttentionMerger(cfg)
 
     def forward(
         self, patches: torch.Tensor, position_ids: torch.Tensor, use_vit_merger: bool

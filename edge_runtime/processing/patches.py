@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from edge_runtime.errors import InputError
-from edge_runtime.processing.slicing import merge_factor
+from edge_runtime.processing.slicing import merge_factor, vision_mode
 
 DEFAULT_PATCH_SIZE = 14
 DEFAULT_NUM_PATCHES_PER_SIDE = 70  # vision_config.image_size (980) // patch_size (14)
@@ -32,6 +32,8 @@ def window_order(h: int, w: int, mode: str) -> np.ndarray:
     """int64 [h*w]: the row-major patch index at each window-major position (a permutation)."""
     check_patch_grid(h, w, mode)
     idx = np.arange(h * w, dtype=np.int64)
+    if merge_factor(mode) == 1:
+        return idx
     if mode == "16x":
         # (block_row, sub_row, row_in_window, block_col, sub_col, col_in_window)
         grid = idx.reshape(h // 4, 2, 2, w // 4, 2, 2)
@@ -72,8 +74,13 @@ def slice_to_patches(
     patch_size: int = DEFAULT_PATCH_SIZE,
     num_patches_per_side: int = DEFAULT_NUM_PATCHES_PER_SIDE,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One normalised slice [3,H,W] -> (patches float32 [L, 3*p*p], position_ids int64 [L]), window-major."""
+    """One normalised slice [3,H,W] -> (patches float32 [L, 3*p*p], position ids), window-major.
+
+    The position ids are int64 [L] NaViT bucket ids, or what the mode's family defines (e.g.
+    [3, L] for a resampler that also needs each patch's row and column)."""
     patches = row_major_patches(pixels, patch_size)
     h, w = pixels.shape[1] // patch_size, pixels.shape[2] // patch_size
     order = window_order(h, w, mode)
-    return np.ascontiguousarray(patches[order]), position_ids(h, w, num_patches_per_side)[order]
+    custom = vision_mode(mode).position_ids
+    ids = position_ids(h, w, num_patches_per_side) if custom is None else custom(h, w, num_patches_per_side)
+    return np.ascontiguousarray(patches[order]), np.ascontiguousarray(ids[..., order])

@@ -137,10 +137,18 @@ def load_chat_template(checkpoint_dir: str | Path) -> str:
     raise CheckpointError(f"{root}: no chat template (chat_template.jinja or tokenizer_config.json)")
 
 
-def _template_content(content: str | Sequence[Part]) -> str | list[dict[str, str]]:
-    """Our parts as the content items transformers hands to templates (media values are inert)."""
+def _template_content(
+    content: str | Sequence[Part], image_marker: str | None = None
+) -> str | list[dict[str, str]]:
+    """Our parts as the content items transformers hands to templates (media values are inert);
+    with an `image_marker` (remote-code families), one string as their `chat()` builds it: the
+    parts joined by newlines, each image written as the marker."""
     if isinstance(content, str):
         return content
+    if image_marker is not None:
+        if any(isinstance(part, VideoLayout) for part in content):
+            raise InputError("this model family takes no video input (give the frames as images)")
+        return "\n".join(image_marker if isinstance(part, ImageLayout) else str(part) for part in content)
     items: list[dict[str, str]] = []
     for part in content:
         if isinstance(part, str):
@@ -164,10 +172,11 @@ def render_chat(
     *,
     special_tokens: Mapping[str, str] | None = None,
     add_generation_prompt: bool = True,
+    image_marker: str | None = None,
     **template_vars: Any,
 ) -> str:
     """Render like transformers' apply_chat_template(tokenize=False); placeholders not expanded."""
-    chat = [{"role": m.role, "content": _template_content(m.content)} for m in messages]
+    chat = [{"role": m.role, "content": _template_content(m.content, image_marker)} for m in messages]
     variables = {**(special_tokens or {}), **template_vars}
     try:
         return _compile(template).render(
@@ -214,8 +223,10 @@ def expand_placeholders(
     *,
     use_image_id: bool = True,
 ) -> str:
-    """Replace each single image/video token written by the template with its full placeholder."""
-    image_token, video_token = tokens["image_token"], tokens["video_token"]
+    """Replace each image/video mark written by the template with its full placeholder: the single
+    image/video token, or a family's `image_marker` text."""
+    image_token = tokens.get("image_marker", tokens["image_token"])
+    video_token = tokens.get("video_token", "\0no video token\0")
     found = re.findall(f"{re.escape(image_token)}|{re.escape(video_token)}", text)
     n_img, n_vid = found.count(image_token), found.count(video_token)
     if (n_img, n_vid) != (len(images), len(videos)):
@@ -281,16 +292,17 @@ class PromptBuilder:
         images = [p for p in parts if isinstance(p, ImageLayout)]
         videos = [p for p in parts if isinstance(p, VideoLayout)]
         template_vars.setdefault("enable_thinking", self.enable_thinking)
+        tokens = self.tokenizer.extra_special_tokens
         text = render_chat(
             self.chat_template,
             msgs,
             special_tokens=self.tokenizer.special_tokens_map,
             add_generation_prompt=add_generation_prompt,
+            image_marker=tokens.get("image_marker"),
             **template_vars,
         )
-        tokens = self.tokenizer.extra_special_tokens
         text = expand_placeholders(text, images, videos, tokens, use_image_id=self.use_image_id)
-        return Prompt(text=text, ids=self.tokenizer.encode(text))
+        return Prompt(text=text, ids=self.tokenizer.encode_prompt(text))
 
     def chat(
         self,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,14 +28,55 @@ from edge_runtime.processing.image import (
     resize,
 )
 
-DOWNSAMPLE_MODES = ("16x", "4x")
+
+@dataclass(frozen=True)
+class VisionMode:
+    """How one vision-graph variant turns a slice into LLM tokens.
+
+    `merge` patches per side are fused into one token (the slice sides snap to multiples of
+    patch_size * merge); a `fixed_tokens` mode (a resampler) gives every slice the preprocessor's
+    `image_feature_size` tokens instead. `position_ids(h, w, side)` are the graph's position
+    inputs for a row-major grid (None: the default NaViT bucket ids, window-major for merging).
+    """
+
+    merge: int
+    fixed_tokens: bool = False
+    position_ids: Callable[[int, int, int], np.ndarray] | None = None
+    # the same ids as graph ops (h, w, fp32 bucket boundaries, side) -> tensor, for a vision graph
+    # that takes pixels (the ExecuTorch runner's image input)
+    graph_position_ids: Callable[..., Any] | None = None
+
+
+_MODES: dict[str, VisionMode] = {"16x": VisionMode(4), "4x": VisionMode(2)}
+DOWNSAMPLE_MODES = ("16x", "4x")  # MiniCPM-V 4.6's, the default family's
+
+
+def register_vision_mode(name: str, mode: VisionMode) -> None:
+    """A family adds its vision variants (families/*.py); names are unique across families."""
+    if name in _MODES and _MODES[name] != mode:
+        raise ValueError(f"vision mode {name!r} is already registered differently")
+    _MODES[name] = mode
+
+
+def vision_mode_names() -> tuple[str, ...]:
+    """Every registered vision variant, of every family."""
+    import edge_runtime.families  # noqa: F401 - the families register their modes on import
+
+    return tuple(_MODES)
+
+
+def vision_mode(name: str) -> VisionMode:
+    if name not in _MODES:
+        import edge_runtime.families  # noqa: F401 - the families register their modes on import
+    try:
+        return _MODES[name]
+    except KeyError:
+        raise InputError(f"downsample_mode must be one of {tuple(_MODES)}, got {name!r}") from None
 
 
 def merge_factor(mode: str) -> int:
     """Patches per side merged into one LLM token: 4 for "16x" (ViT merger + MLP merger), 2 for "4x"."""
-    if mode not in DOWNSAMPLE_MODES:
-        raise InputError(f"downsample_mode must be one of {DOWNSAMPLE_MODES}, got {mode!r}")
-    return 4 if mode == "16x" else 2
+    return vision_mode(mode).merge
 
 
 def token_divisor(mode: str) -> int:
@@ -43,8 +84,10 @@ def token_divisor(mode: str) -> int:
     return merge_factor(mode) ** 2
 
 
-def tokens_for(patch_h: int, patch_w: int, mode: str) -> int:
+def tokens_for(patch_h: int, patch_w: int, mode: str, image_feature_size: int = 64) -> int:
     """LLM tokens of one slice of patch grid (patch_h, patch_w)."""
+    if vision_mode(mode).fixed_tokens:
+        return image_feature_size
     return patch_h * patch_w // token_divisor(mode)
 
 
@@ -134,10 +177,11 @@ class SliceConfig:
     resample: int = BICUBIC
     use_image_id: bool = True
     max_pixels: int | None = DEFAULT_MAX_PIXELS
+    image_feature_size: int = 64  # tokens per slice of a fixed-token (resampler) mode
 
     def __post_init__(self) -> None:
         merge_factor(self.downsample_mode)
-        for name in ("max_slice_nums", "scale_resolution", "patch_size"):
+        for name in ("max_slice_nums", "scale_resolution", "patch_size", "image_feature_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"{name} must be a positive integer, got {value!r}")
@@ -164,7 +208,7 @@ class SliceConfig:
         if not isinstance(cfg, Mapping):
             raise CheckpointError("preprocessor config: 'image_processor' must be an object")
         kwargs: dict[str, Any] = {}
-        for key in ("max_slice_nums", "scale_resolution", "patch_size", "resample"):
+        for key in ("max_slice_nums", "scale_resolution", "patch_size", "resample", "image_feature_size"):
             if cfg.get(key) is not None:
                 kwargs[key] = int(cfg[key])
         for key in ("slice_mode", "use_image_id"):
@@ -196,6 +240,7 @@ class SlicePlan:
     refine_size: tuple[int, int] | None
     patch_size: int
     downsample_mode: str
+    image_feature_size: int = 64
 
     @property
     def tile_size(self) -> tuple[int, int] | None:
@@ -218,7 +263,7 @@ class SlicePlan:
 
     @property
     def token_counts(self) -> list[int]:
-        return [tokens_for(h, w, self.downsample_mode) for h, w in self.patch_grids]
+        return [tokens_for(h, w, self.downsample_mode, self.image_feature_size) for h, w in self.patch_grids]
 
 
 def plan_slices(height: int, width: int, config: SliceConfig) -> SlicePlan:
@@ -233,7 +278,15 @@ def plan_slices(height: int, width: int, config: SliceConfig) -> SlicePlan:
     args = (config.scale_resolution, config.patch_size, config.downsample_mode)
     source = find_best_resize((height, width), *args, allow_upscale=grid is None)
     refine = None if grid is None else get_refine_size((height, width), grid, *args, allow_upscale=True)
-    return SlicePlan((height, width), source, grid, refine, config.patch_size, config.downsample_mode)
+    return SlicePlan(
+        (height, width),
+        source,
+        grid,
+        refine,
+        config.patch_size,
+        config.downsample_mode,
+        config.image_feature_size,
+    )
 
 
 @dataclass

@@ -30,7 +30,25 @@ DEFAULT_EXTRA_SPECIAL_TOKENS: dict[str, str] = {
     "image_id_start_token": "<image_id>",
     "image_id_end_token": "</image_id>",
 }
-_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+# The remote-code tokenizer classes of older releases hard-code these names instead of listing them in
+# tokenizer_config.json: MiniCPM-V 2.6 / 4.0 fill image slots with `<unk>` and mark an image in the
+# chat text with "(<image>./</image>)" (`image_marker`), which the processor expands; they have no
+# video placeholder (a video is a list of frames).
+REMOTE_CODE_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
+    "MiniCPMVTokenizerFast": {
+        "image_token": "<unk>",
+        "image_marker": "(<image>./</image>)",
+        "image_start_token": "<image>",
+        "image_end_token": "</image>",
+        "slice_start_token": "<slice>",
+        "slice_end_token": "</slice>",
+        "image_id_start_token": "<image_id>",
+        "image_id_end_token": "</image_id>",
+    }
+}
+_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+# extra_special_tokens entries that are text conventions rather than vocabulary tokens
+_TEXT_MARKERS = ("image_marker",)
 # Named special tokens transformers exposes to chat templates (special_tokens_map).
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -86,13 +104,23 @@ class Tokenizer:
 
         extra = self.config.get("extra_special_tokens")
         named = {k: v for k, v in extra.items() if isinstance(v, str)} if isinstance(extra, dict) else {}
-        self.extra_special_tokens: dict[str, str] = {**DEFAULT_EXTRA_SPECIAL_TOKENS, **named}
-        missing = [
-            t for t in (*_CHAT_TOKENS, *self.extra_special_tokens.values()) if self.token_to_id(t) is None
-        ]
+        self.extra_special_tokens: dict[str, str] = {**self._default_tokens(), **named}
+        vocabulary = [v for k, v in self.extra_special_tokens.items() if k not in _TEXT_MARKERS]
+        missing = [t for t in (*_CHAT_TOKENS, *vocabulary) if self.token_to_id(t) is None]
         if missing:
             raise CheckpointError(f"{tok_path}: tokenizer lacks MiniCPM-V tokens {', '.join(missing)}")
         self.stop_ids: tuple[int, ...] = self._read_stop_ids(tok_path)
+
+    def _default_tokens(self) -> dict[str, str]:
+        """The placeholder names of this tokenizer's class: 4.6's, or a remote-code class's own."""
+        auto = self.config.get("auto_map")
+        names = [self.config.get("tokenizer_class")]
+        if isinstance(auto, dict) and isinstance(auto.get("AutoTokenizer"), list):
+            names += [str(n).rsplit(".", 1)[-1] for n in auto["AutoTokenizer"] if n]
+        for name in names:
+            if isinstance(name, str) and name in REMOTE_CODE_SPECIAL_TOKENS:
+                return dict(REMOTE_CODE_SPECIAL_TOKENS[name])
+        return dict(DEFAULT_EXTRA_SPECIAL_TOKENS)
 
     # ---- ids -------------------------------------------------------------------------------
     @property
@@ -123,8 +151,8 @@ class Tokenizer:
         return self._id("<|im_end|>")
 
     @property
-    def endoftext_id(self) -> int:
-        return self._id("<|endoftext|>")
+    def endoftext_id(self) -> int | None:
+        return self.token_to_id("<|endoftext|>")
 
     def _named_id(self, name: str) -> int:
         return self._id(self.extra_special_tokens[name])
@@ -134,8 +162,9 @@ class Tokenizer:
         return self._named_id("image_token")
 
     @property
-    def video_pad_id(self) -> int:
-        return self._named_id("video_token")
+    def video_pad_id(self) -> int | None:
+        """None for a family without a video placeholder."""
+        return self._named_id("video_token") if "video_token" in self.extra_special_tokens else None
 
     @property
     def image_start_id(self) -> int:
@@ -192,6 +221,11 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids, no BOS/EOS added; special tokens written in ``text`` become their ids."""
         return self._tk.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A whole prompt's ids: tokenizer.json's post-processor adds what the checkpoint's own
+        tokenizer adds (BOS for a Llama tokenizer that has it; nothing for Qwen's)."""
+        return self._tk.encode(text, add_special_tokens=True).ids
 
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes of one token for byte-level tokenizers (b"" for an unknown id)."""

@@ -44,7 +44,7 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
     say = ctx.progress
     model = load_checkpoint(ctx.checkpoint).model.eval()
     if ctx.quantization == "int4":
-        n = presearch_int4_scales([model.language_model, model.lm_head])
+        n = presearch_int4_scales([model.text_model, model.output_head])
         say(f"int4: block scales searched for {n} text linear weights")
     cfg = ctx.config
     cache_len = ctx.max_context + ctx.chunk_size

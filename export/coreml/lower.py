@@ -57,7 +57,7 @@ class VisionGraph32(nn.Module):
 class Embedding32(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.embed_tokens = model.language_model.embed_tokens
+        self.embed_tokens = model.text_model.embed_tokens
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids.long())

@@ -20,6 +20,7 @@ from torch import nn
 from torch.export import Dim, ExportedProgram, export
 
 from edge_runtime.families import family_of
+from edge_runtime.processing.slicing import vision_mode
 
 from .custom_ops import attention_ops, delta_rule_op, fresh_state_at_position_zero
 
@@ -101,7 +102,7 @@ class TokenEmbedding(nn.Module):
 
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.embed_tokens = model.language_model.embed_tokens
+        self.embed_tokens = model.text_model.embed_tokens
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(ids)
@@ -146,6 +147,10 @@ class ImageSliceEncoder(nn.Module):
         pixels = self.table[(image.to(torch.int64) + self.offsets).reshape(-1)].reshape(3, height, width)
         # row-major patches [h, w, 3 * p * p], each flattened (c, y, x)
         grid = pixels.reshape(3, h, p, w, p).permute(1, 3, 0, 2, 4).reshape(h, w, 3 * p * p)
+        custom = vision_mode(self.mode).graph_position_ids
+        if custom is not None:  # the family's own ids; its vision merges nothing (row-major patches)
+            ids = custom(h, w, self.boundaries, self.side)
+            return self.model.encode_slice(grid.reshape(h * w, 3 * p * p), ids, self.mode).unsqueeze(0)
         ids = (self._buckets(h)[:, None] * self.side + self._buckets(w)[None, :])[:, :, None]
         # window-major: group 2 x 2 neighbours once (4x) or twice (16x: 2 x 2 windows of 2 x 2
         # patches); at most 5 dims per step, XNNPACK's limit is 6

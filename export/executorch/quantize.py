@@ -45,18 +45,18 @@ def _bytes(numel: int, in_features: int, scheme: str) -> int:
     return numel // 2 + 4 * (numel // GROUP_SIZE)  # 8da4w / int4 g32
 
 
-def _is_text(module_name: str) -> bool:
+def _is_text(model: nn.Module, module_name: str) -> bool:
     """A module of the text decoder (language model or head): the weights decode reads per token."""
-    return module_name.startswith("language_model.") or module_name == "lm_head"
+    return module_name.startswith(model.TEXT_MODULE + ".") or module_name == model.HEAD_MODULE
 
 
-def _linear_scheme(quantization: str, name: str, layer: nn.Linear) -> str:
+def _linear_scheme(quantization: str, is_text: bool, layer: nn.Linear) -> str:
     """8da4w is for the text decoder (its weights are what decode reads per token); the vision tower
     and merger stay 8da8w, as the ONNX int4 bundles keep vision int8: with int4 vision the demo
     checkpoint's vision cosine was 0.997 and one answer token of case tall-sliced-4x flipped."""
     if quantization == "fp32":
         return "fp32"
-    if quantization == "int8" or not _is_text(name):
+    if quantization == "int8" or not is_text:
         return "8da8w"
     return "8da4w" if layer.in_features % GROUP_SIZE == 0 else "8da8w"
 
@@ -70,13 +70,13 @@ def quantize_model(
         raise ValueError(f"unknown quantization {quantization!r}")
     model = (model if in_place else copy.deepcopy(model)).eval()
     schemes = {
-        name: _linear_scheme(quantization, name, m)
+        name: _linear_scheme(quantization, _is_text(model, name), m)
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear)
     }
     decode_bytes = 0
     for name, m in model.named_modules():
-        if isinstance(m, nn.Linear) and _is_text(name):
+        if isinstance(m, nn.Linear) and _is_text(model, name):
             decode_bytes += _bytes(m.weight.numel(), m.in_features, schemes[name])
     embed_scheme = {"fp32": "fp32", "int8": "int8", "8da4w": "int4-g32"}[quantization]
     counts: dict[str, int] = {}
@@ -94,7 +94,7 @@ def _apply(model: nn.Module, quantization: str, schemes: dict[str, str]) -> None
 
     if model.cfg.tie_word_embeddings:
         # The head and the table are quantized differently (matmul vs gather): untie them first.
-        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+        model.output_head.weight = nn.Parameter(model.output_head.weight.detach().clone())
     with torch.no_grad():
         if quantization == "int8":
             quantize_(

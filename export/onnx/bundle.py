@@ -18,20 +18,22 @@ from torch import nn
 from edge_runtime.checkpoint import load_checkpoint
 from edge_runtime.errors import EdgeError
 
-from ..pipeline import ExportContext, GraphSet, io_spec, state_entries
+from ..pipeline import ExportContext, GraphSet, io_spec, state_entries, vision_inputs, vision_output_rows
 from .check import check_graphs
 from .fuse import FUSIONS, contrib_op_counts
 from .lower import describe, graph_names, kv_dtype, lower_graph, prepare, release_vision
 from .quantize import ACCURACY_LEVEL, BLOCK, QuantStats, quantize_model
 from .store import WEIGHTS_FILE, WeightStore, write_graph
 
-FILES = {
-    "vision_16x": "vision_16x.onnx",
-    "vision_4x": "vision_4x.onnx",
-    "token_embedding": "token_embedding.onnx",
-    "decoder_prefill": "decoder_prefill.onnx",
-    "decoder_decode": "decoder_decode.onnx",
-}
+
+class _GraphFiles(dict):
+    """Graph name -> file name: `NAME.onnx` for every graph, the family's vision variants included."""
+
+    def __missing__(self, name: str) -> str:
+        return f"{name}.onnx"
+
+
+FILES = _GraphFiles()
 
 
 def decode_weight_bytes(model: onnx.ModelProto) -> int:
@@ -70,17 +72,14 @@ def onnx_state(ctx: ExportContext, cache_len: int) -> list[dict[str, Any]]:
 
 def manifest_graphs(ctx: ExportContext, cache_len: int, state: list[dict[str, Any]]) -> dict[str, Any]:
     cfg = ctx.config
-    d, v, patch_dim = cfg.text.hidden_size, cfg.text.vocab_size, cfg.vision.patch_dim
+    d, v = cfg.text.hidden_size, cfg.text.vocab_size
     past = [io_spec(f"past.{s['name']}", s["shape"], s["dtype"]) for s in state]
     present = [io_spec(f"present.{s['name']}", s["shape"], s["dtype"]) for s in state]
     return {
         "vision_encoder": {
             "files": {m: FILES[f"vision_{m}"] for m in ctx.family.vision_modes},
-            "inputs": [
-                io_spec("patches", ["L", patch_dim], "float32"),
-                io_spec("position_ids", ["L"], "int64"),
-            ],
-            "outputs": [io_spec("embeds", ["L/16 (16x) or L/4 (4x)", d], "float32")],
+            "inputs": vision_inputs(ctx),
+            "outputs": [io_spec("embeds", [vision_output_rows(ctx), d], "float32")],
         },
         "token_embedding": {
             "file": FILES["token_embedding"],

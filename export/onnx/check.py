@@ -13,6 +13,7 @@ import numpy as np
 from edge_runtime.backends.onnxruntime import make_session
 from edge_runtime.errors import EdgeError
 from edge_runtime.families import family_of
+from export.graphs import vision_position_example, vision_tokens
 
 VISION_LENGTHS = (64, 128)
 EMBED_LENGTHS = (1, 5)
@@ -44,15 +45,14 @@ def _check(out: Path, files: dict[str, str], cfg: Any, chunk: int, state: list[d
     d = cfg.text.hidden_size
     family = family_of(cfg)
     for mode in family.vision_modes:
-        factor = family.vision_reduction[mode]
         sess = None  # one session at a time: a full-size decoder session holds its weights
         sess = make_session(out / files[f"vision_{mode}"], threads=1, prepack=False)
         for length in VISION_LENGTHS:
             feeds = {
                 "patches": np.zeros((length, cfg.vision.patch_dim), np.float32),
-                "position_ids": np.arange(length, dtype=np.int64),
+                "position_ids": vision_position_example(cfg, mode, length),
             }
-            _expect(f"vision_{mode}", sess.run(None, feeds)[0].shape, (length // factor, d))
+            _expect(f"vision_{mode}", sess.run(None, feeds)[0].shape, (vision_tokens(cfg, mode, length), d))
     sess = None
     sess = make_session(out / files["token_embedding"], threads=1, prepack=False)
     for length in EMBED_LENGTHS:

@@ -53,11 +53,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_runtime.models.blocks import GatedRMSNorm, ZeroCenteredRMSNorm, apply_partial_rope, rope_cos_sin
+from edge_runtime.models.blocks import (
+    GatedRMSNorm,
+    RMSNorm,
+    ZeroCenteredRMSNorm,
+    apply_partial_rope,
+    rope_cos_sin,
+)
+from edge_runtime.models.llama_text import LlamaAttention
 from edge_runtime.models.qwen35_text import (
     GatedAttention,
     GatedDeltaNet,
-    Qwen35TextModel,
     chunked_delta_rule,
     recurrent_delta_rule,
 )
@@ -206,6 +212,48 @@ def _l2(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
+def _group_query_attention(
+    module: nn.Module,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [1, T, H, hd], k [1, T, n_kv, hd] before RoPE, v [1, T, n_kv * hd] -> GroupQueryAttention
+    over the caches: ([1, T, H * hd], new k_cache, new v_cache). RoPE runs inside the op when the
+    module carries a `_rotary_cache`, else here."""
+    t, n_heads, n_kv, head_dim = q.shape[1], module.n_heads, module.n_kv, module.head_dim
+    rotary = module._rotary_cache
+    if rotary is None:  # rotate here, in the [1, T, H, hd] layout (cos/sin broadcast over heads)
+        q = apply_partial_rope(q, cos[:, None, :], sin[:, None, :])
+        k = apply_partial_rope(k, cos[:, None, :], sin[:, None, :])
+    q = q.reshape(1, t, n_heads * head_dim)
+    k = k.reshape(1, t, n_kv * head_dim)
+    # every row, padding included, goes to the cache at start_pos + i (as the reference does)
+    last = positions[-1:]
+    seqlens_k = last.to(torch.int32)
+    total = (last + 1).to(torch.int32).reshape(())
+    inputs = [q, k, v, k_cache, v_cache, seqlens_k, total]
+    attrs = {"num_heads": n_heads, "kv_num_heads": n_kv, "scale": float(head_dim**-0.5)}
+    if rotary is not None:
+        inputs += [rotary[0], rotary[1]]
+        attrs["do_rotary"] = 1
+    return _op(
+        "GroupQueryAttention",
+        inputs,
+        attrs,
+        [
+            (q.dtype, (1, t, n_heads * head_dim)),
+            (k_cache.dtype, tuple(k_cache.shape)),
+            (v_cache.dtype, tuple(v_cache.shape)),
+        ],
+    )
+
+
 class FusedGatedAttention(GatedAttention):
     _rotary_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) [cache_len, rot/2]
 
@@ -217,39 +265,40 @@ class FusedGatedAttention(GatedAttention):
         gate = gate.reshape(1, t, self.n_heads * self.head_dim)
         q = self.q_norm(q)  # [1, T, H, hd]
         k = self.k_norm(self.k_proj(x).view(1, t, self.n_kv, self.head_dim))
-        v = self.v_proj(x)  # [1, T, n_kv * hd]
-        rotary = self._rotary_cache
-        if rotary is None:  # rotate here, in the [1, T, H, hd] layout (cos/sin broadcast over heads)
-            q = apply_partial_rope(q, cos[:, None, :], sin[:, None, :])
-            k = apply_partial_rope(k, cos[:, None, :], sin[:, None, :])
-        q = q.reshape(1, t, self.n_heads * self.head_dim)
-        k = k.reshape(1, t, self.n_kv * self.head_dim)
-        # every row, padding included, goes to the cache at start_pos + i (as the reference does)
-        last = positions[-1:]
-        seqlens_k = last.to(torch.int32)
-        total = (last + 1).to(torch.int32).reshape(())
-        inputs = [q, k, v, k_cache, v_cache, seqlens_k, total]
-        attrs = {"num_heads": self.n_heads, "kv_num_heads": self.n_kv, "scale": float(self.head_dim**-0.5)}
-        if rotary is not None:
-            inputs += [rotary[0], rotary[1]]
-            attrs["do_rotary"] = 1
-        out, new_k, new_v = _op(
-            "GroupQueryAttention",
-            inputs,
-            attrs,
-            [
-                (x.dtype, (1, t, self.n_heads * self.head_dim)),
-                (k_cache.dtype, tuple(k_cache.shape)),
-                (v_cache.dtype, tuple(v_cache.shape)),
-            ],
+        out, new_k, new_v = _group_query_attention(
+            self, q, k, self.v_proj(x), positions, cos, sin, k_cache, v_cache
         )
         out = out * torch.sigmoid(gate)
         return self.o_proj(out), new_k, new_v
 
 
+class FusedLlamaAttention(LlamaAttention):
+    _rotary_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x, positions, cos, sin, k_cache, v_cache):
+        if not _exporting() or x.dtype != torch.float32:
+            return super().forward(x, positions, cos, sin, k_cache, v_cache)
+        _, t, _ = x.shape
+        q = self.q_proj(x).view(1, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(1, t, self.n_kv, self.head_dim)
+        out, new_k, new_v = _group_query_attention(
+            self, q, k, self.v_proj(x), positions, cos, sin, k_cache, v_cache
+        )
+        return self.o_proj(out), new_k, new_v
+
+
+class FusedRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _exporting() or x.dtype != torch.float32:
+            return super().forward(x)
+        return simplified_layer_norm(x, self.weight, self.eps)
+
+
 _SWAPS = {
     GatedDeltaNet: (FusedGatedDeltaNet, ("rmsnorm", "conv", "linear_attention")),
     GatedAttention: (FusedGatedAttention, ("gqa",)),
+    LlamaAttention: (FusedLlamaAttention, ("gqa",)),
+    RMSNorm: (FusedRMSNorm, ("rmsnorm",)),
     ZeroCenteredRMSNorm: (FusedZeroCenteredRMSNorm, ("rmsnorm",)),
     GatedRMSNorm: (FusedGatedRMSNorm, ("rmsnorm",)),
 }
@@ -263,7 +312,7 @@ def _check_fusions(fusions: Iterable[str]) -> frozenset[str]:
     return chosen
 
 
-def rotary_cache(text: Qwen35TextModel, cache_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cache(text: nn.Module, cache_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos / sin [cache_len, rotary_dim / 2] of positions 0..cache_len-1, computed as the reference does."""
     cos, sin = rope_cos_sin(torch.arange(cache_len), text.inv_freq)
     half = cos.shape[-1] // 2
@@ -276,16 +325,16 @@ def fused_decoder(
 ) -> Iterator[None]:
     """Within the block, ONNX exports of `model`'s text decoder emit the contrib ops of `fusions`.
 
-    `model` is a MiniCPMV46 (or its Qwen35TextModel); the module classes are restored on exit, so
-    the model is unchanged afterwards. Only fp32 exports are fused (the ONNX exporter's input).
+    `model` is a family's model (or its text model); modules are swapped by type, so any decoder
+    built from these blocks gets the fusions of its blocks. The module classes are restored on exit,
+    so the model is unchanged afterwards. Only fp32 exports are fused (the ONNX exporter's input).
     """
     chosen = _check_fusions(fusions)
-    text = getattr(model, "language_model", model)
-    if not isinstance(text, Qwen35TextModel):
-        raise TypeError(f"fused_decoder needs a Qwen3.5 text model, not {type(text).__name__}")
-    rot_half = text.cfg.rotary_dim // 2
+    text = getattr(model, "text_model", model)
+    rot_half = text.inv_freq.shape[0]  # rotary_dim / 2
     rotary = None
-    if "gqa_rotary" in chosen and rot_half % GQA_ROTARY_MULTIPLE == 0:
+    plain_rope = getattr(text, "rope_scale", 1.0) == 1.0  # the op's rotary cannot scale cos / sin
+    if "gqa_rotary" in chosen and rot_half % GQA_ROTARY_MULTIPLE == 0 and plain_rope:
         rotary = rotary_cache(text, cache_len)
     swapped: list[tuple[nn.Module, type]] = []
     try:
@@ -297,7 +346,7 @@ def fused_decoder(
             module.__class__ = target[0]
             if isinstance(module, FusedGatedDeltaNet):
                 module._fusions = chosen
-            elif isinstance(module, FusedGatedAttention):
+            elif isinstance(module, FusedGatedAttention | FusedLlamaAttention):
                 module._rotary_cache = rotary
         yield
     finally:

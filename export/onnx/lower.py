@@ -126,12 +126,15 @@ def lower_graph(
     kv = kv_dtype(half)
     with torch.inference_mode(False), torch.no_grad():
         if name.startswith("vision_"):
+            mode = name.removeprefix("vision_")
+            patches, ids = vision_example_inputs(model, mode, VISION_EXAMPLE_L)
+            length = Dim("L")
             return _export(
-                wrap(VisionEncoderGraph(model, name.removeprefix("vision_")), 2, 1),
-                vision_example_inputs(model, VISION_EXAMPLE_L),
+                wrap(VisionEncoderGraph(model, mode), 2, 1),
+                (patches, ids),
                 ["patches", "position_ids"],
                 ["embeds"],
-                ({0: Dim("L")}, {0: Dim("L")}),
+                ({0: length}, {ids.ndim - 1: length}),
             )
         if name == "token_embedding":
             return _export(
@@ -155,8 +158,7 @@ def lower_graph(
 def release_vision(model: nn.Module) -> None:
     """Drop the vision tower and merger once their graphs are out: the token embedding and decoder
     graphs do not use them (1.7 GB at the full preset's fp32)."""
-    if hasattr(model, "vision_tower"):
-        del model.vision_tower, model.merger
+    model.release_vision()
 
 
 def lower_graphs(
