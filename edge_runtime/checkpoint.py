@@ -321,6 +321,7 @@ def random_init(
     shape: tuple[int, ...],
     seed: int,
     neutral_norm_value: Callable[[str], float] | None = None,
+    family_init: Callable[[str, tuple[int, ...], torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """Deterministic per-tensor random init, independent of the order tensors are made in.
 
@@ -328,10 +329,14 @@ def random_init(
     DeltaNet decay rates A = exp(A_log) are log-uniform over [1e-3, 16]: about half the heads decay
     slower than 0.1 per token, as trained DeltaNet heads keep for long memory, the regime where an
     unstable chunked form loses its precision (issue 26); upstream's uniform(0.01, 16) init leaves
-    almost every head fast. `neutral_norm_value` is the family's (default: the default family's).
+    almost every head fast. `neutral_norm_value` is the family's (default: the default family's);
+    `family_init(name, shape, noise)` is the family's own rule, where it has one (None: these).
     """
     gen = tensor_generator(name, seed)
     noise = torch.randn(shape, generator=gen)
+    own = family_init(name, tuple(shape), noise) if family_init is not None else None
+    if own is not None:
+        return own
     if name.endswith("A_log"):
         return torch.empty(shape).uniform_(math.log(1e-3), math.log(16.0), generator=gen)
     if name.endswith("dt_bias"):
@@ -355,6 +360,10 @@ def write_random_checkpoint(cfg: Any, out: Path, seed: int, dtype: torch.dtype) 
     """Random weights for `cfg`, streamed straight to disk (no model is ever materialised)."""
     specs = checkpoint_tensor_specs(cfg, dtype)
     shapes = {name: shape for name, shape, _ in specs}
-    neutral = family_of(cfg).neutral_norm_value
-    write_safetensors(out / WEIGHTS_FILE, specs, lambda n: random_init(n, shapes[n], seed, neutral))
+    family = family_of(cfg)
+    write_safetensors(
+        out / WEIGHTS_FILE,
+        specs,
+        lambda n: random_init(n, shapes[n], seed, family.neutral_norm_value, family.random_init),
+    )
     write_config_files(out, cfg)

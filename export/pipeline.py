@@ -228,7 +228,7 @@ def vision_output_rows(ctx: ExportContext) -> str:
     )
 
 
-def vision_inputs(ctx: ExportContext) -> list[dict[str, Any]]:
+def vision_inputs(ctx: ExportContext, ids_dtype: str = "int64") -> list[dict[str, Any]]:
     """The vision entry's inputs: patches [L, 3*P*P] and the family's position ids ([L] or [K, L])."""
     from export.graphs import vision_position_example
 
@@ -238,7 +238,7 @@ def vision_inputs(ctx: ExportContext) -> list[dict[str, Any]]:
         raise ValueError(f"{ctx.family.name}: vision variants disagree on the position-id shape")
     return [
         io_spec("patches", ["L", cfg.vision.patch_dim], "float32"),
-        io_spec("position_ids", [*rows.pop(), "L"], "int64"),
+        io_spec("position_ids", [*rows.pop(), "L"], ids_dtype),
     ]
 
 

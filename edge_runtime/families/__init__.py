@@ -65,6 +65,9 @@ class Family:
     # stay fp32 in a half-precision graph
     fp32_keep_suffixes: tuple[str, ...] = ()
     fp32_keep_modules: tuple[str, ...] = ()
+    # random_init(name, shape, standard-normal noise) -> tensor, or None for the shared rule
+    # (checkpoint.random_init)
+    random_init: Callable[[str, tuple[int, ...], torch.Tensor], torch.Tensor | None] | None = None
     version: str | None = None  # config.json's `version`, for families sharing a model_type
     default: bool = False  # the family a config.json without `model_type` is read as
 

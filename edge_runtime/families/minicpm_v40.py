@@ -8,6 +8,7 @@ random-init and half-precision policies, and a Llama-layout tokenizer with the 4
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -138,6 +139,23 @@ def neutral_norm_value(name: str) -> float:
     return 0.0 if name.endswith(".bias") else 1.0
 
 
+def random_init(name: str, shape: tuple[int, ...], noise: torch.Tensor) -> torch.Tensor | None:
+    """Weights at their trained scale instead of 0.02 everywhere: fan-in scaled matrices, unit
+    tables and queries, so logits spread over several units and images move them. At 0.02 the
+    tiny model's logits are near-uniform (a quantized bundle then flips near-ties) and the
+    resampler's `ln_*` scales, not named `norm`, would start near zero, blanking the image."""
+    if name.startswith("resampler.ln_"):
+        return 0.02 * noise if name.endswith(".bias") else 1.0 + 0.05 * noise
+    if name.endswith(".bias") or "norm" in name:
+        return None
+    if name.endswith(("embed_tokens.weight", "position_embedding.weight")) or name == "resampler.query":
+        return noise
+    if len(shape) >= 2:
+        fan_in = math.prod(shape[1:])
+        return noise / math.sqrt(fan_in)
+    return None
+
+
 def build_tokenizer(out: Any, seed: int = 0) -> dict[str, Any]:
     """A Llama-layout tokenizer trained on our corpus, plus generation facts for the checkpoint."""
     del seed  # BPE training is deterministic
@@ -179,6 +197,7 @@ FAMILY_SPEC = register_family(
         full_vocab=FULL_VOCAB,
         validate_config=_validate,
         preprocessor=PREPROCESSOR,
+        random_init=random_init,
         fp32_keep_suffixes=("inv_freq",),
         fp32_keep_modules=("RMSNorm",),
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 from edge_runtime.backends.coreml.executor import MILProgram
 from edge_runtime.checkpoint import load_checkpoint
 
-from ..pipeline import ExportContext, GraphSet, heartbeat, io_spec, vision_output_rows
+from ..pipeline import ExportContext, GraphSet, heartbeat, io_spec, vision_inputs, vision_output_rows
 from .convert import convert_decoder, convert_embedding, convert_vision, save_multifunction
 from .lower import state_buffer_name
 from .quantize import presearch_int4_scales, quantize
@@ -95,10 +95,7 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
             "file": FILES["vision"],
             "functions": {m: f"vision_{m}" for m in ctx.family.vision_modes},
             "max_patches": max_patches,
-            "inputs": [
-                io_spec("patches", ["L", cfg.vision.patch_dim], "float32"),
-                io_spec("position_ids", ["L"], "int32"),
-            ],
+            "inputs": vision_inputs(ctx, ids_dtype="int32"),
             "outputs": [io_spec("embeds", [vision_output_rows(ctx), d], "float16")],
         },
         "token_embedding": {

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from edge_runtime.families import StateSpec, family_of
+from export.graphs import vision_position_example
 
 from . import torch_ops  # noqa: F401 - registers the index_copy converter
 from .lower import Embedding32, StatefulDecoder, VisionGraph32, export_program
@@ -104,8 +105,10 @@ def convert_vision(model: nn.Module, mode: str, max_patches: int) -> ct.models.M
     """One downsample mode, L dynamic in steps of the mode's reduction (16x: 16, 4x: 4) up to max_patches."""
     step = family_of(model.cfg).vision_reduction[mode]
     dim = torch.export.Dim(f"blocks_{mode}", min=1, max=max_patches // step)
-    example = (torch.zeros(4 * step, model.cfg.vision.patch_dim), torch.zeros(4 * step, dtype=torch.int32))
-    program = export_program(VisionGraph32(model, mode), example, ({0: step * dim}, {0: step * dim}))
+    ids = torch.from_numpy(vision_position_example(model.cfg, mode, 4 * step)).to(torch.int32)
+    example = (torch.zeros(4 * step, model.cfg.vision.patch_dim), torch.zeros_like(ids))
+    dynamic = ({0: step * dim}, {ids.ndim - 1: step * dim})
+    program = export_program(VisionGraph32(model, mode), example, dynamic)
     return _convert(program, ct.precision.FLOAT16)
 
 
