@@ -356,18 +356,16 @@ def _as_session(side: Session | Backend, assets: HostAssets | None) -> Session:
 
 
 def case_mode(case: Case, family_name: str) -> str | None:
-    """The case's vision variant for this model: its own where the family has it; the model's
-    default (None) where the family has one variant (the shared cases name 4.6's 16x / 4x); an
-    error for a variant the family lacks otherwise."""
+    """The case's vision variant for this model (`Family.case_mode`); a test double's unknown
+    family takes the case as it is."""
     try:
-        modes = family_by_name(family_name).vision_modes
-    except KeyError:  # a test double's family: take the case as it is
+        family = family_by_name(family_name)
+    except KeyError:
         return case.downsample_mode
-    if case.downsample_mode is None or case.downsample_mode in modes:
-        return case.downsample_mode
-    if len(modes) == 1:
-        return None
-    raise InputError(f"case {case.name}: downsample_mode {case.downsample_mode!r} is not one of {modes}")
+    try:
+        return family.case_mode(case.downsample_mode)
+    except ValueError as exc:
+        raise InputError(f"case {case.name}: {exc}") from None
 
 
 def _error_text(exc: BaseException) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..bench import DEFAULT_DECODE_TOKENS, DEFAULT_IMAGE, DEFAULT_PROMPT
+from ..processing.slicing import vision_mode_names
 from .options import DEFAULT_CHECKPOINT, check_prompt
 
 
@@ -24,7 +25,7 @@ from .options import DEFAULT_CHECKPOINT, check_prompt
     "--image", "images", multiple=True, type=click.Path(path_type=Path), help="Default: wide.png sample."
 )
 @click.option("--prompt", default=DEFAULT_PROMPT, show_default=True, callback=check_prompt)
-@click.option("--downsample-mode", type=click.Choice(["16x", "4x"]), default=None)
+@click.option("--downsample-mode", type=click.Choice(vision_mode_names()), default=None)
 @click.option("--max-slice-nums", type=click.IntRange(1, 64), default=None)
 @click.option(
     "--new-tokens",

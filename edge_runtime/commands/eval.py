@@ -14,7 +14,8 @@ from typing import Any
 import click
 
 from ..demo_task import DEFAULT_SEED, EVAL, EVAL_SIZE, LANGUAGES, QUESTION_TYPES, Sample, eval_samples
-from ..processing.slicing import slice_image
+from ..families import family_by_name
+from ..processing.slicing import slice_image, vision_mode_names
 from ..runtime import open_session
 from ..session import Session
 from .options import model_source, resolve_source
@@ -102,10 +103,10 @@ def _pct(value: float | None) -> str:
 @model_source
 @click.option(
     "--downsample-mode",
-    type=click.Choice(["16x", "4x", "both"]),
+    type=click.Choice([*vision_mode_names(), "both"]),
     default="both",
     show_default=True,
-    help="Which visual token compression to evaluate.",
+    help="Which visual token compression to evaluate (both: every variant the model has).",
 )
 @click.option(
     "--limit", type=click.IntRange(1), default=None, help=f"First N eval samples (default all {EVAL_SIZE})."
@@ -125,7 +126,8 @@ def eval_command(checkpoint, bundle, max_context, threads, downsample_mode, limi
     checkpoint, bundle = resolve_source(checkpoint, bundle)
     session = open_session(checkpoint, bundle, max_context=max_context or 1024, threads=threads)
     samples = eval_samples(limit or EVAL_SIZE, seed)
-    modes = ["16x", "4x"] if downsample_mode == "both" else [downsample_mode]
+    family = family_by_name(session.backend.info.family)
+    modes = list(family.vision_modes) if downsample_mode == "both" else [downsample_mode]
     t0 = time.perf_counter()
     per_mode = {m: evaluate(session, samples, m, progress=sys.stderr.isatty() or not as_json) for m in modes}
     total = sum(r["n"] for r in per_mode.values())

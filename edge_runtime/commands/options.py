@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..processing.image import DEFAULT_MAX_PIXELS
+from ..processing.slicing import vision_mode_names
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "data" / "demo-checkpoint"
 
@@ -40,7 +41,7 @@ def preprocessing(func: Callable) -> Callable:
         help="Refuse larger images (decompression-bomb guard).",
     )(func)
     func = click.option("--max-slice-nums", type=click.IntRange(1, 64), default=None)(func)
-    func = click.option("--downsample-mode", type=click.Choice(["16x", "4x"]), default=None)(func)
+    func = click.option("--downsample-mode", type=click.Choice(vision_mode_names()), default=None)(func)
     return func
 
 

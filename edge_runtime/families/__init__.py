@@ -76,6 +76,16 @@ class Family:
             raise ValueError(f"unknown preset {name!r} (choose {' or '.join(self.presets)})")
         return self.make_preset(name, vocab_size, token_ids)
 
+    def case_mode(self, mode: str | None) -> str | None:
+        """A shared case's vision variant for this family: the case's own where the family has it;
+        None (the model's default) where the family has a single variant (the shared sample cases
+        name 4.6's 16x / 4x); ValueError for a variant the family lacks otherwise."""
+        if mode is None or mode in self.vision_modes:
+            return mode
+        if len(self.vision_modes) == 1:
+            return None
+        raise ValueError(f"downsample_mode {mode!r} is not one of {self.name}'s {self.vision_modes}")
+
     def new_model(self, cfg: Any) -> torch.nn.Module:
         return self.model_class(cfg)
 

@@ -1,0 +1,147 @@
+"""MiniCPM-V 4.0 through every command: init-checkpoint, chat, the three exporters (ONNX, ExecuTorch
+with its in-graph preprocessing, Core ML through the MIL executor) and parity against the torch
+reference, plus the full preset's shape and the family's bad-input lines. The model maths itself is
+checked against transformers in test_minicpm_v40_blocks.py / test_minicpm_v40_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from edge_runtime.bundle import open_bundle_session
+from edge_runtime.checkpoint import checkpoint_tensor_specs, load_checkpoint
+from edge_runtime.cli import main
+from edge_runtime.families import family_by_name
+from edge_runtime.init_checkpoint import init_checkpoint
+from edge_runtime.parity import SAMPLES_DIR, compare, load_cases
+from edge_runtime.runtime import open_checkpoint_session
+from export.pipeline import ExportRequest, export_bundle
+
+FAMILY = "minicpm-v-4.0"
+MAX_CONTEXT = 384
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    return init_checkpoint(FAMILY, "tiny", tmp_path_factory.mktemp("v40") / "ckpt", seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt_dir):
+    return open_checkpoint_session(ckpt_dir, max_context=MAX_CONTEXT, threads=1)
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """A sliced image (3 slices) and two images; the shared cases' 16x / 4x fall back to the
+    family's single vision variant."""
+    path = tmp_path_factory.mktemp("cases") / "cases.json"
+    entries = [
+        {"name": "wide-sliced", "images": [str(SAMPLES_DIR / "wide.png")], "prompt": "Describe it."},
+        {
+            "name": "two-images-4x",
+            "images": [str(SAMPLES_DIR / "square.png"), str(SAMPLES_DIR / "tiny.png")],
+            "prompt": "Compare.",
+            "downsample_mode": "4x",
+        },
+    ]
+    path.write_text(json.dumps({"cases": entries}))
+    return load_cases(path)
+
+
+def test_config_round_trips_and_is_found_by_model_type_and_version(ckpt_dir):
+    raw = json.loads((ckpt_dir / "config.json").read_text())
+    assert (raw["model_type"], raw["version"], raw["architectures"]) == ("minicpmv", 4.0, ["MiniCPMV"])
+    ckpt = load_checkpoint(ckpt_dir)
+    assert ckpt.family.name == FAMILY
+    assert type(ckpt.config).from_hf(ckpt.config.to_hf()) == ckpt.config
+    assert sorted({k.split(".")[0] for k in ckpt.model.state_dict()}) == ["llm", "resampler", "vpm"]
+
+
+def test_full_preset_has_the_released_shapes():
+    """architectures.md §2: 32 Llama layers (DERIVED from the 3.6 B LLM), SigLIP 27 x 1152, a
+    64-query resampler into 2560, untied head: about 4.1 B parameters in all."""
+    family = family_by_name(FAMILY)
+    cfg = family.preset("full", family.full_vocab, {"<unk>": 0})
+    specs = {name: shape for name, shape, _ in checkpoint_tensor_specs(cfg, torch.float32)}
+    assert specs["llm.model.layers.31.self_attn.q_proj.weight"] == (4096, 2560)
+    assert specs["llm.model.layers.31.self_attn.k_proj.weight"] == (256, 2560)
+    assert specs["resampler.attn.in_proj_weight"] == (7680, 2560)
+    assert specs["resampler.kv_proj.weight"] == (2560, 1152)
+    assert specs["vpm.embeddings.position_embedding.weight"] == (4900, 1152)
+    assert "llm.model.layers.32.mlp.up_proj.weight" not in specs
+    llm = sum(math.prod(s) for n, s in specs.items() if n.startswith("llm."))
+    total = sum(math.prod(s) for s in specs.values())
+    assert 3.5e9 < llm < 3.7e9 and 4.0e9 < total < 4.2e9
+
+
+def test_chat_json_on_the_checkpoint(ckpt_dir, capsys):
+    image = str(SAMPLES_DIR / "wide.png")
+    code = main(
+        [
+            "chat",
+            "--checkpoint",
+            str(ckpt_dir),
+            "--image",
+            image,
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["n_slices"] == 3 and out["n_image_tokens"] == 3 * 64
+    assert out["prompt_token_ids"][0] == 1  # <s>, from the tokenizer's post-processor
+    assert len(out["token_ids"]) == 4
+
+
+@pytest.mark.parametrize(
+    "target, quant",
+    [("harmonyos", "fp32"), ("harmonyos", "int8"), ("android", "fp32"), ("ios", "fp16")],
+    ids=["onnx-fp32", "onnx-int8", "executorch-fp32", "coreml-fp16"],
+)
+def test_bundle_passes_parity(ckpt_dir, reference, cases, tmp_path, target, quant):
+    out = export_bundle(ExportRequest(ckpt_dir, tmp_path / "b", target, None, quant, MAX_CONTEXT))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["family"] == FAMILY and manifest["model"]["downsample_modes"] == ["resampler"]
+    candidate = open_bundle_session(out, threads=1)
+    report = compare(reference, candidate, cases, quant, n_steps=STEPS)
+    if quant == "int8":
+        # random weights: near-uniform logits, so int8 may flip a near-tie while decoding (a trained
+        # model's margins are far wider); vision and prefill must pass, decode stay close
+        summary = "\n".join(report.summary_lines())
+        assert report.stages["vision"]["passed"] and report.stages["prefill"]["passed"], summary
+        assert report.stages["decode"]["kl_max"] < 1e-3, summary
+        return
+    assert report.passed, "\n".join(report.summary_lines())
+    assert report.stages["greedy"]["identical_cases"] == 1.0
+
+
+def test_missing_llm_tensor_and_mup_config_are_one_line(ckpt_dir, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / "bad"
+    shutil.copytree(ckpt_dir, bad)
+    weights = load_file(bad / "model.safetensors")
+    del weights["llm.model.layers.1.mlp.up_proj.weight"]
+    save_file(weights, bad / "model.safetensors")
+    assert main(["chat", "--checkpoint", str(bad), "--prompt", "x"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "llm.model.layers.1.mlp.up_proj.weight" in err[0]
+
+    mup = tmp_path / "mup"
+    shutil.copytree(ckpt_dir, mup)
+    raw = json.loads((mup / "config.json").read_text())
+    (mup / "config.json").write_text(json.dumps({**raw, "scale_emb": 12}))
+    assert main(["chat", "--checkpoint", str(mup), "--prompt", "x"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scale_emb" in err[0]
