@@ -369,13 +369,17 @@ def open_bundle_session(
     bundle: str | Path, max_context: int | None = None, threads: int | None = None, **slice_overrides: Any
 ):
     """A Session on a bundle: its backend plus host assets read from the bundle's copies."""
+    from .families import family_by_name
     from .session import HostAssets, Session
 
     opened, backend = open_bundle(bundle, max_context=max_context, threads=threads)
     default_mode = opened.manifest.model.get("default_downsample_mode")
-    assets = HostAssets.from_dir(
-        opened.path, num_patches_per_side(opened.manifest), default_mode, **slice_overrides
-    )
+    try:
+        family = family_by_name(opened.manifest.family)
+    except KeyError:
+        family = None
+    side = num_patches_per_side(opened.manifest)
+    assets = HostAssets.from_dir(opened.path, side, default_mode, family, **slice_overrides)
     return Session(backend, assets)
 
 

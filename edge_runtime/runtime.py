@@ -18,7 +18,11 @@ def open_checkpoint_session(
     ckpt = load_checkpoint(checkpoint)
     backend = TorchBackend(ckpt, max_context=max_context or DEFAULT_MAX_CONTEXT, threads=threads)
     assets = HostAssets.from_dir(
-        checkpoint, ckpt.config.vision.num_patches_per_side, ckpt.family.vision_modes[0], **slice_overrides
+        checkpoint,
+        ckpt.config.vision.num_patches_per_side,
+        ckpt.family.vision_modes[0],
+        ckpt.family,
+        **slice_overrides,
     )
     return Session(backend, assets)
 

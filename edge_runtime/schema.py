@@ -32,7 +32,7 @@ PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Name = Annotated[str, Field(min_length=1)]
 Mode = Literal["16x", "4x"]
 # a vision variant of any family in a manifest (4.6: 16x / 4x; 4.0: resampler)
-VisionModeName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", max_length=32)]
+VisionModeName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_]*$", max_length=32)]
 LayerType = Literal["full_attention", "linear_attention"]
 DType = Literal["float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"]
 

@@ -44,11 +44,13 @@ class HostAssets:
         path: str | Path,
         num_patches_per_side: int,
         default_mode: str | None = None,
+        family: Any = None,
         **slice_overrides: Any,
     ) -> HostAssets:
         """Read host files from a checkpoint or bundle directory; CLI flags override the preprocessor
         config, and `default_mode` (the model's first vision variant) stands in where it names none
-        (a remote-code processor config has no downsample_mode)."""
+        (a remote-code processor config has no downsample_mode). `family` supplies placeholder names
+        and a chat template where the tokenizer files have none (a remote-code family)."""
         path = Path(path)
         pre_path = path / "preprocessor_config.json"
         pre = read_json_file(pre_path, "preprocessor config", CheckpointError, missing_ok=True) or {}
@@ -57,8 +59,14 @@ class HostAssets:
             slice_overrides["downsample_mode"] = default_mode
         overrides = {k: v for k, v in slice_overrides.items() if v is not None}
         slice_config = SliceConfig.from_preprocessor_config(pre, **overrides)
-        tokenizer = Tokenizer(path)
-        prompts = PromptBuilder.from_dir(path, tokenizer, use_image_id=slice_config.use_image_id)
+        tokens = getattr(family, "prompt_tokens", None)
+        tokenizer = Tokenizer(path, dict(tokens) if tokens else None)
+        prompts = PromptBuilder.from_dir(
+            path,
+            tokenizer,
+            use_image_id=slice_config.use_image_id,
+            fallback_template=getattr(family, "chat_template", None),
+        )
         return cls(tokenizer, prompts, slice_config, num_patches_per_side, tuple(tokenizer.stop_ids))
 
 

@@ -37,12 +37,17 @@ class VisionEncoderGraph(nn.Module):
 
 
 class TokenEmbeddingGraph(nn.Module):
+    """ids -> the decoder's input embeddings: the table (only that, not the model's other weights,
+    so the graph holds one tensor) times the family's embedding scale (MiniCPM muP's scale_emb)."""
+
     def __init__(self, model: nn.Module):
         super().__init__()
         self.embed_tokens = model.text_model.embed_tokens
+        self.scale = float(model.embed_scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(ids)
+        x = self.embed_tokens(ids)
+        return x * self.scale if self.scale != 1.0 else x
 
 
 class TextDecoderGraph(nn.Module):

@@ -247,7 +247,7 @@ def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str
     from edge_runtime.processing.tokenizer import Tokenizer
 
     cfg = ctx.config
-    tok = Tokenizer(ctx.checkpoint)
+    tok = Tokenizer(ctx.checkpoint, dict(ctx.family.prompt_tokens or {}) or None)
     pre_path = ctx.checkpoint / "preprocessor_config.json"
     preprocessing = json.loads(pre_path.read_text(encoding="utf-8")) if pre_path.is_file() else {}
     cache_len = ctx.max_context + ctx.chunk_size

@@ -68,6 +68,10 @@ class Family:
     # random_init(name, shape, standard-normal noise) -> tensor, or None for the shared rule
     # (checkpoint.random_init)
     random_init: Callable[[str, tuple[int, ...], torch.Tensor], torch.Tensor | None] | None = None
+    # placeholder token names and a chat template for checkpoints whose tokenizer files name none
+    # (remote-code `chat()` built the prompt in Python): see processing.tokenizer / prompt
+    prompt_tokens: Mapping[str, str] | None = None
+    chat_template: str | None = None
     version: str | None = None  # config.json's `version`, for families sharing a model_type
     default: bool = False  # the family a config.json without `model_type` is read as
 
@@ -171,3 +175,4 @@ def family_of(cfg: Any) -> Family:
 # The built-in families register themselves on import.
 from . import minicpm_v46  # noqa: E402, F401, I001 - the default family first
 from . import minicpm_v40  # noqa: E402, F401
+from . import minicpm_v20  # noqa: E402, F401, I001

@@ -43,6 +43,12 @@ class TextConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
+    # MiniCPM-1 muP (MiniCPM-V 2.0's LLM): text embeddings x scale_emb, residual branches x
+    # scale_depth / sqrt(num_layers), final hidden / (hidden_size / dim_model_base) before the head;
+    # None = plain Llama
+    scale_emb: float | None = None
+    scale_depth: float | None = None
+    dim_model_base: int | None = None
 
     def __post_init__(self) -> None:
         if self.hidden_act != "silu":
@@ -54,6 +60,9 @@ class TextConfig:
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
+        mup = (self.scale_emb, self.scale_depth, self.dim_model_base)
+        if any(v is not None for v in mup) and any(v is None for v in mup):
+            raise ValueError("muP needs all of scale_emb, scale_depth and dim_model_base")
         rope_type = self.rope_type
         if rope_type not in ("default", "longrope"):
             raise ValueError(f"unsupported rope_type {rope_type!r} (default or longrope)")
@@ -66,6 +75,21 @@ class TextConfig:
                     )
             if not isinstance(self.rope_scaling.get("original_max_position_embeddings"), int):
                 raise ValueError("rope_scaling.original_max_position_embeddings must be an integer")
+
+    @property
+    def embed_scale(self) -> float:
+        return 1.0 if self.scale_emb is None else float(self.scale_emb)
+
+    @property
+    def residual_scale(self) -> float:
+        if self.scale_depth is None:
+            return 1.0
+        return float(self.scale_depth) / math.sqrt(self.num_hidden_layers)
+
+    @property
+    def head_scale(self) -> float:
+        """Multiplier of the final hidden state before the vocabulary head."""
+        return 1.0 if self.dim_model_base is None else self.dim_model_base / self.hidden_size
 
     @property
     def layer_types(self) -> list[str]:
@@ -192,14 +216,16 @@ class LlamaModel(nn.Module):
         if self.rope_scale != 1.0:
             cos, sin = cos * self.rope_scale, sin * self.rope_scale
         x = embeds
+        scale = self.cfg.residual_scale
         new_state: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
             h, k, v = layer.self_attn(
                 layer.input_layernorm(x), positions, cos, sin, state[2 * i], state[2 * i + 1]
             )
             new_state += [k, v]
-            x = x + h
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + (h * scale if scale != 1.0 else h)
+            m = layer.mlp(layer.post_attention_layernorm(x))
+            x = x + (m * scale if scale != 1.0 else m)
         return self.norm(x), new_state
 
 
@@ -208,7 +234,17 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        self.cfg = cfg
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings as the decoder takes them (x scale_emb under muP)."""
+        x = self.model.embed_tokens(ids)
+        return x * self.cfg.embed_scale if self.cfg.embed_scale != 1.0 else x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        scale = self.cfg.head_scale
+        return self.lm_head(hidden * scale if scale != 1.0 else hidden)

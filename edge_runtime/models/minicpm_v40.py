@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from .llama_text import LlamaForCausalLM, TextConfig, state_specs
+from .llama_text import LlamaForCausalLM, TextConfig
 from .resampler import Resampler
 from .siglip_navit import VisionConfig, VisionTower
+from .vlm import LlamaVisionLanguageModel
 
 FAMILY = "minicpm-v-4.0"
 MODEL_TYPE = "minicpmv"
@@ -33,7 +33,11 @@ VISION_MODE = "resampler"
 RESAMPLER_HEAD_DIM = 128  # the remote code builds Resampler(num_heads=embed_dim // 128)
 
 # config.json keys of the Llama text model (top level in this family's config)
-_TEXT_KEYS = tuple(f.name for f in dataclasses.fields(TextConfig))
+_TEXT_KEYS = tuple(
+    f.name
+    for f in dataclasses.fields(TextConfig)
+    if f.name not in ("scale_emb", "scale_depth", "dim_model_base")
+)
 # remote-code fields without effect on the maths, written back as the release has them
 _RELEASE_FIELDS: dict[str, Any] = {
     "batch_vision_input": True,
@@ -119,9 +123,7 @@ class MiniCPMV40Config:
             if k not in ("insert_layer_id", "window_kernel_size")
         }
         vision["model_type"] = "siglip_vision_model"
-        text = dataclasses.asdict(self.text)
-        if text["rope_scaling"] is None:
-            del text["rope_scaling"]
+        text = {k: v for k, v in dataclasses.asdict(self.text).items() if v is not None}
         return {
             "architectures": [ARCHITECTURE],
             "model_type": MODEL_TYPE,
@@ -242,7 +244,7 @@ def graph_slice_position_ids(h: int, w: int, boundaries: torch.Tensor, side: int
     return torch.stack([ids.reshape(-1), rows.reshape(-1), cols.reshape(-1)])
 
 
-class MiniCPMV40(nn.Module):
+class MiniCPMV40(LlamaVisionLanguageModel):
     """The whole model; module names are the checkpoint's (`vpm.`, `resampler.`, `llm.`)."""
 
     def __init__(self, cfg: MiniCPMV40Config):
@@ -253,30 +255,6 @@ class MiniCPMV40(nn.Module):
         self.resampler = Resampler(cfg.query_num, dim, dim // RESAMPLER_HEAD_DIM, cfg.vision.hidden_size)
         self.llm = LlamaForCausalLM(cfg.text)
 
-    # where the exporters find the parts (module paths, so quantizers can match by name)
-    TEXT_MODULE = "llm.model"
-    HEAD_MODULE = "llm.lm_head"
-    VISION_MODULES = ("vpm", "resampler")
-
-    @property
-    def text_model(self) -> nn.Module:
-        """Token embedding, decoder layers, final norm and RoPE buffer."""
-        return self.get_submodule(self.TEXT_MODULE)
-
-    @property
-    def output_head(self) -> nn.Linear:
-        return self.get_submodule(self.HEAD_MODULE)
-
-    def release_vision(self) -> None:
-        """Drop the vision modules (once their graphs are out: the text graphs do not use them)."""
-        for name in self.VISION_MODULES:
-            if hasattr(self, name):
-                delattr(self, name)
-
-    def tie_weights(self) -> None:
-        if self.cfg.tie_word_embeddings:
-            self.llm.lm_head.weight = self.llm.model.embed_tokens.weight
-
     # --- graph 1: vision encoder -------------------------------------------------------------
     def encode_slice(self, patches: torch.Tensor, position_ids: torch.Tensor, mode: str) -> torch.Tensor:
         """patches [L, 3*14*14] row-major, position_ids [3, L] -> [query_num, D_llm]."""
@@ -284,29 +262,6 @@ class MiniCPMV40(nn.Module):
             raise ValueError(f"MiniCPM-V 4.0 has one vision mode, {VISION_MODE!r}; got {mode!r}")
         x = self.vpm(patches, position_ids[0], use_vit_merger=False)[0]
         return self.resampler(x, position_ids[1], position_ids[2])
-
-    # --- graph 2: token embedding ------------------------------------------------------------
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.llm.model.embed_tokens(ids)
-
-    # --- graph 3: text decoder ---------------------------------------------------------------
-    def decode(
-        self,
-        embeds: torch.Tensor,
-        start_pos: torch.Tensor,
-        n_valid: torch.Tensor,
-        state: list[torch.Tensor],
-        all_logits: bool = False,
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """embeds [1, C, D] -> logits [1, V] of the last valid token (or [C, V]) and the new state."""
-        hidden, new_state = self.llm.model(embeds, start_pos, n_valid, state)
-        if all_logits:
-            return self.llm.lm_head(hidden[0]), new_state
-        last = hidden[0].index_select(0, n_valid - 1)
-        return self.llm.lm_head(last), new_state
-
-    def new_state(self, cache_len: int, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-        return [torch.zeros(s.shape, dtype=s.dtype) for s in state_specs(self.cfg.text, cache_len, dtype)]
 
 
 def checkpoint_key_to_module(key: str) -> str | None:

@@ -16,6 +16,7 @@ from torch import nn
 
 from .qwen35_text import Qwen35TextModel, TextConfig, state_specs
 from .siglip_navit import Merger, VisionConfig, VisionTower
+from .vlm import VisionLanguageModel
 
 FAMILY = "minicpm-v-4.6"
 MODEL_TYPE = "minicpmv4_6"
@@ -149,7 +150,7 @@ def preset(name: str, vocab_size: int, image_token_id: int, video_token_id: int)
     raise ValueError(f"unknown preset {name!r} (choose tiny or full)")
 
 
-class MiniCPMV46(nn.Module):
+class MiniCPMV46(VisionLanguageModel):
     """The whole model, with module names that mirror the checkpoint (minus the `model.` prefix)."""
 
     def __init__(self, cfg: MiniCPMV46Config):
@@ -161,29 +162,9 @@ class MiniCPMV46(nn.Module):
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.tie_weights()
 
-    # where the exporters find the parts (module paths, so quantizers can match by name)
     TEXT_MODULE = "language_model"
     HEAD_MODULE = "lm_head"
     VISION_MODULES = ("vision_tower", "merger")
-
-    @property
-    def text_model(self) -> nn.Module:
-        """Token embedding, decoder layers, final norm and RoPE buffer."""
-        return self.get_submodule(self.TEXT_MODULE)
-
-    @property
-    def output_head(self) -> nn.Linear:
-        return self.get_submodule(self.HEAD_MODULE)
-
-    def release_vision(self) -> None:
-        """Drop the vision modules (once their graphs are out: the text graphs do not use them)."""
-        for name in self.VISION_MODULES:
-            if hasattr(self, name):
-                delattr(self, name)
-
-    def tie_weights(self) -> None:
-        if self.cfg.tie_word_embeddings:
-            self.lm_head.weight = self.language_model.embed_tokens.weight
 
     # --- graph 1: vision encoder -------------------------------------------------------------
     def encode_slice(self, patches: torch.Tensor, position_ids: torch.Tensor, mode: str) -> torch.Tensor:

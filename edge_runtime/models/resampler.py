@@ -9,9 +9,21 @@ come with the slice like its vision position ids.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def query_grid_sincos(dim: int, num_queries: int) -> torch.Tensor:
+    """[Q, dim]: the sin-cos of the queries' own sqrt(Q) x sqrt(Q) grid (2.0's `pos_embed`)."""
+    side = math.isqrt(num_queries)
+    rows, cols = (
+        torch.div(torch.arange(side * side), side, rounding_mode="floor"),
+        torch.arange(side * side) % side,
+    )
+    return sincos_2d(dim, rows, cols)
 
 
 def sincos_2d(dim: int, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -56,12 +68,24 @@ class PackedMultiheadAttention(nn.Module):
 
 
 class Resampler(nn.Module):
-    """`resampler.*` of a 2.5/2.6/4.0 checkpoint: 2D sin-cos on the keys only, queries without."""
+    """`resampler.*` of a 2.5/2.6/4.0 checkpoint: 2D sin-cos on the keys only, queries without.
+    With `query_pos` (MiniCPM-V 2.0, Qwen-VL style) the queries also get the stored `pos_embed`
+    (the sin-cos of their own sqrt(Q) x sqrt(Q) grid)."""
 
-    def __init__(self, num_queries: int, dim: int, num_heads: int, kv_dim: int, eps: float = 1e-6):
+    def __init__(
+        self,
+        num_queries: int,
+        dim: int,
+        num_heads: int,
+        kv_dim: int,
+        eps: float = 1e-6,
+        query_pos: bool = False,
+    ):
         super().__init__()
         self.dim = dim
         self.query = nn.Parameter(torch.zeros(num_queries, dim))
+        if query_pos:
+            self.pos_embed = nn.Parameter(torch.zeros(num_queries, dim), requires_grad=False)
         self.kv_proj = nn.Linear(kv_dim, dim, bias=False) if kv_dim != dim else nn.Identity()
         self.attn = PackedMultiheadAttention(dim, num_heads)
         self.ln_q = nn.LayerNorm(dim, eps=eps)
@@ -73,5 +97,8 @@ class Resampler(nn.Module):
         """x [L, kv_dim] vision tokens of one slice with their patch rows / cols [L] -> [Q, dim]."""
         kv = self.ln_kv(self.kv_proj(x))
         pos = sincos_2d(self.dim, rows, cols).to(kv.dtype)
-        out = self.attn(self.ln_q(self.query), kv + pos, kv)
+        query = self.ln_q(self.query)
+        if hasattr(self, "pos_embed"):
+            query = query + self.pos_embed
+        out = self.attn(query, kv + pos, kv)
         return torch.matmul(self.ln_post(out), self.proj)

@@ -116,8 +116,9 @@ def _compile(template: str) -> jinja2.Template:
         raise CheckpointError(f"chat template does not parse: {exc.message} (line {exc.lineno})") from None
 
 
-def load_chat_template(checkpoint_dir: str | Path) -> str:
-    """The checkpoint's template: chat_template.jinja, else tokenizer_config / chat_template.json."""
+def load_chat_template(checkpoint_dir: str | Path, fallback: str | None = None) -> str:
+    """The checkpoint's template: chat_template.jinja, else tokenizer_config / chat_template.json,
+    else `fallback` (a remote-code family whose `chat()` builds the prompt in Python)."""
     root = Path(checkpoint_dir)
     jinja_file = root / "chat_template.jinja"
     if jinja_file.is_file():
@@ -134,6 +135,8 @@ def load_chat_template(checkpoint_dir: str | Path) -> str:
             value = next((t.get("template") for t in value if t.get("name") == "default"), None)
         if isinstance(value, str):
             return value
+    if fallback is not None:
+        return fallback
     raise CheckpointError(f"{root}: no chat template (chat_template.jinja or tokenizer_config.json)")
 
 
@@ -194,14 +197,21 @@ def render_chat(
 
 
 def _block(tokens: Mapping[str, str], pad: str, layout: ImageLayout, per_tile: bool) -> str:
-    """`<image>pad×n</image>` then rows joined by "\\n", each row = cols × `<slice>pad×m</slice>`."""
+    """`<image>pad×n</image>` then rows joined by "\\n", each row = cols × `<slice>pad×m</slice>`.
+
+    A family may wrap tiles differently: `tile_start_token` / `tile_end_token` around each tile
+    (default the slice tokens) and `grid_start_token` / `grid_end_token` around the whole grid
+    (default none); MiniCPM-V 2.0 wraps each tile in `<image>` inside one `<slice>` block."""
     out = tokens["image_start_token"] + pad * layout.source_tokens + tokens["image_end_token"]
     if layout.grid is None:
         return out
     rows, cols = layout.grid
     counts = layout.tile_tokens if per_tile else [layout.tile_tokens[0]] * (rows * cols)
-    slices = [tokens["slice_start_token"] + pad * n + tokens["slice_end_token"] for n in counts]
-    return out + "\n".join("".join(slices[r * cols : (r + 1) * cols]) for r in range(rows))
+    start = tokens.get("tile_start_token", tokens["slice_start_token"])
+    end = tokens.get("tile_end_token", tokens["slice_end_token"])
+    slices = [start + pad * n + end for n in counts]
+    grid = "\n".join("".join(slices[r * cols : (r + 1) * cols]) for r in range(rows))
+    return out + tokens.get("grid_start_token", "") + grid + tokens.get("grid_end_token", "")
 
 
 def image_placeholder(layout: ImageLayout, tokens: Mapping[str, str]) -> str:
@@ -275,7 +285,10 @@ class PromptBuilder:
     def from_dir(
         cls, checkpoint_dir: str | Path, tokenizer: Tokenizer | None = None, **kwargs: Any
     ) -> PromptBuilder:
-        return cls(tokenizer or Tokenizer(checkpoint_dir), load_chat_template(checkpoint_dir), **kwargs)
+        fallback = kwargs.pop("fallback_template", None)
+        return cls(
+            tokenizer or Tokenizer(checkpoint_dir), load_chat_template(checkpoint_dir, fallback), **kwargs
+        )
 
     def build(
         self,

@@ -53,6 +53,10 @@ DOWNSAMPLE_MODES = ("16x", "4x")  # MiniCPM-V 4.6's, the default family's
 
 def register_vision_mode(name: str, mode: VisionMode) -> None:
     """A family adds its vision variants (families/*.py); names are unique across families."""
+    if not name.isidentifier() or not name.islower():
+        raise ValueError(
+            f"vision mode {name!r} must be a lower-case identifier (graph and method names use it)"
+        )
     if name in _MODES and _MODES[name] != mode:
         raise ValueError(f"vision mode {name!r} is already registered differently")
     _MODES[name] = mode

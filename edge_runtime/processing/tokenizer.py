@@ -46,7 +46,7 @@ REMOTE_CODE_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
         "image_id_end_token": "</image_id>",
     }
 }
-_CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
+_CHAT_TOKENS: tuple[str, ...] = ()  # no fixed chat tokens: MiniCPM-V 2.0's prompt is plain text
 # extra_special_tokens entries that are text conventions rather than vocabulary tokens
 _TEXT_MARKERS = ("image_marker",)
 # Named special tokens transformers exposes to chat templates (special_tokens_map).
@@ -83,8 +83,11 @@ def _token_str(value: Any) -> str | None:
 class Tokenizer:
     """Encode/decode with a checkpoint's tokenizer; exposes the chat and placeholder token ids."""
 
-    def __init__(self, checkpoint_dir: str | Path) -> None:
+    def __init__(self, checkpoint_dir: str | Path, default_tokens: dict[str, str] | None = None) -> None:
+        """`default_tokens`: the family's placeholder names where neither tokenizer_config.json nor
+        a known remote-code tokenizer class names them (e.g. MiniCPM-V 2.0's remote code)."""
         root = Path(checkpoint_dir)
+        self._family_tokens = default_tokens
         tok_path = root / "tokenizer.json"
         if not tok_path.is_file():
             raise CheckpointError(f"{root}: tokenizer.json not found")
@@ -120,7 +123,7 @@ class Tokenizer:
         for name in names:
             if isinstance(name, str) and name in REMOTE_CODE_SPECIAL_TOKENS:
                 return dict(REMOTE_CODE_SPECIAL_TOKENS[name])
-        return dict(DEFAULT_EXTRA_SPECIAL_TOKENS)
+        return dict(self._family_tokens or DEFAULT_EXTRA_SPECIAL_TOKENS)
 
     # ---- ids -------------------------------------------------------------------------------
     @property
@@ -149,6 +152,14 @@ class Tokenizer:
     @property
     def im_end_id(self) -> int:
         return self._id("<|im_end|>")
+
+    @property
+    def bos_id(self) -> int:
+        """The sequence opener a runner's ABI wants: the tokenizer's BOS, or ChatML's
+        `<|im_start|>` where there is none (Qwen)."""
+        bos = _token_str(self.config.get("bos_token"))
+        found = self.token_to_id(bos) if bos is not None else None
+        return found if found is not None else self._id("<|im_start|>")
 
     @property
     def endoftext_id(self) -> int | None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from edge_runtime.families import StateSpec
-from export.graphs import VisionEncoderGraph
+from export.graphs import TokenEmbeddingGraph, VisionEncoderGraph
 
 _IDENTITY_OPS = (torch.ops.aten.alias.default, torch.ops.aten.lift_fresh_copy.default)
 
@@ -54,13 +54,11 @@ class VisionGraph32(nn.Module):
         return self.inner(patches, position_ids.long())
 
 
-class Embedding32(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.embed_tokens = model.text_model.embed_tokens
+class Embedding32(TokenEmbeddingGraph):
+    """int32 ids (Core ML's integer type)."""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(ids.long())
+        return super().forward(ids.long())
 
 
 def export_program(module: nn.Module, example: tuple[torch.Tensor, ...], dynamic_shapes=None):

@@ -91,8 +91,8 @@ def export_graphs(ctx: Any) -> Any:
 
     started = time.perf_counter()
     ckpt = load_checkpoint(ctx.checkpoint)
-    tok = Tokenizer(ctx.checkpoint)
-    bos = tok.im_start_id  # Qwen3.5 has no BOS token; the runner ABI wants one: the chat turn opener
+    tok = Tokenizer(ctx.checkpoint, dict(ctx.family.prompt_tokens or {}) or None)
+    bos = tok.bos_id  # the runner ABI wants one; Qwen3.5 has none: then the chat turn opener
     meta = metadata_methods(ctx, list(tok.stop_ids), bos)
     ctx.progress(f"quantizing ({ctx.quantization})")
     model, summary = quantize_model(ckpt.model, ctx.quantization, in_place=True)

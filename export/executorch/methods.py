@@ -21,6 +21,7 @@ from torch.export import Dim, ExportedProgram, export
 
 from edge_runtime.families import family_of
 from edge_runtime.processing.slicing import vision_mode
+from export.graphs import TokenEmbeddingGraph
 
 from .custom_ops import attention_ops, delta_rule_op, fresh_state_at_position_zero
 
@@ -97,15 +98,8 @@ class StatefulDecoder(nn.Module):
         return logits
 
 
-class TokenEmbedding(nn.Module):
+class TokenEmbedding(TokenEmbeddingGraph):
     """ids [1, T] -> [1, T, D], as the multimodal runner calls it."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.embed_tokens = model.text_model.embed_tokens
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(ids)
 
 
 class ImageSliceEncoder(nn.Module):

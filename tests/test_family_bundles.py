@@ -1,7 +1,8 @@
-"""MiniCPM-V 4.0 through every command: init-checkpoint, chat, the three exporters (ONNX, ExecuTorch
-with its in-graph preprocessing, Core ML through the MIL executor) and parity against the torch
-reference, plus the full preset's shape and the family's bad-input lines. The model maths itself is
-checked against transformers in test_minicpm_v40_blocks.py / test_minicpm_v40_e2e.py."""
+"""The resampler families (MiniCPM-V 4.0 and 2.0) through every command: init-checkpoint, chat, the
+three exporters (ONNX, ExecuTorch with its in-graph preprocessing, Core ML through the MIL
+executor) and parity against the torch reference, plus the full presets' shapes and the families'
+bad-input lines. The model maths itself is checked against transformers / timm in
+test_minicpm_v40_*.py and test_minicpm_v20_reference.py."""
 
 from __future__ import annotations
 
@@ -20,14 +21,21 @@ from edge_runtime.parity import SAMPLES_DIR, compare, load_cases
 from edge_runtime.runtime import open_checkpoint_session
 from export.pipeline import ExportRequest, export_bundle
 
-FAMILY = "minicpm-v-4.0"
+FAMILIES = ("minicpm-v-4.0", "minicpm-v-2.0")
+VERSIONS = {"minicpm-v-4.0": 4.0, "minicpm-v-2.0": 2.0}
+MODES = {"minicpm-v-4.0": ["resampler"], "minicpm-v-2.0": ["adaptive"]}
 MAX_CONTEXT = 384
 STEPS = 6
 
 
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def ckpt_dir(tmp_path_factory):
-    return init_checkpoint(FAMILY, "tiny", tmp_path_factory.mktemp("v40") / "ckpt", seed=1)
+def ckpt_dir(tmp_path_factory, family):
+    return init_checkpoint(family, "tiny", tmp_path_factory.mktemp(family) / "ckpt", seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +61,20 @@ def cases(tmp_path_factory):
     return load_cases(path)
 
 
-def test_config_round_trips_and_is_found_by_model_type_and_version(ckpt_dir):
+def test_config_round_trips_and_is_found_by_model_type_and_version(ckpt_dir, family):
     raw = json.loads((ckpt_dir / "config.json").read_text())
-    assert (raw["model_type"], raw["version"], raw["architectures"]) == ("minicpmv", 4.0, ["MiniCPMV"])
+    expected = ("minicpmv", VERSIONS[family], ["MiniCPMV"])
+    assert (raw["model_type"], raw["version"], raw["architectures"]) == expected
     ckpt = load_checkpoint(ckpt_dir)
-    assert ckpt.family.name == FAMILY
+    assert ckpt.family.name == family
     assert type(ckpt.config).from_hf(ckpt.config.to_hf()) == ckpt.config
     assert sorted({k.split(".")[0] for k in ckpt.model.state_dict()}) == ["llm", "resampler", "vpm"]
 
 
-def test_full_preset_has_the_released_shapes():
+def test_full_preset_of_4_0_has_the_released_shapes():
     """architectures.md §2: 32 Llama layers (DERIVED from the 3.6 B LLM), SigLIP 27 x 1152, a
     64-query resampler into 2560, untied head: about 4.1 B parameters in all."""
-    family = family_by_name(FAMILY)
+    family = family_by_name("minicpm-v-4.0")
     cfg = family.preset("full", family.full_vocab, {"<unk>": 0})
     specs = {name: shape for name, shape, _ in checkpoint_tensor_specs(cfg, torch.float32)}
     assert specs["llm.model.layers.31.self_attn.q_proj.weight"] == (4096, 2560)
@@ -77,6 +86,24 @@ def test_full_preset_has_the_released_shapes():
     llm = sum(math.prod(s) for n, s in specs.items() if n.startswith("llm."))
     total = sum(math.prod(s) for s in specs.values())
     assert 3.5e9 < llm < 3.7e9 and 4.0e9 < total < 4.2e9
+
+
+def test_full_preset_of_2_0_has_the_released_shapes():
+    """architectures.md §1: timm so400m with its last block dropped (26 run), a 64-query resampler
+    into 2304 with the queries' own pos_embed, MiniCPM-2B (40 x 2304, MHA 36 heads, 122 753 tokens,
+    untied head): about 3.4 B parameters."""
+    family = family_by_name("minicpm-v-2.0")
+    cfg = family.preset("full", family.full_vocab, {"<unk>": 0})
+    specs = {name: shape for name, shape, _ in checkpoint_tensor_specs(cfg, torch.float32)}
+    assert specs["vpm.pos_embed"] == (1, 729, 1152)
+    assert specs["vpm.blocks.25.attn.qkv.weight"] == (3456, 1152)
+    assert "vpm.blocks.26.attn.qkv.weight" not in specs
+    assert specs["resampler.pos_embed"] == (64, 2304)
+    assert specs["resampler.attn.in_proj_weight"] == (6912, 2304)
+    assert specs["llm.model.layers.39.self_attn.k_proj.weight"] == (2304, 2304)
+    assert specs["llm.lm_head.weight"] == (122753, 2304)
+    total = sum(math.prod(s) for s in specs.values())
+    assert 3.3e9 < total < 3.5e9
 
 
 def test_chat_json_on_the_checkpoint(ckpt_dir, capsys):
@@ -107,10 +134,12 @@ def test_chat_json_on_the_checkpoint(ckpt_dir, capsys):
     [("harmonyos", "fp32"), ("harmonyos", "int8"), ("android", "fp32"), ("ios", "fp16")],
     ids=["onnx-fp32", "onnx-int8", "executorch-fp32", "coreml-fp16"],
 )
-def test_bundle_passes_parity(ckpt_dir, reference, cases, tmp_path, target, quant):
+def test_bundle_passes_parity(ckpt_dir, reference, cases, tmp_path, target, quant, family):
+    if quant == "int8" and family != "minicpm-v-4.0":
+        pytest.skip("the ONNX int8 path is the same for both Llama families; run once (test time)")
     out = export_bundle(ExportRequest(ckpt_dir, tmp_path / "b", target, None, quant, MAX_CONTEXT))
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["family"] == FAMILY and manifest["model"]["downsample_modes"] == ["resampler"]
+    assert manifest["model"]["downsample_modes"] == MODES[manifest["family"]]
     candidate = open_bundle_session(out, threads=1)
     report = compare(reference, candidate, cases, quant, n_steps=STEPS)
     if quant == "int8":
@@ -124,7 +153,7 @@ def test_bundle_passes_parity(ckpt_dir, reference, cases, tmp_path, target, quan
     assert report.stages["greedy"]["identical_cases"] == 1.0
 
 
-def test_missing_llm_tensor_and_mup_config_are_one_line(ckpt_dir, tmp_path, capsys):
+def test_missing_llm_tensor_and_mup_config_are_one_line(ckpt_dir, tmp_path, capsys, family):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -138,10 +167,15 @@ def test_missing_llm_tensor_and_mup_config_are_one_line(ckpt_dir, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "llm.model.layers.1.mlp.up_proj.weight" in err[0]
 
+    # 4.0 runs its LLM as plain Llama: a muP key is refused; 2.0's MiniCPM-2B needs all three
     mup = tmp_path / "mup"
     shutil.copytree(ckpt_dir, mup)
     raw = json.loads((mup / "config.json").read_text())
-    (mup / "config.json").write_text(json.dumps({**raw, "scale_emb": 12}))
+    if family == "minicpm-v-4.0":
+        changed = {**raw, "scale_emb": 12}
+    else:
+        changed = {k: v for k, v in raw.items() if k != "scale_depth"}
+    (mup / "config.json").write_text(json.dumps(changed))
     assert main(["chat", "--checkpoint", str(mup), "--prompt", "x"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "scale_emb" in err[0]
+    assert len(err) == 1 and ("scale_emb" in err[0] or "scale_depth" in err[0])
