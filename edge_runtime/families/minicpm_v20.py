@@ -9,14 +9,11 @@ random-init and half-precision policies, and a Llama-layout tokenizer.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..models import llama_text
 from ..models.minicpm_v20 import (
     FAMILY,
     MODEL_TYPE,
@@ -32,12 +29,17 @@ from ..models.minicpm_v20 import (
 )
 from ..models.resampler import query_grid_sincos
 from ..processing.slicing import VisionMode, register_vision_mode
-from ..schema import LlamaVLConfigSchema, validate_config
-from ..tokenizer_build_sp import build_sp_tokenizer_files
 from . import Family, register_family
+from .llama_family import (
+    materialize_buffers,
+    neutral_norm_value,
+    state_specs,
+    tokenizer_builder,
+    trained_scale_init,
+    validate,
+)
 
 FULL_VOCAB = 122753  # the released vocabulary (architectures.md §1.3)
-TINY_VOCAB = 2000
 
 register_vision_mode(
     VISION_MODE,
@@ -127,59 +129,18 @@ def make_preset(name: str, vocab_size: int, token_ids: Mapping[str, int]) -> Min
     return preset(name, vocab_size, token_ids["<unk>"])
 
 
-def state_specs(
-    cfg: MiniCPMV20Config,
-    cache_len: int,
-    kv_dtype: torch.dtype = torch.float32,
-    conv_dtype: torch.dtype | None = None,
-) -> list[llama_text.StateSpec]:
-    return llama_text.state_specs(cfg.text, cache_len, kv_dtype, conv_dtype)
-
-
-def materialize_buffers(model: MiniCPMV20) -> None:
-    model.llm.model.materialize_rope()
-
-
-def neutral_norm_value(name: str) -> float:
-    return 0.0 if name.endswith(".bias") else 1.0
-
-
 def random_init(name: str, shape: tuple[int, ...], noise: torch.Tensor) -> torch.Tensor | None:
     """Trained-scale random weights (fan-in scaled matrices, unit tables), unit LayerNorm scales
     (timm's `norm1` / `norm2` / `norm` and the resampler's `ln_*`) and the queries' true sin-cos
     `pos_embed`, which upstream freezes."""
     if name == "resampler.pos_embed":
         return query_grid_sincos(shape[1], shape[0])
-    layer_norm = name.startswith("resampler.ln_") or ".norm" in name or name.startswith("vpm.norm")
-    if layer_norm:
-        return 0.02 * noise if name.endswith(".bias") else 1.0 + 0.05 * noise
-    if name.endswith(".bias"):
-        return None
-    if name.endswith(("embed_tokens.weight", "pos_embed")) or name == "resampler.query":
-        return noise
-    if len(shape) >= 2:
-        return noise / math.sqrt(math.prod(shape[1:]))
-    return None
+    layer_norm = name.startswith(("resampler.ln_", "vpm.norm")) or ".norm" in name
+    unit = name.endswith(("embed_tokens.weight", "pos_embed")) or name == "resampler.query"
+    return trained_scale_init(name, shape, noise, layer_norm, unit)
 
 
-def build_tokenizer(out: Any, seed: int = 0) -> dict[str, Any]:
-    del seed
-    facts = build_sp_tokenizer_files(
-        Path(out),
-        added=ADDED_TOKENS,
-        chat_template=CHAT_TEMPLATE,
-        config=TOKENIZER_CONFIG,
-        vocab_size=TINY_VOCAB,
-        bos=True,
-    )
-    ids = facts["token_ids"]
-    facts["stop_token_ids"] = [ids["</s>"]]
-    facts["pad_token_id"] = ids["<unk>"]
-    return facts
-
-
-def _validate(raw: dict[str, Any], where: str, error: type) -> dict[str, Any]:
-    return validate_config(raw, where, error, schema=LlamaVLConfigSchema)
+build_tokenizer = tokenizer_builder(ADDED_TOKENS, CHAT_TEMPLATE, TOKENIZER_CONFIG, ("</s>",))
 
 
 FAMILY_SPEC = register_family(
@@ -200,7 +161,7 @@ FAMILY_SPEC = register_family(
         neutral_norm_value=neutral_norm_value,
         build_tokenizer=build_tokenizer,
         full_vocab=FULL_VOCAB,
-        validate_config=_validate,
+        validate_config=validate,
         preprocessor=PREPROCESSOR,
         random_init=random_init,
         prompt_tokens=PROMPT_TOKENS,

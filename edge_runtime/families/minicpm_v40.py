@@ -8,14 +8,11 @@ random-init and half-precision policies, and a Llama-layout tokenizer with the 4
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..models import llama_text
 from ..models.minicpm_v40 import (
     FAMILY,
     MODEL_TYPE,
@@ -30,9 +27,15 @@ from ..models.minicpm_v40 import (
     slice_position_ids,
 )
 from ..processing.slicing import VisionMode, register_vision_mode
-from ..schema import LlamaVLConfigSchema, validate_config
-from ..tokenizer_build_sp import build_sp_tokenizer_files
 from . import Family, register_family
+from .llama_family import (
+    materialize_buffers,
+    neutral_norm_value,
+    state_specs,
+    tokenizer_builder,
+    trained_scale_init,
+    validate,
+)
 
 FULL_VOCAB = 73448  # the released vocabulary (architectures.md §2.3)
 
@@ -113,68 +116,18 @@ TOKENIZER_CONFIG: dict[str, Any] = {
     "tokenizer_class": "MiniCPMVTokenizerFast",
     "auto_map": {"AutoTokenizer": [None, "tokenization_minicpmv_fast.MiniCPMVTokenizerFast"]},
 }
-TINY_VOCAB = 2000
 
 
 def make_preset(name: str, vocab_size: int, token_ids: Mapping[str, int]) -> MiniCPMV40Config:
     return preset(name, vocab_size, token_ids["<unk>"])
 
 
-def state_specs(
-    cfg: MiniCPMV40Config,
-    cache_len: int,
-    kv_dtype: torch.dtype = torch.float32,
-    conv_dtype: torch.dtype | None = None,
-) -> list[llama_text.StateSpec]:
-    return llama_text.state_specs(cfg.text, cache_len, kv_dtype, conv_dtype)
-
-
-def materialize_buffers(model: MiniCPMV40) -> None:
-    """The RoPE frequencies are not in checkpoints: rebuild them from the config."""
-    model.llm.model.materialize_rope()
-
-
-def neutral_norm_value(name: str) -> float:
-    """Every norm here (LayerNorm, Llama RMSNorm) scales by w itself: identity at 1, biases at 0."""
-    return 0.0 if name.endswith(".bias") else 1.0
-
-
 def random_init(name: str, shape: tuple[int, ...], noise: torch.Tensor) -> torch.Tensor | None:
-    """Weights at their trained scale instead of 0.02 everywhere: fan-in scaled matrices, unit
-    tables and queries, so logits spread over several units and images move them. At 0.02 the
-    tiny model's logits are near-uniform (a quantized bundle then flips near-ties) and the
-    resampler's `ln_*` scales, not named `norm`, would start near zero, blanking the image."""
-    if name.startswith("resampler.ln_"):
-        return 0.02 * noise if name.endswith(".bias") else 1.0 + 0.05 * noise
-    if name.endswith(".bias") or "norm" in name:
-        return None
-    if name.endswith(("embed_tokens.weight", "position_embedding.weight")) or name == "resampler.query":
-        return noise
-    if len(shape) >= 2:
-        fan_in = math.prod(shape[1:])
-        return noise / math.sqrt(fan_in)
-    return None
+    unit = name.endswith(("embed_tokens.weight", "position_embedding.weight")) or name == "resampler.query"
+    return trained_scale_init(name, shape, noise, name.startswith("resampler.ln_"), unit)
 
 
-def build_tokenizer(out: Any, seed: int = 0) -> dict[str, Any]:
-    """A Llama-layout tokenizer trained on our corpus, plus generation facts for the checkpoint."""
-    del seed  # BPE training is deterministic
-    facts = build_sp_tokenizer_files(
-        Path(out),
-        added=ADDED_TOKENS,
-        chat_template=CHAT_TEMPLATE,
-        config=TOKENIZER_CONFIG,
-        vocab_size=TINY_VOCAB,
-        bos=True,
-    )
-    ids = facts["token_ids"]
-    facts["stop_token_ids"] = [ids["<|im_end|>"], ids["</s>"]]
-    facts["pad_token_id"] = ids["<unk>"]
-    return facts
-
-
-def _validate(raw: dict[str, Any], where: str, error: type) -> dict[str, Any]:
-    return validate_config(raw, where, error, schema=LlamaVLConfigSchema)
+build_tokenizer = tokenizer_builder(ADDED_TOKENS, CHAT_TEMPLATE, TOKENIZER_CONFIG, ("<|im_end|>", "</s>"))
 
 
 FAMILY_SPEC = register_family(
@@ -195,7 +148,7 @@ FAMILY_SPEC = register_family(
         neutral_norm_value=neutral_norm_value,
         build_tokenizer=build_tokenizer,
         full_vocab=FULL_VOCAB,
-        validate_config=_validate,
+        validate_config=validate,
         preprocessor=PREPROCESSOR,
         random_init=random_init,
         fp32_keep_suffixes=("inv_freq",),

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .llama_text import LlamaForCausalLM, TextConfig
+from .remote_config import check_identity, parse_text, parse_vision, text_to_hf, top_fields
 from .resampler import Resampler
 from .timm_vit import VisionConfig, VisionTransformer
 from .vlm import LlamaVisionLanguageModel
@@ -36,7 +37,6 @@ RESAMPLER_HEAD_DIM = 128  # Resampler(num_heads=embed_dim // 128)
 DROPPED_BLOCK = "vpm.blocks.26."  # so400m's last (27th) block, which drop_vision_last_layer skips
 
 _MUP_KEYS = ("scale_emb", "scale_depth", "dim_model_base")
-_TEXT_KEYS = tuple(f.name for f in dataclasses.fields(TextConfig))
 _RELEASE_FIELDS: dict[str, Any] = {
     "bos_token_id": 1,
     "eos_token_id": 2,
@@ -94,32 +94,20 @@ class MiniCPMV20Config:
 
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> MiniCPMV20Config:
-        if raw.get("model_type") != MODEL_TYPE or str(raw.get("version")) != VERSION:
-            raise ValueError(
-                f"model_type/version are {raw.get('model_type')!r}/{raw.get('version')!r}, "
-                f"expected {MODEL_TYPE!r}/{VERSION}"
-            )
+        check_identity(raw, MODEL_TYPE, VERSION)
         encoder = raw.get("vision_encoder", VISION_ENCODER)
         if encoder != VISION_ENCODER:
             raise ValueError(
                 f"vision_encoder {encoder!r} is not {VISION_ENCODER!r}, the tower this family runs"
             )
-        vision_raw = raw.get("vision_config") or {}
-        if not isinstance(vision_raw, dict):
-            raise ValueError("vision_config must be an object")
-        vision = VisionConfig(**{k: v for k, v in vision_raw.items() if k in _fields(VisionConfig)})
-        text_raw = {k: raw[k] for k in _TEXT_KEYS if k in raw}
-        if "head_dim" not in text_raw and "hidden_size" in raw and "num_attention_heads" in raw:
-            text_raw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
         missing = [k for k in _MUP_KEYS if k not in raw]
         if missing:
             raise ValueError(f"lacks the MiniCPM muP keys {', '.join(missing)}")
-        text = TextConfig(**text_raw)
-        top = {k: raw[k] for k in _fields(cls) - {"vision", "text"} if k in raw}
-        return cls(vision=vision, text=text, **top)
+        top = top_fields(raw, cls, {"vision", "text"})
+        return cls(vision=parse_vision(raw, VisionConfig), text=parse_text(raw), **top)
 
     def to_hf(self) -> dict[str, Any]:
-        text = {k: v for k, v in dataclasses.asdict(self.text).items() if v is not None}
+        text = text_to_hf(self.text)
         return {
             "architectures": [ARCHITECTURE],
             "model_type": MODEL_TYPE,
@@ -135,10 +123,6 @@ class MiniCPMV20Config:
             "scale_resolution": self.scale_resolution,
             "vision_config": dataclasses.asdict(self.vision),
         }
-
-
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
 
 
 def preset_text(vocab_size: int) -> TextConfig:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .llama_text import LlamaForCausalLM, TextConfig
+from .remote_config import check_identity, parse_text, parse_vision, text_to_hf, top_fields
 from .resampler import Resampler
 from .siglip_navit import VisionConfig, VisionTower
 from .vlm import LlamaVisionLanguageModel
@@ -93,27 +94,15 @@ class MiniCPMV40Config:
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> MiniCPMV40Config:
         """Parse a remote-code config dict; unknown keys are ignored, wrong values fail loudly."""
-        if raw.get("model_type") != MODEL_TYPE or str(raw.get("version")) != VERSION:
-            raise ValueError(
-                f"model_type/version are {raw.get('model_type')!r}/{raw.get('version')!r}, "
-                f"expected {MODEL_TYPE!r}/{VERSION}"
-            )
+        check_identity(raw, MODEL_TYPE, VERSION)
         mup = [k for k in _MUP_KEYS if k in raw]
         if mup:
             raise ValueError(f"has MiniCPM muP keys {', '.join(mup)}, which a Llama LLM does not apply")
-        vision_raw = raw.get("vision_config") or {}
-        if not isinstance(vision_raw, dict):
-            raise ValueError("vision_config must be an object")
-        vision = VisionConfig(**{k: v for k, v in vision_raw.items() if k in _fields(VisionConfig)})
-        text_raw = {k: raw[k] for k in _TEXT_KEYS if k in raw}
-        if "head_dim" not in text_raw and "hidden_size" in raw and "num_attention_heads" in raw:
-            text_raw["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
-        text = TextConfig(**text_raw)
-        top = {k: raw[k] for k in _fields(cls) - {"vision", "text", "max_slice_nums"} if k in raw}
+        top = top_fields(raw, cls, {"vision", "text", "max_slice_nums"})
         slice_config = raw.get("slice_config") or {}
         if isinstance(slice_config, dict) and "max_slice_nums" in slice_config:
             top["max_slice_nums"] = slice_config["max_slice_nums"]
-        return cls(vision=vision, text=text, **top)
+        return cls(vision=parse_vision(raw, VisionConfig), text=parse_text(raw), **top)
 
     def to_hf(self) -> dict[str, Any]:
         """The config.json layout of the released remote-code checkpoint."""
@@ -123,7 +112,7 @@ class MiniCPMV40Config:
             if k not in ("insert_layer_id", "window_kernel_size")
         }
         vision["model_type"] = "siglip_vision_model"
-        text = {k: v for k, v in dataclasses.asdict(self.text).items() if v is not None}
+        text = text_to_hf(self.text)
         return {
             "architectures": [ARCHITECTURE],
             "model_type": MODEL_TYPE,
@@ -143,10 +132,6 @@ class MiniCPMV40Config:
             },
             "vision_config": vision,
         }
-
-
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
 
 
 def longrope_factors(n: int, first: float, last: float) -> list[float]:
