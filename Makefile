@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e ".[test,plot,bench]"
+	# timm, the MiniCPM-V 2.0 tower reference of the tests, without its torchvision (no CPU build for
+	# torch 2.13; tests/torchvision_standin.py stands in for the names timm reads at import)
+	$(BIN)/python -m pip install --quiet --no-deps "timm==1.0.31"
 	@touch $(STAMP)
 
 # The Node toolchain of the HarmonyOS app checks (npm ci into ~/.cache/minicpmv-edge, linked from
