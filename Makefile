@@ -42,7 +42,8 @@ ios-toolchain: setup
 test: setup harmonyos-toolchain android-toolchain android-apk-toolchain ios-toolchain
 	$(BIN)/ruff check edge_runtime export tests tools
 	$(BIN)/ruff format --check edge_runtime export tests tools
-	$(BIN)/python tools/run_pytest.py
+	# two workers, one test file each (module fixtures are built once): 11.5 min instead of 19.3 here
+	$(BIN)/python tools/run_pytest.py -n 2 --dist loadfile
 
 # The quantized ExecuTorch lowerings (~5 min each here) on top of `make test`.
 test-slow: setup

@@ -44,6 +44,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from resampler_reference import check_sincos_layout, greedy, last_logits, max_rel, rows_cols, sincos_2d
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -165,14 +166,6 @@ def special_ids(checkpoint) -> dict[str, int]:
 # helpers
 
 
-def _max_rel(ours, ref) -> float:
-    """max |ours - ref| over the reference's scale (its max |value|, at least 1)."""
-    ours = np.asarray(torch.as_tensor(ours).double())
-    ref = np.asarray(torch.as_tensor(ref).double())
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1.0))
-
-
 def _timm_tower(config: dict, vpm_state: dict[str, torch.Tensor], **kwargs) -> nn.Module:
     """The remote code's vision tower at the checkpoint's sizes, float64: timm's so400m with the
     attention-pool head replaced by Identity and the last block dropped (drop_vision_last_layer)."""
@@ -198,11 +191,6 @@ def _patches(pixels: torch.Tensor) -> torch.Tensor:
     return grid.reshape(h * w, c * PATCH * PATCH).contiguous()
 
 
-def _rows_cols(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = np.divmod(np.arange(h * w, dtype=np.int64), w)
-    return torch.from_numpy(rows), torch.from_numpy(cols)
-
-
 def _pixels(h: int, w: int, seed: int) -> torch.Tensor:
     return torch.randn(3, h * PATCH, w * PATCH, generator=torch.Generator().manual_seed(seed))
 
@@ -218,20 +206,7 @@ def _timm_features(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
 def _ours_tower(model: MiniCPMV20, pixels: torch.Tensor) -> torch.Tensor:
     h, w = pixels.shape[1] // PATCH, pixels.shape[2] // PATCH
     with torch.no_grad():
-        return model.vpm(_patches(pixels), *_rows_cols(h, w))
-
-
-def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
-def _sincos_2d(dim: int, h: int, w: int) -> np.ndarray:
-    """get_2d_sincos_pos_embed(dim, (h, w)) in float64: meshgrid(w, h) ("w goes first"), so the first
-    half of the channels encodes the column, the second the row; [h*w, dim] row-major."""
-    grid = np.stack(np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64)))
-    return np.concatenate([_sincos_1d(dim // 2, grid[0]), _sincos_1d(dim // 2, grid[1])], axis=1)
+        return model.vpm(_patches(pixels), *rows_cols(h, w))
 
 
 def _reference_resampler(state: dict[str, torch.Tensor], x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -250,7 +225,7 @@ def _reference_resampler(state: dict[str, torch.Tensor], x: torch.Tensor, h: int
 
     with torch.no_grad():
         kv = ln("ln_kv", x.double() @ p["kv_proj.weight"].T)
-        pos = torch.from_numpy(_sincos_2d(dim, h, w))
+        pos = torch.from_numpy(sincos_2d(dim, h, w))
         query = ln("ln_q", p["query"]) + p["pos_embed"]
         out = mha(query[:, None], (kv + pos)[:, None], kv[:, None], need_weights=False)[0][:, 0]
         return ln("ln_post", out) @ p["proj"]
@@ -314,7 +289,7 @@ def test_position_table_is_antialiased_bicubic(model, grid):
 
     h, w = grid
     table = model.vpm.pos_embed.detach()
-    rows, cols = _rows_cols(h, w)
+    rows, cols = rows_cols(h, w)
     with torch.no_grad():
         ours = model.vpm.position_embedding(rows, cols)
     timm_aa = resample_abs_pos_embed(table, [h, w], num_prefix_tokens=0)[0]
@@ -327,23 +302,11 @@ def test_position_table_is_antialiased_bicubic(model, grid):
 # 2. resampler
 
 
-def test_reference_sincos_layout():
-    """The float64 reference itself: column in the first half, row in the second, sin then cos."""
-    dim = 16
-    pos = _sincos_2d(dim, 3, 5)
-    row, col = 2, 3
-    omega = 1.0 / 10000 ** (np.arange(4) / 4.0)
-    expected = np.concatenate(
-        [np.sin(col * omega), np.cos(col * omega), np.sin(row * omega), np.cos(row * omega)]
-    )
-    np.testing.assert_allclose(pos[row * 5 + col], expected, rtol=0, atol=1e-15)
-
-
 def test_stored_query_pos_embed_is_the_8x8_sincos(model):
     """resampler.pos_embed, the queries' table: get_2d_sincos_pos_embed(D, 8) as the remote init."""
     side = math.isqrt(QUERY_NUM)
     stored = model.resampler.pos_embed.detach().double().numpy()
-    np.testing.assert_allclose(stored, _sincos_2d(stored.shape[1], side, side), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(stored, sincos_2d(stored.shape[1], side, side), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("grid", RESAMPLER_GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
@@ -351,11 +314,11 @@ def test_resampler_matches_float64_reference(model, grid):
     h, w = grid
     x = torch.randn(h * w, model.cfg.vision.hidden_size, generator=torch.Generator().manual_seed(h * w))
     with torch.no_grad():
-        ours = model.resampler(x, *_rows_cols(h, w))
+        ours = model.resampler(x, *rows_cols(h, w))
     ref = _reference_resampler(_resampler_state(model), x, h, w)
     assert ours.shape == (QUERY_NUM, model.cfg.text.hidden_size)
     assert ref.abs().max() > 0.5
-    err = _max_rel(ours, ref)
+    err = max_rel(ours, ref)
     assert err < TOL, f"{grid}: {err:.3g}"
 
 
@@ -366,10 +329,10 @@ def test_resampler_check_is_sensitive(model):
     x = torch.randn(h * w, model.cfg.vision.hidden_size, generator=torch.Generator().manual_seed(3))
     ref = _reference_resampler(state, x, h, w)
     with torch.no_grad():
-        swapped = model.resampler(x, *reversed(_rows_cols(h, w)))
+        swapped = model.resampler(x, *reversed(rows_cols(h, w)))
     no_query_pos = _reference_resampler({**state, "pos_embed": torch.zeros_like(state["pos_embed"])}, x, h, w)
-    assert _max_rel(swapped, ref) > 1e-2
-    assert _max_rel(no_query_pos, ref) > 1e-2
+    assert max_rel(swapped, ref) > 1e-2
+    assert max_rel(no_query_pos, ref) > 1e-2
 
 
 @pytest.mark.parametrize("grid", [(32, 32), (20, 32)], ids=lambda g: f"{g[0]}x{g[1]}")
@@ -377,10 +340,10 @@ def test_encode_slice_matches_timm_and_reference_resampler(tower, model, grid):
     h, w = grid
     pixels = _pixels(h, w, seed=11 + h)
     ref = _reference_resampler(_resampler_state(model), _timm_features(tower, pixels), h, w)
-    rows, cols = _rows_cols(h, w)
+    rows, cols = rows_cols(h, w)
     with torch.no_grad():
         ours = model.encode_slice(_patches(pixels), torch.stack([rows, cols]), "adaptive")
-    err = _max_rel(ours, ref)
+    err = max_rel(ours, ref)
     assert err < TOL, f"{grid}: {err:.3g}"
 
 
@@ -492,8 +455,8 @@ def test_llm_references_agree(llm_case):
     with torch.no_grad():
         a, b = (refs[name](input_ids=ids).logits[0] for name in LLM_REFERENCES)
         c = plain.double().eval()(input_ids=ids).logits[0]
-    assert _max_rel(a, b) < 1e-6
-    assert _max_rel(c, a) > 1e-2
+    assert max_rel(a, b) < 1e-6
+    assert max_rel(c, a) > 1e-2
 
 
 PROMPT_LEN, CHUNK, DECODE_STEPS = 40, 16, 5
@@ -545,7 +508,7 @@ def test_llm_full_prompt_logits_match(llm_case, llm_runs, ref_name):
     with torch.no_grad():
         ref = refs[ref_name](input_ids=llm_runs["prompt"][None]).logits[0]
     assert ref.abs().max() > 0.5
-    err = _max_rel(llm_runs["one_call"], ref)
+    err = max_rel(llm_runs["one_call"], ref)
     assert err < TOL, f"{name} vs {ref_name}: {err:.3g}"
 
 
@@ -556,8 +519,8 @@ def test_llm_chunked_prefill_and_decode_match(llm_case, llm_runs, ref_name):
     tokens = llm_runs["tokens"]
     with torch.no_grad():
         ref = refs[ref_name](input_ids=torch.cat([llm_runs["prompt"], torch.tensor(tokens)])[None]).logits[0]
-    prefill_err = _max_rel(llm_runs["prefill"], ref[:PROMPT_LEN])
-    decode_err = _max_rel(llm_runs["steps"], ref[PROMPT_LEN - 1 :])
+    prefill_err = max_rel(llm_runs["prefill"], ref[:PROMPT_LEN])
+    decode_err = max_rel(llm_runs["steps"], ref[PROMPT_LEN - 1 :])
     assert prefill_err < TOL, f"{name} vs {ref_name} prefill: {prefill_err:.3g}"
     assert decode_err < TOL, f"{name} vs {ref_name} decode: {decode_err:.3g}"
     assert tokens == ref[PROMPT_LEN - 1 : -1].argmax(-1).tolist()
@@ -675,26 +638,6 @@ def _splice(table: np.ndarray, scale_emb: float, ids, bounds, feats) -> np.ndarr
     return embeds
 
 
-def _greedy(llm: LlamaForCausalLM, embeds: np.ndarray, steps: int) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy decode with transformers' own KV cache; logits[i] is what token i was picked from."""
-    tokens, logits = [], []
-    with torch.no_grad():
-        out = llm(inputs_embeds=torch.from_numpy(embeds)[None], use_cache=True)
-        for _ in range(steps):
-            last = out.logits[0, -1]
-            logits.append(last.numpy())
-            tokens.append(int(last.argmax()))
-            out = llm(
-                input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True
-            )
-    return tokens, logits
-
-
-def _last_logits(llm: LlamaForCausalLM, embeds: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return llm(inputs_embeds=torch.from_numpy(embeds)[None]).logits[0, -1].numpy()
-
-
 @pytest.fixture(scope="module")
 def e2e(session, prepared, config, model, tower, hf_tokenizer, special_ids):
     """Our session's run and the reference's, for wide.png (source + 2 tiles) and the question."""
@@ -713,7 +656,7 @@ def e2e(session, prepared, config, model, tower, hf_tokenizer, special_ids):
     table = model.llm.model.embed_tokens.weight.detach().double().numpy()
     ref_embeds = _splice(table, config["scale_emb"], ids, bounds, feats)
     llm = _folded_llama(config, model.state_dict())
-    ref_tokens, ref_logits = _greedy(llm, ref_embeds, NEW_TOKENS)
+    ref_tokens, ref_logits = greedy(llm, ref_embeds, NEW_TOKENS)
 
     ours = prepared("wide")
     sampling = session.sampling(max_new_tokens=NEW_TOKENS, stop_ids=())
@@ -742,14 +685,14 @@ def test_e2e_slice_features_match_reference(e2e):
     assert len(ours) == len(e2e["feats"])
     for i, (o, r) in enumerate(zip(ours, e2e["feats"], strict=True)):
         assert np.abs(r).max() > 0.5
-        err = _max_rel(o, r)
+        err = max_rel(o, r)
         assert err < TOL, f"slice {i}: {err:.3g}"
 
 
 def test_e2e_spliced_embeddings_match_reference(e2e, config):
     """Text rows are embed x scale_emb, image rows the features as they are."""
     ours, ref = e2e["prepared"].embeds, e2e["ref_embeds"]
-    err = _max_rel(ours, ref)
+    err = max_rel(ours, ref)
     assert err < TOL, err
     # and the alternatives are far off: features scaled too, text rows unscaled
     bounds, feats = e2e["bounds"], e2e["feats"]
@@ -757,7 +700,7 @@ def test_e2e_spliced_embeddings_match_reference(e2e, config):
         e2e["table"], config["scale_emb"], e2e["ids"], bounds, [f * config["scale_emb"] for f in feats]
     )
     unscaled_text = _splice(e2e["table"], 1.0, e2e["ids"], bounds, feats)
-    assert _max_rel(ours, scaled) > 1e-2 and _max_rel(ours, unscaled_text) > 1e-2
+    assert max_rel(ours, scaled) > 1e-2 and max_rel(ours, unscaled_text) > 1e-2
 
 
 def test_e2e_greedy_tokens_match_reference(e2e):
@@ -775,10 +718,10 @@ def test_e2e_prefill_and_decode_logits_match_reference(e2e):
     ref = e2e["ref_logits"]
     assert recorded is not None and len(recorded) == NEW_TOKENS
     assert len(e2e["recorded"].timings.prefill_chunk_ms) > 1  # a chunked prefill
-    prefill_err = _max_rel(recorded[0], ref[0])
+    prefill_err = max_rel(recorded[0], ref[0])
     assert prefill_err < TOL, f"prefill: {prefill_err:.3g}"
     for step in range(1, NEW_TOKENS):
-        err = _max_rel(recorded[step], ref[step])
+        err = max_rel(recorded[step], ref[step])
         assert err < TOL, f"decode step {step}: {err:.3g}"
 
 
@@ -787,9 +730,13 @@ def test_e2e_reference_is_sensitive_to_images_and_their_order(e2e, config):
     reference's last logits move far beyond the tolerance."""
     ids, bounds, feats, table, llm = e2e["ids"], e2e["bounds"], e2e["feats"], e2e["table"], e2e["llm"]
     ref = e2e["ref_logits"][0]
-    text_only = _last_logits(llm, table[ids] * config["scale_emb"])
-    swapped = _last_logits(
+    text_only = last_logits(llm, table[ids] * config["scale_emb"])
+    swapped = last_logits(
         llm, _splice(table, config["scale_emb"], ids, bounds, [feats[0], feats[2], feats[1]])
     )
-    assert _max_rel(text_only, ref) > 1e-2
-    assert _max_rel(swapped, ref) > 10 * TOL
+    assert max_rel(text_only, ref) > 1e-2
+    assert max_rel(swapped, ref) > 10 * TOL
+
+
+def test_reference_sincos_layout():
+    check_sincos_layout()

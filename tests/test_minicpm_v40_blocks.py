@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from resampler_reference import check_sincos_layout, rows_cols, sincos_2d
 from torch import nn
 
 from edge_runtime.models.minicpm_v40 import MiniCPMV40, preset, vision_position_ids
@@ -173,22 +174,6 @@ def _idefics2_embedding_ids(h: int, w: int) -> np.ndarray:
     return ids.numpy()
 
 
-def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-    omega = np.arange(dim // 2, dtype=np.float64) / (dim / 2.0)
-    omega = 1.0 / 10000**omega
-    out = np.einsum("m,d->md", pos.reshape(-1).astype(np.float64), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
-def _sincos_2d(dim: int, h: int, w: int) -> np.ndarray:
-    """MAE / MiniCPM-V get_2d_sincos_pos_embed in float64: [h*w, dim], row-major over (row, col)."""
-    grid = np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64))  # w first
-    grid = np.stack(grid, axis=0)  # [2, h, w]; grid[0] holds the column index
-    emb_h = _sincos_1d(dim // 2, grid[0])
-    emb_w = _sincos_1d(dim // 2, grid[1])
-    return np.concatenate([emb_h, emb_w], axis=1)
-
-
 def _reference_resampler(res: nn.Module, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """float64: ln_kv(kv_proj(x)) + 2D sin-cos as keys, nn.MultiheadAttention, ln_post, @ proj."""
     dim = res.query.shape[1]
@@ -206,15 +191,10 @@ def _reference_resampler(res: nn.Module, x: torch.Tensor, h: int, w: int) -> tor
         x = x.double()
         kv_w = getattr(res.kv_proj, "weight", None)
         kv = ln(res.ln_kv, x @ kv_w.double().T if kv_w is not None else x)
-        pos = torch.from_numpy(_sincos_2d(dim, h, w))
+        pos = torch.from_numpy(sincos_2d(dim, h, w))
         query = ln(res.ln_q, res.query.double())
         out = mha(query[:, None], (kv + pos)[:, None], kv[:, None], need_weights=False)[0][:, 0]
         return ln(res.ln_post, out) @ res.proj.double()
-
-
-def _rows_cols(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = np.divmod(np.arange(h * w, dtype=np.int64), w)
-    return torch.from_numpy(rows), torch.from_numpy(cols)
 
 
 def _pixels(h: int, w: int, seed: int) -> torch.Tensor:
@@ -357,25 +337,13 @@ def test_remote_step_is_float32_not_double(size):
 # 3. resampler
 
 
-def test_reference_sincos_layout():
-    """The float64 reference itself: column in the first half, row in the second, sin then cos."""
-    dim = 16
-    pos = _sincos_2d(dim, 3, 5)
-    row, col = 2, 3
-    omega = 1.0 / 10000 ** (np.arange(4) / 4.0)
-    expected = np.concatenate(
-        [np.sin(col * omega), np.cos(col * omega), np.sin(row * omega), np.cos(row * omega)]
-    )
-    np.testing.assert_allclose(pos[row * 5 + col], expected, rtol=0, atol=1e-15)
-
-
 @pytest.mark.parametrize("grid", RESAMPLER_GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
 def test_resampler_matches_multihead_attention_and_float64_sincos(model, grid):
     h, w = grid
     res = model.resampler
     assert res.attn.in_proj_weight.shape[0] == 3 * res.query.shape[1]
     x = torch.randn(h * w, model.cfg.vision.hidden_size, generator=torch.Generator().manual_seed(h * w))
-    rows, cols = _rows_cols(h, w)
+    rows, cols = rows_cols(h, w)
     with torch.no_grad():
         ours = res(x, rows, cols)
     ref = _reference_resampler(res, x, h, w)
@@ -390,7 +358,7 @@ def test_resampler_check_is_sensitive_to_row_col_order(model):
     h, w = 5, 7
     res = model.resampler
     x = torch.randn(h * w, model.cfg.vision.hidden_size, generator=torch.Generator().manual_seed(3))
-    rows, cols = _rows_cols(h, w)
+    rows, cols = rows_cols(h, w)
     with torch.no_grad():
         swapped = res(x, cols, rows)
     assert (swapped.double() - _reference_resampler(res, x, h, w)).abs().max() > 1e-2
@@ -407,7 +375,7 @@ def test_encode_slice_matches_transformers_tower_and_reference_resampler(model, 
     ids = _remote_position_ids(h, w)
     tower = _hf_tower_output(_idefics2_tower(model), pixels, ids)
     ref = _reference_resampler(model.resampler, tower, h, w)
-    rows, cols = _rows_cols(h, w)
+    rows, cols = rows_cols(h, w)
     position_ids = torch.stack([torch.from_numpy(ids), rows, cols])
     patches = torch.from_numpy(row_major_patches(pixels.numpy(), PATCH))
     with torch.no_grad():
@@ -549,3 +517,7 @@ def test_llm_chunked_prefill_and_decode_match_llama(llm_pair):
     _assert_logits_close(torch.cat(prefill_rows), ref[:prompt_len], f"{name} prefill")
     _assert_logits_close(torch.stack(step_logits), ref[prompt_len - 1 :], f"{name} decode")
     assert tokens == ref[prompt_len - 1 : -1].argmax(-1).tolist()
+
+
+def test_reference_sincos_layout():
+    check_sincos_layout()

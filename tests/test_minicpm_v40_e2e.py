@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from resampler_reference import greedy, last_logits, max_rel, sincos_2d
 from safetensors.torch import load_file, save_file
 
 from edge_runtime import generation
@@ -231,19 +232,6 @@ def _tower_features(tower: Idefics2VisionTransformer, pixels: np.ndarray) -> np.
     return out.last_hidden_state[0].numpy()
 
 
-def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
-    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
-    out = np.einsum("m,d->md", pos.reshape(-1), omega)
-    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-
-def _sincos_2d(dim: int, h: int, w: int) -> np.ndarray:
-    """Remote get_2d_sincos_pos_embed cropped to [:h, :w]: meshgrid(w, h), so the first half of
-    the channels encodes the column index, the second the row; [h*w, dim] row-major."""
-    grid = np.stack(np.meshgrid(np.arange(w, dtype=np.float64), np.arange(h, dtype=np.float64)))
-    return np.concatenate([_sincos_1d(dim // 2, grid[0]), _sincos_1d(dim // 2, grid[1])], axis=1)
-
-
 def _layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
@@ -264,7 +252,7 @@ def _resampler(p: dict[str, np.ndarray], x: np.ndarray, h: int, w: int) -> np.nd
         return t.reshape(t.shape[0], heads, dim // heads).transpose(1, 0, 2)
 
     q = split_heads(query @ w_q.T + b_q)
-    k = split_heads((kv + _sincos_2d(dim, h, w)) @ w_k.T + b_k)
+    k = split_heads((kv + sincos_2d(dim, h, w)) @ w_k.T + b_k)
     v = split_heads(kv @ w_v.T + b_v)
     scores = q @ k.transpose(0, 2, 1) / np.sqrt(dim // heads)
     scores = np.exp(scores - scores.max(-1, keepdims=True))
@@ -325,33 +313,6 @@ def _llama(config: dict, weights: dict[str, torch.Tensor]) -> LlamaForCausalLM:
     return model.double().eval()
 
 
-def _greedy(llm: LlamaForCausalLM, embeds: np.ndarray, steps: int) -> tuple[list[int], list[np.ndarray]]:
-    """Greedy decode with transformers' own KV cache; logits[i] is what token i was picked from."""
-    tokens, logits = [], []
-    with torch.no_grad():
-        out = llm(inputs_embeds=torch.from_numpy(embeds)[None], use_cache=True)
-        for _ in range(steps):
-            last = out.logits[0, -1]
-            logits.append(last.numpy())
-            tokens.append(int(last.argmax()))
-            out = llm(
-                input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True
-            )
-    return tokens, logits
-
-
-def _last_logits(llm: LlamaForCausalLM, embeds: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return llm(inputs_embeds=torch.from_numpy(embeds)[None]).logits[0, -1].numpy()
-
-
-def _max_rel(ours, ref) -> float:
-    """max |ours - ref| over the reference's scale (its max |value|, at least 1)."""
-    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-    assert ours.shape == ref.shape, (ours.shape, ref.shape)
-    return float(np.abs(ours - ref).max() / max(np.abs(ref).max(), 1.0))
-
-
 @pytest.fixture(scope="module")
 def e2e(session, config, weights, special_ids, hf_tokenizer):
     """Our session's run and the reference's, for wide.png (sliced) and the question."""
@@ -368,7 +329,7 @@ def e2e(session, config, weights, special_ids, hf_tokenizer):
     table = weights["llm.model.embed_tokens.weight"].double().numpy()
     ref_embeds = _splice(table, ids, bounds, feats)
     llm = _llama(config, weights)
-    ref_tokens, ref_logits = _greedy(llm, ref_embeds, NEW_TOKENS)
+    ref_tokens, ref_logits = greedy(llm, ref_embeds, NEW_TOKENS)
 
     chat = session.generate(prepared, session.sampling(max_new_tokens=NEW_TOKENS, stop_ids=()))
     recorded = generation.generate(
@@ -405,12 +366,12 @@ def test_slice_features_match_reference(e2e):
     assert len(ours) == len(e2e["feats"])
     for i, (o, r) in enumerate(zip(ours, e2e["feats"], strict=True)):
         assert np.abs(r).max() > 0.5  # O(1) features, not collapsed
-        err = _max_rel(o, r)
+        err = max_rel(o, r)
         assert err < TOL, f"slice {i}: max |diff| / scale = {err:.3g}"
 
 
 def test_spliced_embeddings_match_reference(e2e):
-    err = _max_rel(e2e["prepared"].embeds, e2e["ref_embeds"])
+    err = max_rel(e2e["prepared"].embeds, e2e["ref_embeds"])
     assert err < TOL, err
 
 
@@ -431,10 +392,10 @@ def test_prefill_and_decode_logits_match_reference(e2e):
     ref = e2e["ref_logits"]
     assert np.abs(ref[0]).max() > 1.0
     assert len(e2e["recorded"].timings.prefill_chunk_ms) > 1  # a chunked prefill
-    prefill_err = _max_rel(recorded[0], ref[0])
+    prefill_err = max_rel(recorded[0], ref[0])
     assert prefill_err < TOL, f"prefill: max |diff| / scale = {prefill_err:.3g}"
     for step in range(1, NEW_TOKENS):
-        err = _max_rel(recorded[step], ref[step])
+        err = max_rel(recorded[step], ref[step])
         assert err < TOL, f"decode step {step}: max |diff| / scale = {err:.3g}"
 
 
@@ -443,7 +404,7 @@ def test_reference_is_sensitive_to_images_and_their_order(e2e):
     moves the reference's last logits far beyond its tolerance."""
     ids, bounds, feats, table, llm = e2e["ids"], e2e["bounds"], e2e["feats"], e2e["table"], e2e["llm"]
     ref = e2e["ref_logits"][0]
-    text_only = _last_logits(llm, table[ids])
-    swapped = _last_logits(llm, _splice(table, ids, bounds, [feats[0], feats[2], feats[1]]))
-    assert _max_rel(text_only, ref) > 1e-2
-    assert _max_rel(swapped, ref) > 1e-2
+    text_only = last_logits(llm, table[ids])
+    swapped = last_logits(llm, _splice(table, ids, bounds, [feats[0], feats[2], feats[1]]))
+    assert max_rel(text_only, ref) > 1e-2
+    assert max_rel(swapped, ref) > 1e-2
