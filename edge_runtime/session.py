@@ -50,10 +50,13 @@ class HostAssets:
         """Read host files from a checkpoint or bundle directory; CLI flags override the preprocessor
         config, and `default_mode` (the model's first vision variant) stands in where it names none
         (a remote-code processor config has no downsample_mode). `family` supplies placeholder names
-        and a chat template where the tokenizer files have none (a remote-code family)."""
+        a chat template and preprocessing values where the checkpoint's files have none (a
+        remote-code family)."""
         path = Path(path)
         pre_path = path / "preprocessor_config.json"
-        pre = read_json_file(pre_path, "preprocessor config", CheckpointError, missing_ok=True) or {}
+        pre = read_json_file(pre_path, "preprocessor config", CheckpointError, missing_ok=True)
+        if pre is None:  # a release without one (2.0 slices in its modeling code): the family's values
+            pre = dict(getattr(family, "preprocessor", None) or {})
         named = isinstance(pre, dict) and "downsample_mode" in pre.get("image_processor", pre)
         if default_mode is not None and not named and slice_overrides.get("downsample_mode") is None:
             slice_overrides["downsample_mode"] = default_mode

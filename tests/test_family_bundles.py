@@ -179,3 +179,17 @@ def test_missing_llm_tensor_and_mup_config_are_one_line(ckpt_dir, tmp_path, caps
     assert main(["chat", "--checkpoint", str(mup), "--prompt", "x"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and ("scale_emb" in err[0] or "scale_depth" in err[0])
+
+
+def test_checkpoint_without_preprocessor_config_slices_as_the_family_does(ckpt_dir, tmp_path):
+    """The 2.0 release ships no preprocessor_config.json (its modeling code slices): the family's
+    own values stand in, so such a directory prompts exactly as one that has the file."""
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(ckpt_dir, bare)
+    (bare / "preprocessor_config.json").unlink()
+    image = [SAMPLES_DIR / "wide.png"]
+    with_file = open_checkpoint_session(ckpt_dir, max_context=MAX_CONTEXT, threads=1).prepare("Hi", image)
+    without = open_checkpoint_session(bare, max_context=MAX_CONTEXT, threads=1).prepare("Hi", image)
+    assert without.prompt.ids == with_file.prompt.ids and without.n_slices == with_file.n_slices == 3
