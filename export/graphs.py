@@ -15,6 +15,8 @@ and CoreML states all carry the same names.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +62,79 @@ class TextDecoderGraph(nn.Module):
     ):
         logits, new_state = self.model.decode(embeds, start_pos, n_valid, list(state))
         return (logits, *new_state)
+
+
+class StatefulDecoder(nn.Module):
+    """The text decoder with its state held in buffers, written back in place after every call: the
+    one stateful wrapper of the formats that keep state inside the program (ExecuTorch's mutable
+    buffers, Core ML's states). Inputs: `embeds` [1, T, D] (token ids [1, T] when
+    `from_tokens`, ExecuTorch's `forward`), `start_pos` [1] and `n_valid` [1] (None: all T rows are
+    real, as ExecuTorch's runners call it); integer inputs of any width (Core ML's are int32).
+    Output: the logits [1, V] of the last valid position.
+
+    Where the formats differ:
+    * `buffer_name(state name)`: identifier-safe buffer names, which the bundles' manifests list;
+    * `buffer_dtype(spec)`: the buffer's dtype (default the spec's); the state is computed in fp32
+      and cast back on write (Core ML keeps fp16 states);
+    * `seq_major_cache`: KV caches laid out [1, S, n_kv, D] for kernels that update them in place
+      and hand the buffer itself back (ExecuTorch), which then needs no write-back;
+    * `fresh_at_zero(positions)`: a context in which a call at start_pos 0 starts a new sequence
+      (ExecuTorch: the conv state is multiplied by 0 and the kernel drops the recurrent state through
+      the first token's decay); the KV caches need no reset, since attention reads only positions
+      below start_pos + T, all written by the current sequence. None: the host resets the state.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        specs: list[StateSpec],
+        buffer_name: Callable[[str], str],
+        buffer_dtype: Callable[[StateSpec], torch.dtype] | None = None,
+        seq_major_cache: bool = False,
+        fresh_at_zero: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None,
+        persistent: bool = True,
+    ):
+        super().__init__()
+        self.model = model
+        self.specs = specs
+        self.names = [buffer_name(s.name) for s in specs]
+        self.conv = [s.name.endswith("conv_state") for s in specs]
+        self.fresh_at_zero = fresh_at_zero
+        for name, spec in zip(self.names, specs, strict=True):
+            shape = spec.shape
+            if seq_major_cache and spec.name.endswith(("k_cache", "v_cache")):
+                shape = (shape[0], shape[2], shape[1], shape[3])
+            dtype = spec.dtype if buffer_dtype is None else buffer_dtype(spec)
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype), persistent=persistent)
+        self.from_tokens = False  # traced as a python constant: selects which method is exported
+
+    def forward(
+        self, embeds: torch.Tensor, start_pos: torch.Tensor, n_valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # `embeds` names the graph input (Core ML's function signature); token ids when from_tokens
+        embeds = self.model.embed(embeds) if self.from_tokens else embeds
+        t = embeds.shape[1]
+        start = _as(start_pos, torch.int64)
+        valid = torch.ones_like(start) * t if n_valid is None else _as(n_valid, torch.int64)
+        buffers = [getattr(self, n) for n in self.names]
+        state = [_as(b, torch.float32) for b in buffers]
+        reset = contextlib.nullcontext()
+        if self.fresh_at_zero is not None:
+            keep = (start != 0).to(torch.float32)
+            state = [s * keep if c else s for s, c in zip(state, self.conv, strict=True)]
+            reset = self.fresh_at_zero(start + torch.arange(t))
+        with reset:
+            logits, new_state = self.model.decode(embeds, start, valid, state)
+        for buf, new in zip(buffers, new_state, strict=True):
+            if new is not buf:
+                buf.copy_(_as(new, buf.dtype))
+        return logits
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype`, the very tensor where it already is (no cast op traced, and a kernel that
+    updates a buffer in place still hands that buffer back)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def to_half_precision(model: nn.Module) -> nn.Module:

@@ -27,7 +27,7 @@ from edge_runtime.families import StateSpec, family_of
 from export.graphs import vision_position_example
 
 from . import torch_ops  # noqa: F401 - registers the index_copy converter
-from .lower import Embedding32, StatefulDecoder, VisionGraph32, export_program
+from .lower import Embedding32, VisionGraph32, export_program, stateful_decoder
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 DEPLOYMENT_TARGET = ct.target.iOS18
@@ -91,7 +91,7 @@ def _convert(program, precision) -> ct.models.MLModel:
 
 def convert_decoder(model: nn.Module, specs: list[StateSpec], chunk: int) -> ct.models.MLModel:
     """The stateful decoder at chunk length `chunk` (C > 1: chunked DeltaNet, C == 1: recurrent)."""
-    wrapper = StatefulDecoder(model, specs)
+    wrapper = stateful_decoder(model, specs)
     hidden = model.cfg.text.hidden_size
     example = (
         torch.zeros(1, chunk, hidden),

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from edge_runtime.families import StateSpec
-from export.graphs import TokenEmbeddingGraph, VisionEncoderGraph
+from export.graphs import StatefulDecoder, TokenEmbeddingGraph, VisionEncoderGraph
 
 _IDENTITY_OPS = (torch.ops.aten.alias.default, torch.ops.aten.lift_fresh_copy.default)
 
@@ -23,24 +23,16 @@ def state_buffer_name(state_name: str) -> str:
     return state_name.replace(".", "__")
 
 
-class StatefulDecoder(nn.Module):
-    """embeds [1, C, D], start_pos/n_valid int32 [1] -> logits [1, V]; state lives in buffers."""
+def stateful_decoder(
+    model: nn.Module, specs: list[StateSpec], state_dtype: torch.dtype = torch.float32
+) -> StatefulDecoder:
+    """embeds [1, C, D], start_pos / n_valid int32 [1] -> logits [1, V]; state lives in Core ML
+    states (`state_dtype`, the recurrent state fp32); the host starts a sequence with fresh states."""
 
-    def __init__(self, model: nn.Module, specs: list[StateSpec], state_dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.model = model
-        self.names = [state_buffer_name(s.name) for s in specs]
-        for spec, name in zip(specs, self.names, strict=True):
-            dtype = torch.float32 if "recurrent" in spec.name else state_dtype
-            self.register_buffer(name, torch.zeros(spec.shape, dtype=dtype))
+    def dtype(spec: StateSpec) -> torch.dtype:
+        return torch.float32 if "recurrent" in spec.name else state_dtype
 
-    def forward(self, embeds: torch.Tensor, start_pos: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
-        state = [getattr(self, n).float() for n in self.names]
-        logits, new = self.model.decode(embeds, start_pos.long(), n_valid.long(), state)
-        for name, tensor in zip(self.names, new, strict=True):
-            buf = getattr(self, name)
-            buf.copy_(tensor.to(buf.dtype))
-        return logits
+    return StatefulDecoder(model, specs, state_buffer_name, buffer_dtype=dtype)
 
 
 class VisionGraph32(nn.Module):

@@ -21,7 +21,7 @@ from torch.export import Dim, ExportedProgram, export
 
 from edge_runtime.families import family_of
 from edge_runtime.processing.slicing import vision_mode
-from export.graphs import TokenEmbeddingGraph
+from export.graphs import StatefulDecoder, TokenEmbeddingGraph
 
 from .custom_ops import attention_ops, delta_rule_op, fresh_state_at_position_zero
 
@@ -56,46 +56,21 @@ def buffer_name(state_name: str) -> str:
     return "state_" + state_name.replace(".", "_")
 
 
-class StatefulDecoder(nn.Module):
-    """The text decoder with its state held in buffers, written back in place after every call.
-
-    Inputs as ExecuTorch's runners pass them: `embeds` [1, T, D] (or token ids [1, T] when
-    `from_tokens`: the `forward` method) and `start_pos` [1]; output the logits [1, V] of the last
-    of the T positions. At start_pos 0 the DeltaNet conv and recurrent states start empty (the conv
-    state is multiplied by 0, the recurrent state is dropped through the first token's decay:
-    custom_ops.fresh_state_at_position_zero); the KV caches need no reset, since attention reads
-    only positions below start_pos + T, all written by the current sequence.
-
-    `seq_major_cache` lays the KV caches out [1, S, n_kv, D] (ExecuTorch's cache kernels update
-    them in place and hand the buffer itself back, which then needs no write-back) instead of the
-    reference's [1, n_kv, S, D]."""
-
-    def __init__(self, model: nn.Module, cache_len: int, seq_major_cache: bool = False):
-        super().__init__()
-        self.model = model
-        self.specs = family_of(model.cfg).state_specs(model.cfg, cache_len)
-        self.names = [buffer_name(s.name) for s in self.specs]
-        self.conv = [s.name.endswith("conv_state") for s in self.specs]
-        for name, spec in zip(self.names, self.specs, strict=True):
-            shape = spec.shape
-            if seq_major_cache and spec.name.endswith(("k_cache", "v_cache")):
-                shape = (shape[0], shape[2], shape[1], shape[3])
-            self.register_buffer(name, torch.zeros(shape, dtype=spec.dtype), persistent=False)
-        self.from_tokens = False  # traced as a python constant: selects which method is exported
-
-    def forward(self, inputs: torch.Tensor, start_pos: torch.Tensor) -> torch.Tensor:
-        embeds = self.model.embed(inputs) if self.from_tokens else inputs
-        t = embeds.shape[1]
-        n_valid = torch.ones_like(start_pos) * t
-        keep = (start_pos != 0).to(torch.float32)
-        buffers = [getattr(self, n) for n in self.names]
-        state = [b * keep.to(b.dtype) if c else b for b, c in zip(buffers, self.conv, strict=True)]
-        with fresh_state_at_position_zero(start_pos + torch.arange(t)):
-            logits, new_state = self.model.decode(embeds, start_pos, n_valid, state)
-        for buf, new in zip(buffers, new_state, strict=True):
-            if new is not buf:
-                buf.copy_(new)
-        return logits
+def stateful_decoder(model: nn.Module, cache_len: int, seq_major_cache: bool = False) -> StatefulDecoder:
+    """The decoder as ExecuTorch's runners call it: `embeds` [1, T, D] (token ids when `from_tokens`:
+    the `forward` method) and `start_pos` [1], state in mutable buffers (not persistent: the program
+    holds no initial state), a call at start_pos 0 starting a new sequence
+    (custom_ops.fresh_state_at_position_zero), and with `seq_major_cache` the KV layout ExecuTorch's
+    cache kernels update in place."""
+    specs = family_of(model.cfg).state_specs(model.cfg, cache_len)
+    return StatefulDecoder(
+        model,
+        specs,
+        buffer_name,
+        seq_major_cache=seq_major_cache,
+        fresh_at_zero=fresh_state_at_position_zero,
+        persistent=False,
+    )
 
 
 class TokenEmbedding(TokenEmbeddingGraph):
@@ -216,7 +191,7 @@ def export_methods(
         t = Dim("tokens", min=1, max=max_tokens)
         ids = torch.zeros(1, 4, dtype=torch.int64)
         programs[TOKEN_EMBEDDING] = export(TokenEmbedding(model), (ids,), dynamic_shapes=({1: t},))
-        decoder = StatefulDecoder(model, cache_len, seq_major_cache=attention_kernels)
+        decoder = stateful_decoder(model, cache_len, seq_major_cache=attention_kernels)
         start = torch.tensor([0])
         with delta_rule_op(True), attention_ops(attention_kernels):
             programs[DECODER] = export(decoder, (torch.zeros(1, 4, d), start), dynamic_shapes=({1: t}, None))
