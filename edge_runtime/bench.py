@@ -271,7 +271,7 @@ def _worker_open(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
             "quantization": "fp32",
             "size_bytes": _dir_bytes(path),
             # the reference computes in fp32
-            "weight_bytes_per_token": decode_weight_numel(tensors, family_of(cfg).model_class) * 4,
+            "weight_bytes_per_token": decode_weight_numel(tensors, family_of(cfg)) * 4,
         }
     else:
         bundle = load_bundle(path)

@@ -209,21 +209,14 @@ def safetensors_tensors(path: Path) -> list[TensorInfo]:
     return out
 
 
-def _text_names(model_class: type) -> tuple[str, str, str]:
-    """Checkpoint names of a family's text decoder: (prefix, head weight, embedding weight)."""
-    from .families import family_of_model_class
-
-    family = family_of_model_class(model_class)
-    prefix = family.module_key_to_checkpoint(model_class.TEXT_MODULE + ".")
-    head = family.module_key_to_checkpoint(model_class.HEAD_MODULE + ".weight")
-    return prefix, head, prefix + "embed_tokens.weight"
-
-
-def decode_weight_numel(tensors: list[TensorInfo], model_class: type) -> int:
+def decode_weight_numel(tensors: list[TensorInfo], family: Any) -> int:
     """Elements read from weights per decoded token: decoder layers + final norm + the head (not the
     embedding table: one row a token). With tied embeddings (no head stored) the head is the
-    embedding table, counted once."""
-    prefix, head, embed = _text_names(model_class)
+    embedding table, counted once. `family`: the checkpoint's (families.Family), for its names."""
+    model_class = family.model_class
+    prefix = family.module_key_to_checkpoint(model_class.TEXT_MODULE + ".")
+    head = family.module_key_to_checkpoint(model_class.HEAD_MODULE + ".weight")
+    embed = prefix + "embed_tokens.weight"
     numel = sum(t.numel for t in tensors if (t.name.startswith(prefix) and t.name != embed) or t.name == head)
     if not any(t.name == head for t in tensors):
         numel += sum(t.numel for t in tensors if t.name == embed)
@@ -376,7 +369,7 @@ def open_bundle_session(
     default_mode = opened.manifest.model.get("default_downsample_mode")
     try:
         family = family_by_name(opened.manifest.family)
-    except KeyError:
+    except KeyError:  # a bundle of a family this runtime does not know reads as the default one
         family = None
     side = num_patches_per_side(opened.manifest)
     assets = HostAssets.from_dir(opened.path, side, default_mode, family, **slice_overrides)

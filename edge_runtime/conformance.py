@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError
-from .families import family_by_name
+from .families import case_mode
 from .generation import Sampler, SamplingConfig, generate, softmax
 from .portable_rng import SplitMix64
 from .processing.image import load_image, resize
@@ -149,7 +149,7 @@ def _image_cases(session: Session, arrays: _Arrays, root: Path, say: Say) -> lis
                 res = session.assets.slice_config.scale_resolution
                 size = (3 * res + 8, 4 * res - 20)
             image = Image.fromarray(_pattern(*size, seed=len(out)))
-        config = session.slice_config(_family_mode(session, mode), max_slices)
+        config = session.slice_config(case_mode(session.backend.info.family, mode), max_slices)
         entry.update(
             _slice_entry(session, config, image, slice_image(image, config), f"images/{name}", arrays)
         )
@@ -348,14 +348,6 @@ def _generations(
 
 # ---------------------------------------------------------------------------------------------------
 # The kit
-
-
-def _family_mode(session: Session, mode: str) -> str | None:
-    """The case's mode where the model has it, else the model's default (a one-variant family)."""
-    try:
-        return family_by_name(session.backend.info.family).case_mode(mode)
-    except KeyError:
-        return mode
 
 
 def _copy_assets(model_dir: Path, root: Path, arrays: _Arrays, is_bundle: bool) -> dict[str, str]:

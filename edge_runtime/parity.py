@@ -33,7 +33,7 @@ import numpy as np
 
 from .backends.base import Backend
 from .errors import EdgeError, InputError
-from .families import family_by_name
+from .families import case_mode
 from .generation import SamplingConfig, check_context, generate, prefill, teacher_forced_logits
 from .jsonfile import read_json_file
 from .processing.slicing import prepare_image, vision_mode_names
@@ -355,19 +355,6 @@ def _as_session(side: Session | Backend, assets: HostAssets | None) -> Session:
     return Session(side, assets)
 
 
-def case_mode(case: Case, family_name: str) -> str | None:
-    """The case's vision variant for this model (`Family.case_mode`); a test double's unknown
-    family takes the case as it is."""
-    try:
-        family = family_by_name(family_name)
-    except KeyError:
-        return case.downsample_mode
-    try:
-        return family.case_mode(case.downsample_mode)
-    except ValueError as exc:
-        raise InputError(f"case {case.name}: {exc}") from None
-
-
 def _error_text(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}" if not isinstance(exc, EdgeError) else text
@@ -376,7 +363,10 @@ def _error_text(exc: BaseException) -> str:
 def _run_case(ref: Session, cand: Session, case: Case, n_steps: int) -> CaseResult:
     """One case through every stage; a candidate failure ends the case with the stage named."""
     result = CaseResult(case.name)
-    mode = case_mode(case, ref.backend.info.family)
+    try:
+        mode = case_mode(ref.backend.info.family, case.downsample_mode)
+    except ValueError as exc:
+        raise InputError(f"case {case.name}: {exc}") from None
     config = ref.slice_config(mode, case.max_slice_nums)
     images = [prepare_image(path, config) for path in case.images]
     ref_in = ref.prepare(case.prompt, images, downsample_mode=mode, max_slice_nums=case.max_slice_nums)

@@ -20,7 +20,7 @@ def open_checkpoint_session(
     assets = HostAssets.from_dir(
         checkpoint,
         ckpt.config.vision.num_patches_per_side,
-        ckpt.family.vision_modes[0],
+        ckpt.config.downsample_mode,  # the checkpoint's default variant, as its bundles record it
         ckpt.family,
         **slice_overrides,
     )

@@ -48,9 +48,9 @@ class HostAssets:
         **slice_overrides: Any,
     ) -> HostAssets:
         """Read host files from a checkpoint or bundle directory; CLI flags override the preprocessor
-        config, and `default_mode` (the model's first vision variant) stands in where it names none
-        (a remote-code processor config has no downsample_mode). `family` supplies placeholder names
-        a chat template and preprocessing values where the checkpoint's files have none (a
+        config, and `default_mode` (the model's default vision variant) stands in where it names
+        none (a remote-code processor config has no downsample_mode). `family` supplies placeholder
+        names, a chat template and preprocessing values where the checkpoint's files have none (a
         remote-code family)."""
         path = Path(path)
         pre_path = path / "preprocessor_config.json"

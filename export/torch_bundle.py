@@ -53,7 +53,7 @@ def export_graphs(ctx: ExportContext) -> GraphSet:
     (ctx.out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return GraphSet(
         graphs=_graphs(ctx),
-        decode_weight_bytes=decode_weight_numel(infos, ctx.family.model_class) * COMPUTE_BYTES,
+        decode_weight_bytes=decode_weight_numel(infos, ctx.family) * COMPUTE_BYTES,
     )
 
 

@@ -14,8 +14,6 @@ from typing import Any
 
 import numpy as np
 
-DOWNSAMPLE_MODES = ("16x", "4x")
-
 
 @dataclass(frozen=True)
 class ModelInfo:

@@ -26,6 +26,7 @@ __all__ = [
     "family_by_name",
     "family_for_config",
     "family_names",
+    "case_mode",
     "family_of",
     "register_family",
 ]
@@ -156,12 +157,14 @@ def family_for_config(raw: Mapping[str, Any]) -> Family:
     return found
 
 
-def family_of_model_class(model_class: type) -> Family:
-    """The family whose model class is `model_class`."""
-    for family in _BY_NAME.values():
-        if family.model_class is model_class:
-            return family
-    raise TypeError(f"{model_class.__name__} is no registered family's model")
+def case_mode(family_name: str, mode: str | None) -> str | None:
+    """A shared case's vision variant for a model of `family_name` (`Family.case_mode`); an unknown
+    family (a test double's) takes the case's own. ValueError for a variant the family lacks."""
+    try:
+        family = family_by_name(family_name)
+    except KeyError:
+        return mode
+    return family.case_mode(mode)
 
 
 def family_of(cfg: Any) -> Family:

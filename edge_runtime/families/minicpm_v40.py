@@ -103,6 +103,20 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("</image_id>", True),
 )
 
+# The remote tokenizer class (MiniCPMVTokenizerFast) hard-codes these names: `<unk>` fills the image
+# slots, and `chat()` marks an image in the text with "(<image>./</image>)", which the processor
+# expands; there is no video placeholder (a video is a list of frames).
+PROMPT_TOKENS = {
+    "image_token": "<unk>",
+    "image_marker": "(<image>./</image>)",
+    "image_start_token": "<image>",
+    "image_end_token": "</image>",
+    "slice_start_token": "<slice>",
+    "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>",
+    "image_id_end_token": "</image_id>",
+}
+
 TOKENIZER_CONFIG: dict[str, Any] = {
     "add_bos_token": True,
     "add_eos_token": False,
@@ -151,6 +165,7 @@ FAMILY_SPEC = register_family(
         validate_config=validate,
         preprocessor=PREPROCESSOR,
         random_init=random_init,
+        prompt_tokens=PROMPT_TOKENS,
         fp32_keep_suffixes=("inv_freq",),
         fp32_keep_modules=("RMSNorm",),
     )

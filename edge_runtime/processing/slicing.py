@@ -47,8 +47,7 @@ class VisionMode:
     graph_position_ids: Callable[..., Any] | None = None
 
 
-_MODES: dict[str, VisionMode] = {"16x": VisionMode(4), "4x": VisionMode(2)}
-DOWNSAMPLE_MODES = ("16x", "4x")  # MiniCPM-V 4.6's, the default family's
+_MODES: dict[str, VisionMode] = {"16x": VisionMode(4), "4x": VisionMode(2)}  # MiniCPM-V 4.6's
 
 
 def register_vision_mode(name: str, mode: VisionMode) -> None:

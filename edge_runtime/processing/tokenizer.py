@@ -30,23 +30,6 @@ DEFAULT_EXTRA_SPECIAL_TOKENS: dict[str, str] = {
     "image_id_start_token": "<image_id>",
     "image_id_end_token": "</image_id>",
 }
-# The remote-code tokenizer classes of older releases hard-code these names instead of listing them in
-# tokenizer_config.json: MiniCPM-V 2.6 / 4.0 fill image slots with `<unk>` and mark an image in the
-# chat text with "(<image>./</image>)" (`image_marker`), which the processor expands; they have no
-# video placeholder (a video is a list of frames).
-REMOTE_CODE_SPECIAL_TOKENS: dict[str, dict[str, str]] = {
-    "MiniCPMVTokenizerFast": {
-        "image_token": "<unk>",
-        "image_marker": "(<image>./</image>)",
-        "image_start_token": "<image>",
-        "image_end_token": "</image>",
-        "slice_start_token": "<slice>",
-        "slice_end_token": "</slice>",
-        "image_id_start_token": "<image_id>",
-        "image_id_end_token": "</image_id>",
-    }
-}
-_CHAT_TOKENS: tuple[str, ...] = ()  # no fixed chat tokens: MiniCPM-V 2.0's prompt is plain text
 # extra_special_tokens entries that are text conventions rather than vocabulary tokens
 _TEXT_MARKERS = ("image_marker",)
 # Named special tokens transformers exposes to chat templates (special_tokens_map).
@@ -84,10 +67,9 @@ class Tokenizer:
     """Encode/decode with a checkpoint's tokenizer; exposes the chat and placeholder token ids."""
 
     def __init__(self, checkpoint_dir: str | Path, default_tokens: dict[str, str] | None = None) -> None:
-        """`default_tokens`: the family's placeholder names where neither tokenizer_config.json nor
-        a known remote-code tokenizer class names them (e.g. MiniCPM-V 2.0's remote code)."""
+        """`default_tokens`: the family's placeholder names where tokenizer_config.json names none
+        (remote-code releases hard-code them in their tokenizer class; default: MiniCPM-V 4.6's)."""
         root = Path(checkpoint_dir)
-        self._family_tokens = default_tokens
         tok_path = root / "tokenizer.json"
         if not tok_path.is_file():
             raise CheckpointError(f"{root}: tokenizer.json not found")
@@ -107,23 +89,15 @@ class Tokenizer:
 
         extra = self.config.get("extra_special_tokens")
         named = {k: v for k, v in extra.items() if isinstance(v, str)} if isinstance(extra, dict) else {}
-        self.extra_special_tokens: dict[str, str] = {**self._default_tokens(), **named}
+        self.extra_special_tokens: dict[str, str] = {
+            **(default_tokens or DEFAULT_EXTRA_SPECIAL_TOKENS),
+            **named,
+        }
         vocabulary = [v for k, v in self.extra_special_tokens.items() if k not in _TEXT_MARKERS]
-        missing = [t for t in (*_CHAT_TOKENS, *vocabulary) if self.token_to_id(t) is None]
+        missing = [t for t in vocabulary if self.token_to_id(t) is None]
         if missing:
             raise CheckpointError(f"{tok_path}: tokenizer lacks MiniCPM-V tokens {', '.join(missing)}")
         self.stop_ids: tuple[int, ...] = self._read_stop_ids(tok_path)
-
-    def _default_tokens(self) -> dict[str, str]:
-        """The placeholder names of this tokenizer's class: 4.6's, or a remote-code class's own."""
-        auto = self.config.get("auto_map")
-        names = [self.config.get("tokenizer_class")]
-        if isinstance(auto, dict) and isinstance(auto.get("AutoTokenizer"), list):
-            names += [str(n).rsplit(".", 1)[-1] for n in auto["AutoTokenizer"] if n]
-        for name in names:
-            if isinstance(name, str) and name in REMOTE_CODE_SPECIAL_TOKENS:
-                return dict(REMOTE_CODE_SPECIAL_TOKENS[name])
-        return dict(self._family_tokens or DEFAULT_EXTRA_SPECIAL_TOKENS)
 
     # ---- ids -------------------------------------------------------------------------------
     @property
