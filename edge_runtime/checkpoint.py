@@ -14,7 +14,7 @@ import math
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,18 @@ from .paths import missing_reason
 from .safetensors_header import read_header
 
 WEIGHTS_FILE = "model.safetensors"
+FINITE_CHECK_CHUNK = 64 << 20  # bytes read at a time when a mapped weight is checked for NaN / inf
 INDEX_FILE = "model.safetensors.index.json"
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """Where a memory-mapped weight's bytes lie in its safetensors file (little-endian fp32)."""
+
+    file: Path
+    offset: int
+    length: int
 
 
 @dataclass
@@ -42,6 +52,8 @@ class Checkpoint:
     config: Any  # the family's config class
     raw_config: dict[str, Any]
     model: torch.nn.Module  # the family's model class
+    # data_ptr -> file range of every weight that is a view of the memory-mapped file (mapped=True)
+    mapped: dict[int, FileSlice] = field(default_factory=dict)
 
     @property
     def family(self) -> Family:
@@ -98,16 +110,61 @@ def weight_files(path: Path) -> list[Path]:
 
 def iter_checkpoint_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (checkpoint name, tensor) from every weight file, memory-mapped."""
+    for name, tensor, _ in _iter_tensors(path, mapped=False):
+        yield name, tensor
+
+
+def _iter_tensors(path: Path, mapped: bool) -> Iterator[tuple[str, torch.Tensor, FileSlice | None]]:
+    """(name, tensor, its file range or None). `mapped`: fp32 tensors are zero-copy views of the
+    file (copy-on-write pages, read only where something touches them); others are read."""
     for file in weight_files(path):
         _check_safetensors_size(file)
+        header_len, header = read_header(file, CheckpointError)
+        views = {k: e for k, e in header.items() if mapped and k != "__metadata__" and _mappable(e)}
+        for key, entry in views.items():
+            start, end = entry["data_offsets"]
+            offset = 8 + header_len + start
+            array = np.memmap(file, dtype=np.float32, mode="c", offset=offset, shape=tuple(entry["shape"]))
+            yield key, torch.from_numpy(array), FileSlice(file, offset, end - start)
         try:
             with safe_open(str(file), framework="pt") as handle:
                 for name in handle.keys():  # noqa: SIM118 - safe_open is not a dict
-                    yield name, handle.get_tensor(name)
+                    if name not in views:
+                        yield name, handle.get_tensor(name), None
         except CheckpointError:
             raise
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"{file}: unreadable safetensors file ({exc})") from None
+
+
+def _mappable(entry: Any) -> bool:
+    shape = entry.get("shape") if isinstance(entry, dict) else None
+    return (
+        entry.get("dtype") == "F32"
+        and isinstance(shape, list)
+        and len(shape) >= 1
+        and all(type(d) is int and d > 0 for d in shape)
+    )
+
+
+def _all_finite(tensor: torch.Tensor, where: FileSlice | None) -> bool:
+    if where is not None:
+        return _finite_on_disk(where)
+    return not tensor.is_floating_point() or bool(torch.isfinite(tensor).all())
+
+
+def _finite_on_disk(where: FileSlice) -> bool:
+    """NaN / inf check of a mapped weight that reads the file in chunks instead of touching the
+    mapping, so the check leaves no weight pages resident in this process."""
+    with where.file.open("rb") as fh:
+        fh.seek(where.offset)
+        left = where.length
+        while left > 0:
+            chunk = fh.read(min(left, FINITE_CHECK_CHUNK))
+            if not chunk or not np.isfinite(np.frombuffer(chunk, dtype=np.float32)).all():
+                return False
+            left -= len(chunk)
+    return True
 
 
 def _check_safetensors_size(file: Path) -> None:
@@ -134,8 +191,14 @@ def _check_safetensors_size(file: Path) -> None:
         raise CheckpointError(f"{file}: truncated ({size} bytes, header promises {need})")
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Checkpoint:
-    """Load a checkpoint directory into the reference model (eval mode, `dtype` weights)."""
+def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32, mapped: bool = False) -> Checkpoint:
+    """Load a checkpoint directory into the reference model (eval mode, `dtype` weights).
+
+    `mapped` (fp32 only): the fp32 weights stay views of the memory-mapped files, so loading a
+    16 GB checkpoint costs no memory until a weight is read; the streaming exporter reads them one
+    at a time (export/onnx/mapped.py). `Checkpoint.mapped` says where each one lies."""
+    if mapped and dtype != torch.float32:
+        raise ValueError("mapped loading gives fp32 weights only")
     path = Path(path)
     cfg, raw = read_config(path)
     family = family_of(cfg)
@@ -151,7 +214,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
     unexpected: list[str] = []
     misshaped: list[str] = []
     nonfinite: list[str] = []
-    for name, tensor in iter_checkpoint_tensors(path):
+    slices: dict[str, FileSlice] = {}
+    for name, tensor, where in _iter_tensors(path, mapped):
         key = checkpoint_key_to_module(name)
         if key is None or (tied and key == "lm_head.weight"):
             continue
@@ -159,10 +223,12 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
             unexpected.append(name)
         elif tuple(tensor.shape) != expected[key]:
             misshaped.append(f"{name} {list(tensor.shape)} != {list(expected[key])}")
-        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        elif not _all_finite(tensor, where):
             nonfinite.append(name)
         else:
             loaded[key] = tensor.to(dtype)
+            if where is not None:
+                slices[key] = where
     if nonfinite:  # a weight file damaged, or a training run that diverged
         raise CheckpointError(
             f"{path}: NaN or infinite weights in {len(nonfinite)} tensor(s): {_short_list(nonfinite)}"
@@ -182,7 +248,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32) -> Che
     model.load_state_dict(loaded, strict=False, assign=True)
     family.materialize_buffers(model)
     model.tie_weights()
-    return Checkpoint(path=path, config=cfg, raw_config=raw, model=model.eval())
+    by_pointer = {loaded[k].data_ptr(): where for k, where in slices.items()}
+    return Checkpoint(path=path, config=cfg, raw_config=raw, model=model.eval(), mapped=by_pointer)
 
 
 def _short_list(items: list[str], limit: int = 6) -> str:

@@ -103,11 +103,6 @@ class ExportRequest:
     onnx_fusions: bool = True  # ONNX: decoder contrib ops; False = standard ops only
 
 
-def io_spec(name: str, shape: list, dtype: str) -> dict[str, Any]:
-    """One graph input/output as the manifest describes it (docs/bundle.md)."""
-    return {"name": name, "shape": shape, "dtype": dtype}
-
-
 @contextlib.contextmanager
 def heartbeat(say: Progress, stage: str, every_s: float = 30.0) -> Iterator[None]:
     """Report `stage ... N s` every `every_s` while a long call that has no progress of its own runs
@@ -213,32 +208,6 @@ def state_entries(specs: list) -> list[dict[str, Any]]:
     """The manifest's `state` list for these StateSpecs: name, shape and numpy dtype name."""
     return [
         {"name": s.name, "shape": list(s.shape), "dtype": str(s.dtype).removeprefix("torch.")} for s in specs
-    ]
-
-
-def vision_output_rows(ctx: ExportContext) -> str:
-    """The vision entry's output rows per variant of the family, e.g. "L/16 (16x) or L/4 (4x)", or
-    "64 (resampler)" for a fixed-token variant."""
-    from edge_runtime.processing.slicing import vision_mode
-
-    reduction = ctx.family.vision_reduction
-    return " or ".join(
-        f"{ctx.config.query_num} ({m})" if vision_mode(m).fixed_tokens else f"L/{reduction[m]} ({m})"
-        for m in ctx.family.vision_modes
-    )
-
-
-def vision_inputs(ctx: ExportContext, ids_dtype: str = "int64") -> list[dict[str, Any]]:
-    """The vision entry's inputs: patches [L, 3*P*P] and the family's position ids ([L] or [K, L])."""
-    from export.graphs import vision_position_example
-
-    cfg = ctx.config
-    rows = {vision_position_example(cfg, m, 1).shape[:-1] for m in ctx.family.vision_modes}
-    if len(rows) != 1:
-        raise ValueError(f"{ctx.family.name}: vision variants disagree on the position-id shape")
-    return [
-        io_spec("patches", ["L", cfg.vision.patch_dim], "float32"),
-        io_spec("position_ids", [*rows.pop(), "L"], ids_dtype),
     ]
 
 

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from edge_runtime.bundle import TensorInfo, decode_weight_numel
 from edge_runtime.checkpoint import WEIGHTS_FILE, weight_files, write_safetensors
 
-from .pipeline import ExportContext, GraphSet, io_spec, vision_inputs, vision_output_rows
+from .graph_table import TableStyle, graph_table
+from .pipeline import ExportContext, GraphSet
 
 SUPPORTED_QUANTIZATIONS = ("fp32", "fp16")
 _STORE = {"fp32": torch.float32, "fp16": torch.float16}
@@ -58,33 +59,12 @@ def export_graphs(ctx: ExportContext) -> GraphSet:
 
 
 def _graphs(ctx: ExportContext) -> dict:
-    """The three entry points; symbolic dims are strings (L patches, T tokens, C chunk)."""
-    cfg = ctx.config
-    d, v = cfg.text.hidden_size, cfg.text.vocab_size
+    """The three entry points as methods of the reference model in `weights.safetensors`."""
     weights = {"file": WEIGHTS_FILE, "config": "config.json"}
-    return {
-        "vision_encoder": {
-            **weights,
-            "method": "encode_slice",
-            "modes": list(ctx.family.vision_modes),
-            "inputs": vision_inputs(ctx),
-            "outputs": [io_spec("embeds", [vision_output_rows(ctx), d], "float32")],
-        },
-        "token_embedding": {
-            **weights,
-            "method": "embed",
-            "inputs": [io_spec("ids", ["T"], "int64")],
-            "outputs": [io_spec("embeds", ["T", d], "float32")],
-        },
-        "text_decoder": {
-            **weights,
-            "method": "decode",
-            "state": "in_out",
-            "inputs": [
-                io_spec("embeds", [1, "C (prefill) or 1 (decode)", d], "float32"),
-                io_spec("start_pos", [1], "int64"),
-                io_spec("n_valid", [1], "int64"),
-            ],
-            "outputs": [io_spec("logits", [1, v], "float32")],
-        },
-    }
+    return graph_table(
+        ctx,
+        TableStyle(),
+        vision={**weights, "method": "encode_slice", "modes": list(ctx.family.vision_modes)},
+        embedding={**weights, "method": "embed"},
+        decoder={**weights, "method": "decode", "state": "in_out"},
+    )

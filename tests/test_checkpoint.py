@@ -146,3 +146,30 @@ def test_console_script_exit_codes(tmp_path):
     unknown = subprocess.run([*exe, "chat", "--bogus-flag"], capture_output=True, text=True)
     assert unknown.returncode == 2
     assert unknown.stderr.strip().splitlines() == ["error: No such option '--bogus-flag'."]
+
+
+def test_mapped_loading_keeps_weights_in_the_file(tiny_dir, tmp_path):
+    """load_checkpoint(mapped=True): every fp32 weight of the model is a view of the memory-mapped
+    file (Checkpoint.mapped says where its bytes lie), equal to the read-in weight; a NaN in the
+    file is still found (checked from the file in chunks, leaving the mapping untouched)."""
+    from edge_runtime.checkpoint import CheckpointError
+
+    eager = load_checkpoint(tiny_dir).model.state_dict()
+    loaded = load_checkpoint(tiny_dir, mapped=True)
+    params = dict(loaded.model.named_parameters())
+    views = {name: p for name, p in params.items() if p.data_ptr() in loaded.mapped}
+    assert len(views) == len(params)  # the tiny checkpoint is all fp32
+    for name, param in views.items():
+        where = loaded.mapped[param.data_ptr()]
+        assert where.length == param.numel() * 4
+        with where.file.open("rb") as fh:
+            fh.seek(where.offset)
+            assert fh.read(16) == param.detach().flatten()[:4].numpy().tobytes(), name
+        assert torch.equal(param, eager[name]), name
+
+    ckpt = _copy(tiny_dir, tmp_path)
+    tensors = load_file(ckpt / "model.safetensors")
+    tensors["model.language_model.layers.0.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, ckpt / "model.safetensors")
+    with pytest.raises(CheckpointError, match="NaN or infinite weights in 1 tensor"):
+        load_checkpoint(ckpt, mapped=True)

@@ -18,7 +18,8 @@ from pathlib import Path
 from edge_runtime.backends.coreml.executor import MILProgram
 from edge_runtime.checkpoint import load_checkpoint
 
-from ..pipeline import ExportContext, GraphSet, heartbeat, io_spec, vision_inputs, vision_output_rows
+from ..graph_table import TableStyle, graph_table
+from ..pipeline import ExportContext, GraphSet, heartbeat
 from .convert import convert_decoder, convert_embedding, convert_vision, save_multifunction
 from .lower import state_buffer_name
 from .quantize import presearch_int4_scales, quantize
@@ -89,34 +90,23 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
     if [st.name for st in decode_fn.states] != [state_buffer_name(s.name) for s in specs]:
         raise RuntimeError("Core ML state order differs from state_specs")
     weight_bytes = decoder.weight_bytes_by_dtype()
-    d, v = cfg.text.hidden_size, cfg.text.vocab_size
-    graphs = {
-        "vision_encoder": {
+    graphs = graph_table(
+        ctx,
+        TableStyle(ints="int32", outputs="float16"),
+        vision={
             "file": FILES["vision"],
             "functions": {m: f"vision_{m}" for m in ctx.family.vision_modes},
             "max_patches": max_patches,
-            "inputs": vision_inputs(ctx, ids_dtype="int32"),
-            "outputs": [io_spec("embeds", [vision_output_rows(ctx), d], "float16")],
         },
-        "token_embedding": {
-            "file": FILES["embedding"],
-            "inputs": [io_spec("ids", ["T"], "int32")],
-            "outputs": [io_spec("embeds", ["T", d], "float16")],
-        },
-        "text_decoder": {
+        embedding={"file": FILES["embedding"]},
+        decoder={
             "file": FILES["decoder"],
             "functions": {"prefill": "prefill", "decode": "decode"},
             "chunk": {"prefill": ctx.chunk_size, "decode": 1},
             "cache_len": cache_len,
             "state": "mlstate",
-            "inputs": [
-                io_spec("embeds", [1, "C (prefill) or 1 (decode)", d], "float32"),
-                io_spec("start_pos", [1], "int32"),
-                io_spec("n_valid", [1], "int32"),
-            ],
-            "outputs": [io_spec("logits", [1, v], "float16")],
         },
-    }
+    )
     extra = {
         "coreml": {
             "minimum_deployment_target": "iOS18",

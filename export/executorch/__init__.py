@@ -13,7 +13,8 @@ import os
 import time
 from typing import Any
 
-from ..pipeline import heartbeat, io_spec
+from ..graph_table import TableStyle, graph_table
+from ..pipeline import heartbeat
 from .custom_ops import ATTENTION_OPS
 from .custom_ops import OP_NAME as DELTA_RULE_OP
 from .lower import DEFAULT_MAX_UNDELEGATED, check_delegation, lower, to_pte_bytes
@@ -129,7 +130,7 @@ def export_graphs(ctx: Any) -> Any:
     (ctx.out / PTE_FILE).write_bytes(data)
     ctx.progress(f"model.pte: {len(data) / 1e6:.1f} MB in {time.perf_counter() - started:.0f} s")
     return GraphSet(
-        graphs=graph_table(ctx, max_side, default_mode),
+        graphs=manifest_graphs(ctx, max_side, default_mode),
         decode_weight_bytes=summary.decode_weight_bytes,
         extra={
             "executorch": {
@@ -169,28 +170,22 @@ def _specs(ctx: Any, cache_len: int) -> list[Any]:
     return ctx.family.state_specs(ctx.config, cache_len)
 
 
-def graph_table(ctx: Any, max_side: int, default_mode: str) -> dict[str, Any]:
-    """The manifest's `graphs`: every entry point names its method in model.pte."""
-    cfg = ctx.config
-    d, v = cfg.text.hidden_size, cfg.text.vocab_size
+def manifest_graphs(ctx: Any, max_side: int, default_mode: str) -> dict[str, Any]:
+    """The manifest's `graphs`: every entry point names its method in model.pte; the vision methods
+    take the image (preprocessing in the graph) and the decoder keeps its state in mutable buffers."""
     methods = vision_methods(default_mode, ctx.family.vision_modes)
-    return {
-        "vision_encoder": {
+    return graph_table(
+        ctx,
+        TableStyle(batch_axis=True, chunked=False, pixels_in=True),
+        vision={
             "file": PTE_FILE,
             "methods": methods,
             "modes": list(methods),
             "input": "image",
             "max_side_patches": max_side,
-            "inputs": [io_spec("image", [1, 3, "H", "W"], "uint8")],
-            "outputs": [io_spec("embeds", [1, "H*W/(14*14*16) (16x) or /(14*14*4) (4x)", d], "float32")],
         },
-        "token_embedding": {
-            "file": PTE_FILE,
-            "method": TOKEN_EMBEDDING,
-            "inputs": [io_spec("ids", [1, "T"], "int64")],
-            "outputs": [io_spec("embeds", [1, "T", d], "float32")],
-        },
-        "text_decoder": {
+        embedding={"file": PTE_FILE, "method": TOKEN_EMBEDDING},
+        decoder={
             "file": PTE_FILE,
             # one method for both: T is dynamic; `forward` is the same decoder taking token ids
             # (ExecuTorch's TextLLMRunner), sharing the state
@@ -198,10 +193,5 @@ def graph_table(ctx: Any, max_side: int, default_mode: str) -> dict[str, Any]:
             "state": "mutable_buffers",
             "max_tokens": max_seq_len(ctx.chunk_size, ctx.max_context),
             "reset": "start_pos == 0",
-            "inputs": [
-                io_spec("embeds", [1, "T", d], "float32"),
-                io_spec("start_pos", [1], "int64"),
-            ],
-            "outputs": [io_spec("logits", [1, v], "float32")],
         },
-    }
+    )

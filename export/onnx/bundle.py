@@ -18,7 +18,8 @@ from torch import nn
 from edge_runtime.checkpoint import load_checkpoint
 from edge_runtime.errors import EdgeError
 
-from ..pipeline import ExportContext, GraphSet, io_spec, state_entries, vision_inputs, vision_output_rows
+from ..graph_table import TableStyle, graph_table
+from ..pipeline import ExportContext, GraphSet, state_entries
 from .check import check_graphs
 from .fuse import FUSIONS, contrib_op_counts
 from .lower import describe, graph_names, kv_dtype, lower_graph, prepare, release_vision
@@ -71,40 +72,26 @@ def onnx_state(ctx: ExportContext, cache_len: int) -> list[dict[str, Any]]:
 
 
 def manifest_graphs(ctx: ExportContext, cache_len: int, state: list[dict[str, Any]]) -> dict[str, Any]:
-    cfg = ctx.config
-    d, v = cfg.text.hidden_size, cfg.text.vocab_size
-    past = [io_spec(f"past.{s['name']}", s["shape"], s["dtype"]) for s in state]
-    present = [io_spec(f"present.{s['name']}", s["shape"], s["dtype"]) for s in state]
-    return {
-        "vision_encoder": {
-            "files": {m: FILES[f"vision_{m}"] for m in ctx.family.vision_modes},
-            "inputs": vision_inputs(ctx),
-            "outputs": [io_spec("embeds", [vision_output_rows(ctx), d], "float32")],
-        },
-        "token_embedding": {
-            "file": FILES["token_embedding"],
-            "inputs": [io_spec("ids", ["T"], "int64")],
-            "outputs": [io_spec("embeds", ["T", d], "float32")],
-        },
-        "text_decoder": {
+    """One file per graph; the decoder's state travels as past.X inputs and present.X outputs."""
+    return graph_table(
+        ctx,
+        TableStyle(),
+        vision={"files": {m: FILES[f"vision_{m}"] for m in ctx.family.vision_modes}},
+        embedding={"file": FILES["token_embedding"]},
+        decoder={
             "files": {"prefill": FILES["decoder_prefill"], "decode": FILES["decoder_decode"]},
             "chunk": {"prefill": ctx.chunk_size, "decode": 1},
             "cache_len": cache_len,
             "state": "in_out",
-            "inputs": [
-                io_spec("embeds", [1, "C (prefill) or 1 (decode)", d], "float32"),
-                io_spec("start_pos", [1], "int64"),
-                io_spec("n_valid", [1], "int64"),
-                *past,
-            ],
-            "outputs": [io_spec("logits", [1, v], "float32"), *present],
         },
-    }
+        state_io=state,
+    )
 
 
 # Checkpoints whose weight files exceed this lower each graph in a fresh child process: the torch
 # exporter's memory is not returned between graphs (measured on the full preset, fp32 weights
-# 5.2 GB: in one process the peak grew to 21 GB over the five lowerings).
+# 5.2 GB: in one process the peak grew to 21 GB over the five lowerings). Their fp32 and quantized
+# exports also stream: weights stay in the memory-mapped checkpoint until quantized (mapped.py).
 ISOLATE_ABOVE_BYTES = 1 << 30
 
 
@@ -123,6 +110,7 @@ class GraphJob:
     cache_len: int
     graph_path: Path
     fusions: tuple[str, ...] = FUSIONS
+    mapped: bool = False  # weights stay in the memory-mapped checkpoint until quantized (mapped.py)
 
 
 def run_graph_job(
@@ -132,11 +120,13 @@ def run_graph_job(
     structure (weights moved to `store`). `model`: a `prepare`d model, or None to load the
     checkpoint here (child processes)."""
     half = job.quantization == "fp16"
+    mapped = None
     if model is None:
-        model = prepare(load_checkpoint(job.checkpoint).model, half)
+        checkpoint = load_checkpoint(job.checkpoint, mapped=job.mapped)
+        model, mapped = prepare(checkpoint.model, half), checkpoint.mapped
     if not job.name.startswith("vision_"):
         release_vision(model)
-    graph = lower_graph(model, job.name, job.chunk, job.cache_len, half, job.fusions)
+    graph = lower_graph(model, job.name, job.chunk, job.cache_len, half, job.fusions, mapped)
     result = quantize_model(graph, job.quantization, vision=job.name.startswith("vision"))
     write_graph(graph, job.graph_path, store)
     return result.counts, graph
@@ -179,7 +169,14 @@ def lower_all(
     try:
         for name in graph_names(ctx.family.vision_modes):
             job = GraphJob(
-                ctx.checkpoint, name, ctx.quantization, ctx.chunk_size, cache_len, out / FILES[name], fusions
+                ctx.checkpoint,
+                name,
+                ctx.quantization,
+                ctx.chunk_size,
+                cache_len,
+                out / FILES[name],
+                fusions,
+                mapped=isolate and ctx.quantization != "fp16",
             )
             say(describe(name, ctx.chunk_size, cache_len) + (" in a child process" if isolate else ""))
             if isolate:

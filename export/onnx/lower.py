@@ -37,6 +37,7 @@ from export.graphs import (
 )
 
 from .fuse import FUSIONS, fused_decoder
+from .mapped import MappedWeights, optimize_mapped, reference_mapped_weights
 
 VISION_EXAMPLE_L = 64
 EMBED_EXAMPLE_T = 8
@@ -64,8 +65,16 @@ def _one_line_errors(module: torch.nn.Module):
         ) from None
 
 
-def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: list[str], dynamic=None):
-    """torch.onnx.export (dynamo) with its console chatter silenced; returns the optimized ModelProto."""
+def _export(
+    module: torch.nn.Module,
+    args: tuple,
+    inputs: list[str],
+    outputs: list[str],
+    dynamic=None,
+    mapped: MappedWeights | None = None,
+):
+    """torch.onnx.export (dynamo) with its console chatter silenced; returns the optimized ModelProto.
+    `mapped`: the model's memory-mapped weights, which stay in their files (mapped.py)."""
     if isinstance(module, Fp32Boundary) and dynamic is not None:
         dynamic = (dynamic,)  # its forward takes *args: one nested spec
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _one_line_errors(module):
@@ -81,7 +90,11 @@ def _export(module: torch.nn.Module, args: tuple, inputs: list[str], outputs: li
                 dynamic_shapes=dynamic,
                 dynamo=True,
                 verbose=False,
+                optimize=not mapped,
             )
+            if mapped:
+                optimize_mapped(program.model, mapped)
+                reference_mapped_weights(program.model, mapped)
         finally:
             logging.disable(level)
     model = program.model_proto
@@ -115,10 +128,17 @@ def describe(name: str, chunk: int, cache_len: int) -> str:
 
 
 def lower_graph(
-    model: nn.Module, name: str, chunk: int, cache_len: int, half: bool, fusions: Iterable[str] = FUSIONS
+    model: nn.Module,
+    name: str,
+    chunk: int,
+    cache_len: int,
+    half: bool,
+    fusions: Iterable[str] = FUSIONS,
+    mapped: MappedWeights | None = None,
 ) -> onnx.ModelProto:
     """One entry point of a `prepare`d model as an ONNX model. `half`: fp16 weights and activations
-    inside fp32 graph I/O; the KV cache is fp16. `fusions`: the decoder contrib ops (fuse.py)."""
+    inside fp32 graph I/O; the KV cache is fp16. `fusions`: the decoder contrib ops (fuse.py).
+    `mapped`: weights left in the checkpoint's files (`Checkpoint.mapped`; mapped.py)."""
 
     def wrap(graph: torch.nn.Module, n_args: int, n_outs: int) -> torch.nn.Module:
         return Fp32Boundary(graph, torch.float16, n_args, n_outs) if half else graph
@@ -135,6 +155,7 @@ def lower_graph(
                 ["patches", "position_ids"],
                 ["embeds"],
                 ({0: length}, {ids.ndim - 1: length}),
+                mapped,
             )
         if name == "token_embedding":
             return _export(
@@ -143,6 +164,7 @@ def lower_graph(
                 ["ids"],
                 ["embeds"],
                 ({0: Dim("T")},),
+                mapped,
             )
         c = {"decoder_prefill": chunk, "decoder_decode": 1}[name]
         sig = decoder_signature(model, cache_len, kv, torch.float32)
@@ -152,6 +174,7 @@ def lower_graph(
                 decoder_example_inputs(model, c, cache_len, kv, torch.float32),
                 sig.input_names,
                 sig.output_names,
+                mapped=mapped,
             )
 
 

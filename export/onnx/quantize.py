@@ -21,6 +21,8 @@ beta and are a rounding error of the weight bytes.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,8 +78,12 @@ def int4_blocks(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     n, k = w_nk.shape
     packed = np.empty((n, k // 2), dtype=np.uint8)
     scales = np.empty((n, k // BLOCK), dtype=np.float32)
-    for r in range(0, n, ROWS_PER_PASS):
-        packed[r : r + ROWS_PER_PASS], scales[r : r + ROWS_PER_PASS] = _int4_rows(w_nk[r : r + ROWS_PER_PASS])
+    starts = range(0, n, ROWS_PER_PASS)
+    # passes are independent and numpy releases the GIL in them: one thread per core
+    with ThreadPoolExecutor(max_workers=min(len(starts), os.cpu_count() or 1)) as pool:
+        results = pool.map(lambda r: _int4_rows(w_nk[r : r + ROWS_PER_PASS]), starts)
+        for r, (rows_packed, rows_scales) in zip(starts, results, strict=True):
+            packed[r : r + ROWS_PER_PASS], scales[r : r + ROWS_PER_PASS] = rows_packed, rows_scales
     return packed, scales
 
 
@@ -128,8 +134,10 @@ class _Surgery:
         self.inits = {t.name: t for t in self.graph.initializer}
         self.nodes = list(self.graph.node)  # one wrapper object per node, so id() is stable below
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        self.readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}  # every tensor's readers
         for node in self.nodes:
             for i, name in enumerate(node.input):
+                self.readers.setdefault(name, []).append((node, i))
                 if name in self.inits:
                     self.consumers.setdefault(name, []).append((node, i))
         self.prologue: list[onnx.NodeProto] = []
@@ -186,6 +194,21 @@ def _linear_layout(uses: list) -> tuple[int, int] | None:
         else:
             return None
     return layouts.pop() if len(layouts) == 1 else None
+
+
+def _transposed_matmuls(s: _Surgery, uses: list) -> list | None:
+    """The MatMul uses of a weight [N, K] read through Transpose(perm=[1, 0]) nodes only (the
+    streaming export leaves those unfolded, mapped.py), else None."""
+    matmuls = []
+    for node, idx in uses:
+        perm = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "perm"), None)
+        if node.op_type != "Transpose" or idx != 0 or list(perm or ()) != [1, 0]:
+            return None
+        readers = s.readers.get(node.output[0], [])
+        if not readers or any(r.op_type != "MatMul" or i != 1 for r, i in readers):
+            return None
+        matmuls.extend(readers)
+    return matmuls
 
 
 def _is_embedding(uses: list) -> bool:
@@ -294,6 +317,10 @@ def quantize_model(model: onnx.ModelProto, quant: str, vision: bool) -> QuantSta
         if t.data_type != TensorProto.FLOAT or len(t.dims) < 2:
             continue
         layout = _linear_layout(uses) if _is_float_matrix(t) else None
+        transposes: list = []
+        matmuls = _transposed_matmuls(s, uses) if _is_float_matrix(t) and layout is None else None
+        if matmuls is not None:  # W [N, K] -> Transpose -> MatMul: K is W's axis 1
+            layout, transposes, uses = (1, 0), [node for node, _ in uses], matmuls
         n_dim = t.dims[layout[1]] if layout else 0
         if layout and n_dim < MIN_QUANT_N:
             continue  # DeltaNet decay / beta projections stay fp32
@@ -301,8 +328,10 @@ def quantize_model(model: onnx.ModelProto, quant: str, vision: bool) -> QuantSta
             k_dim = t.dims[layout[0]]
             if quant == "int4" and not vision and k_dim % BLOCK == 0:
                 _int4_linear(s, name, layout[0], uses)
+                for node in transposes:  # MatMulNBits reads [N, K] blocks: no transpose left
+                    s.replaced[id(node)] = []
             else:
-                _int8_linear(s, name, layout[1])
+                _int8_linear(s, name, layout[1])  # dequantized under W's name; transposes stay
         elif _is_float_matrix(t) and _is_embedding(uses):
             if quant == "int4" and not vision and t.dims[1] % BLOCK == 0:
                 _int4_embedding(s, name, uses)

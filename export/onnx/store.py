@@ -64,19 +64,40 @@ class WeightStore:
 
 
 def tensor_bytes(tensor: onnx.TensorProto) -> bytes:
-    """Raw little-endian bytes of an initializer, whichever field the exporter filled."""
+    """Raw little-endian bytes of an initializer, whichever field the exporter filled, or read from
+    the file an external reference names (a weight of a memory-mapped checkpoint, mapped.py)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return _read_external(tensor)
     if tensor.HasField("raw_data"):
         return tensor.raw_data
     return numpy_helper.to_array(tensor).tobytes()
 
 
+def _read_external(tensor: onnx.TensorProto) -> bytes:
+    ext = {e.key: e.value for e in tensor.external_data}
+    location = Path(ext["location"])
+    if not location.is_absolute():
+        raise ValueError(f"initializer {tensor.name}: external data {location} is not an absolute path")
+    with location.open("rb") as fh:
+        fh.seek(int(ext.get("offset", 0)))
+        data = fh.read(int(ext["length"]))
+    if len(data) != int(ext["length"]):
+        raise ValueError(f"initializer {tensor.name}: {location} ends before its bytes do")
+    return data
+
+
 def externalize(model: onnx.ModelProto, store: WeightStore) -> None:
-    """Move every large initializer of `model` into the store; the proto keeps only references."""
+    """Move every large initializer of `model` into the store, those still referring to the
+    checkpoint's file included; the proto keeps only references into the store's file."""
     for tensor in model.graph.initializer:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if _in_store(tensor, store):
             continue
         data = tensor_bytes(tensor)
         if len(data) < MIN_EXTERNAL_BYTES:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:  # a small checkpoint weight: inline
+                del tensor.external_data[:]
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = data
             continue
         offset, length = store.put(data)
         for name in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
@@ -86,6 +107,12 @@ def externalize(model: onnx.ModelProto, store: WeightStore) -> None:
         for key, value in (("location", store.path.name), ("offset", str(offset)), ("length", str(length))):
             entry = tensor.external_data.add()
             entry.key, entry.value = key, value
+
+
+def _in_store(tensor: onnx.TensorProto, store: WeightStore) -> bool:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return False
+    return any(e.key == "location" and e.value == store.path.name for e in tensor.external_data)
 
 
 def write_graph(model: onnx.ModelProto, path: Path, store: WeightStore) -> None:
