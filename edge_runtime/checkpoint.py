@@ -383,25 +383,20 @@ def tensor_generator(name: str, seed: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + _stable_hash(name)) % (2**63))
 
 
-def random_init(
-    name: str,
-    shape: tuple[int, ...],
-    seed: int,
-    neutral_norm_value: Callable[[str], float] | None = None,
-    family_init: Callable[[str, tuple[int, ...], torch.Tensor], torch.Tensor | None] | None = None,
-) -> torch.Tensor:
+def random_init(name: str, shape: tuple[int, ...], seed: int, family: Family | None = None) -> torch.Tensor:
     """Deterministic per-tensor random init, independent of the order tensors are made in.
 
     Norm weights get small noise around their neutral value so the 1 + w convention matters.
     DeltaNet decay rates A = exp(A_log) are log-uniform over [1e-3, 16]: about half the heads decay
     slower than 0.1 per token, as trained DeltaNet heads keep for long memory, the regime where an
     unstable chunked form loses its precision (issue 26); upstream's uniform(0.01, 16) init leaves
-    almost every head fast. `neutral_norm_value` is the family's (default: the default family's);
-    `family_init(name, shape, noise)` is the family's own rule, where it has one (None: these).
+    almost every head fast. `family` (default: the default family) supplies the neutral norm value
+    and, where it has one, its own rule (`Family.random_init(name, shape, noise)`, None: these).
     """
+    family = family or family_for_config({})
     gen = tensor_generator(name, seed)
     noise = torch.randn(shape, generator=gen)
-    own = family_init(name, tuple(shape), noise) if family_init is not None else None
+    own = family.random_init(name, tuple(shape), noise) if family.random_init is not None else None
     if own is not None:
         return own
     if name.endswith("A_log"):
@@ -409,8 +404,7 @@ def random_init(
     if name.endswith("dt_bias"):
         return 1.0 + 0.1 * noise
     if "norm" in name:
-        neutral = neutral_norm_value or family_for_config({}).neutral_norm_value
-        return neutral(name) + 0.05 * noise
+        return family.neutral_norm_value(name) + 0.05 * noise
     if name.endswith(".bias"):
         return 0.01 * noise
     return 0.02 * noise
@@ -431,6 +425,6 @@ def write_random_checkpoint(cfg: Any, out: Path, seed: int, dtype: torch.dtype) 
     write_safetensors(
         out / WEIGHTS_FILE,
         specs,
-        lambda n: random_init(n, shapes[n], seed, family.neutral_norm_value, family.random_init),
+        lambda n: random_init(n, shapes[n], seed, family),
     )
     write_config_files(out, cfg)
