@@ -384,7 +384,7 @@ class ConfigSchema(_Strict):
     downsample_mode: Mode = "16x"
     merge_kernel_size: Annotated[list[Dim], Field(min_length=2, max_length=2)] = [2, 2]
     merger_times: Annotated[int, Field(gt=0, le=16)] = 1
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = False
 
     @model_validator(mode="after")
     def _ids(self) -> ConfigSchema:
@@ -398,6 +398,14 @@ class ConfigSchema(_Strict):
                 f"{self.vision_config.num_hidden_layers} layers"
             )
         return self
+
+
+class OcrConfigSchema(ConfigSchema):
+    """config.json of MiniCPM-OCR: 4.6's fields under its own model_type and defaults."""
+
+    model_type: Literal["minicpm_ocr"]
+    downsample_mode: Mode = "4x"
+    tie_word_embeddings: bool = True
 
 
 class LongRopeSchema(_Strict):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from edge_runtime.checkpoint import load_checkpoint
+from edge_runtime.models.minicpm_ocr import preset as ocr_preset
 from edge_runtime.models.minicpm_v46 import preset
 from edge_runtime.processing.patches import position_ids, row_major_patches, window_order
 
@@ -19,20 +20,31 @@ transformers = pytest.importorskip("transformers")
 SLICE_GRIDS = [(8, 8), (4, 12), (16, 4), (12, 20), (32, 32)]  # square, wide, tall, 448x448
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    """(transformers model, our loaded checkpoint) with identical weights."""
+# family -> (our preset, transformers' config and model classes); MiniCPM-OCR is 4.6's modeling
+# under its own config (model_type minicpm_ocr, 4x by default, tied embeddings)
+FAMILIES = {
+    "minicpm-v-4.6": (preset, "MiniCPMV4_6Config", "MiniCPMV4_6ForConditionalGeneration"),
+    "minicpm-ocr-1.0": (ocr_preset, "MiniCPMOcrConfig", "MiniCPMOcrForConditionalGeneration"),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def pair(request, tmp_path_factory):
+    """(transformers model, our loaded checkpoint) with identical weights, saved by transformers."""
+    make_preset, config_class, model_class = FAMILIES[request.param]
     torch.manual_seed(0)
-    cfg = preset("tiny", vocab_size=512, image_token_id=500, video_token_id=501)
-    hf_cfg = transformers.MiniCPMV4_6Config.from_dict(cfg.to_hf())
-    hf = transformers.MiniCPMV4_6ForConditionalGeneration(hf_cfg).eval()
+    cfg = make_preset("tiny", vocab_size=512, image_token_id=500, video_token_id=501)
+    hf_cfg = getattr(transformers, config_class).from_dict(cfg.to_hf())
+    hf = getattr(transformers, model_class)(hf_cfg).eval()
     with torch.no_grad():
         for name, value in hf.state_dict().items():
             if "norm" in name or name.endswith(("A_log", "dt_bias")):
                 value.add_(0.3 * torch.randn_like(value))
     path = tmp_path_factory.mktemp("hf_tiny")
     hf.save_pretrained(path)
-    return hf, load_checkpoint(path)
+    ckpt = load_checkpoint(path)
+    assert ckpt.family.name == request.param and ckpt.config.to_hf()["model_type"] == hf_cfg.model_type
+    return hf, ckpt
 
 
 def _hf_packed(pixels: list[torch.Tensor]) -> torch.Tensor:
@@ -132,3 +144,21 @@ def test_full_preset_parameter_count():
     total = sum(unique.values())
     assert abs(total - 1.30e9) / 1.30e9 < 0.01, total
     assert model.lm_head.weight is model.language_model.embed_tokens.weight
+
+
+def test_config_without_tie_key_reads_as_transformers_does(tmp_path):
+    """transformers' 4.6 config defaults tie_word_embeddings to False and OCR's to True: a
+    config.json that omits the key must give the same head as transformers builds."""
+    import json
+
+    for make_preset, config_class, _ in FAMILIES.values():
+        raw = make_preset("tiny", vocab_size=512, image_token_id=500, video_token_id=501).to_hf()
+        del raw["tie_word_embeddings"]
+        hf_cfg = getattr(transformers, config_class).from_dict(raw)
+        path = tmp_path / config_class
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(raw))
+        from edge_runtime.checkpoint import read_config
+
+        ours, _ = read_config(path)
+        assert ours.tie_word_embeddings == hf_cfg.tie_word_embeddings, config_class

@@ -168,7 +168,11 @@ def case_mode(family_name: str, mode: str | None) -> str | None:
 
 
 def family_of(cfg: Any) -> Family:
-    """The family of a parsed config object (an instance of some family's config class)."""
+    """The family of a parsed config object (an instance of some family's config class; the exact
+    class first, since one family's config may subclass another's)."""
+    for family in _BY_NAME.values():
+        if type(cfg) is family.config_class:
+            return family
     for family in _BY_NAME.values():
         if isinstance(cfg, family.config_class):
             return family
@@ -178,4 +182,5 @@ def family_of(cfg: Any) -> Family:
 # The built-in families register themselves on import.
 from . import minicpm_v46  # noqa: E402, F401, I001 - the default family first
 from . import minicpm_v40  # noqa: E402, F401
-from . import minicpm_v20  # noqa: E402, F401, I001
+from . import minicpm_v20  # noqa: E402, F401
+from . import minicpm_ocr  # noqa: E402, F401, I001

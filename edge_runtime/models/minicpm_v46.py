@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -26,7 +26,13 @@ DOWNSAMPLE_FACTOR = {"16x": 16, "4x": 4}
 
 @dataclass
 class MiniCPMV46Config:
-    """Top-level `config.json` of a MiniCPM-V 4.6 checkpoint."""
+    """Top-level `config.json` of a MiniCPM-V 4.6 checkpoint. A family that shares the model under
+    another config (MiniCPM-OCR) subclasses it and overrides the class-level names below."""
+
+    MODEL_TYPE: ClassVar[str] = MODEL_TYPE
+    ARCHITECTURE: ClassVar[str] = ARCHITECTURE
+    VISION_MODEL_TYPE: ClassVar[str] = "minicpmv4_6_vision"
+    HF_OMITTED: ClassVar[tuple[str, ...]] = ()  # fields the family's config.json does not have
 
     vision: VisionConfig = field(default_factory=VisionConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -38,7 +44,7 @@ class MiniCPMV46Config:
     downsample_mode: str = "16x"
     merge_kernel_size: tuple[int, int] = (2, 2)
     merger_times: int = 1
-    tie_word_embeddings: bool = True
+    tie_word_embeddings: bool = False  # transformers' default when config.json omits it
 
     def __post_init__(self) -> None:
         self.vision.insert_layer_id = self.insert_layer_id
@@ -53,8 +59,8 @@ class MiniCPMV46Config:
     @classmethod
     def from_hf(cls, raw: dict[str, Any]) -> MiniCPMV46Config:
         """Parse a Hugging Face config dict; unknown keys are ignored, wrong types fail loudly."""
-        if raw.get("model_type") not in (MODEL_TYPE, None):
-            raise ValueError(f"model_type is {raw.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        if raw.get("model_type") not in (cls.MODEL_TYPE, None):
+            raise ValueError(f"model_type is {raw.get('model_type')!r}, expected {cls.MODEL_TYPE!r}")
         vision = _pick(VisionConfig, raw.get("vision_config") or {})
         text_raw = dict(raw.get("text_config") or {})
         rope = text_raw.pop("rope_parameters", None) or {}
@@ -64,14 +70,18 @@ class MiniCPMV46Config:
             if key in rope:
                 text_raw[key] = rope[key]
         text = _pick(TextConfig, text_raw)
-        top = {k: v for k, v in raw.items() if k in _field_names(cls) and k not in ("vision", "text")}
+        top = {
+            k: v
+            for k, v in raw.items()
+            if k in _field_names(cls) and k not in ("vision", "text", *cls.HF_OMITTED)
+        }
         return cls(vision=vision, text=text, **top)
 
     def to_hf(self) -> dict[str, Any]:
         """The `config.json` transformers' MiniCPMV4_6ForConditionalGeneration reads."""
         vision = dataclasses.asdict(self.vision)
         vision["window_kernel_size"] = list(self.vision.window_kernel_size)
-        vision["model_type"] = "minicpmv4_6_vision"
+        vision["model_type"] = self.VISION_MODEL_TYPE
         text = dataclasses.asdict(self.text)
         text["rope_parameters"] = {
             "rope_type": "default",
@@ -79,9 +89,9 @@ class MiniCPMV46Config:
             "partial_rotary_factor": text.pop("partial_rotary_factor"),
         }
         text["model_type"] = "qwen3_5_text"
-        return {
-            "architectures": [ARCHITECTURE],
-            "model_type": MODEL_TYPE,
+        hf = {
+            "architectures": [self.ARCHITECTURE],
+            "model_type": self.MODEL_TYPE,
             "insert_layer_id": self.insert_layer_id,
             "drop_vision_last_layer": self.drop_vision_last_layer,
             "image_size": self.image_size,
@@ -94,6 +104,7 @@ class MiniCPMV46Config:
             "vision_config": vision,
             "text_config": text,
         }
+        return {k: v for k, v in hf.items() if k not in self.HF_OMITTED}
 
 
 def _field_names(cls: type) -> set[str]:
@@ -121,6 +132,7 @@ def preset(name: str, vocab_size: int, image_token_id: int, video_token_id: int)
             text=TextConfig(vocab_size=vocab_size),
             image_token_id=image_token_id,
             video_token_id=video_token_id,
+            tie_word_embeddings=True,
         )
     if name == "tiny":
         vision = VisionConfig(
@@ -146,6 +158,7 @@ def preset(name: str, vocab_size: int, image_token_id: int, video_token_id: int)
             insert_layer_id=1,
             image_token_id=image_token_id,
             video_token_id=video_token_id,
+            tie_word_embeddings=True,
         )
     raise ValueError(f"unknown preset {name!r} (choose tiny or full)")
 

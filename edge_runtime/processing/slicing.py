@@ -181,9 +181,16 @@ class SliceConfig:
     use_image_id: bool = True
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     image_feature_size: int = 64  # tokens per slice of a fixed-token (resampler) mode
+    # MiniCPM-OCR's processor key: "always" upscales an unsliced small image to scale_resolution
+    # (every family's behaviour); its "never" / "adaptive" (OpenCV text density) are not supported
+    small_image_upsize: str = "always"
 
     def __post_init__(self) -> None:
         merge_factor(self.downsample_mode)
+        if self.small_image_upsize != "always":
+            raise InputError(
+                f"small_image_upsize {self.small_image_upsize!r} is not supported (only 'always')"
+            )
         for name in ("max_slice_nums", "scale_resolution", "patch_size", "image_feature_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -217,8 +224,9 @@ class SliceConfig:
         for key in ("slice_mode", "use_image_id"):
             if cfg.get(key) is not None:
                 kwargs[key] = bool(cfg[key])
-        if cfg.get("downsample_mode") is not None:
-            kwargs["downsample_mode"] = str(cfg["downsample_mode"])
+        for key in ("downsample_mode", "small_image_upsize"):
+            if cfg.get(key) is not None:
+                kwargs[key] = str(cfg[key])
         if cfg.get("rescale_factor") is not None:
             kwargs["rescale_factor"] = float(cfg["rescale_factor"])
         for key, legacy in (("image_mean", "norm_mean"), ("image_std", "norm_std")):
