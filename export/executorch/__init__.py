@@ -91,7 +91,9 @@ def export_graphs(ctx: Any) -> Any:
     from export.pipeline import GraphSet
 
     started = time.perf_counter()
-    ckpt = load_checkpoint(ctx.checkpoint)
+    # fp32 weights stay views of the memory-mapped checkpoint: quantization reads each one once and
+    # keeps only its quantized form, so a 16 GB checkpoint is never held in memory whole
+    ckpt = load_checkpoint(ctx.checkpoint, mapped=True)
     tok = Tokenizer(ctx.checkpoint, dict(ctx.family.prompt_tokens or {}) or None)
     bos = tok.bos_id  # the runner ABI wants one; Qwen3.5 has none: then the chat turn opener
     meta = metadata_methods(ctx, list(tok.stop_ids), bos)
