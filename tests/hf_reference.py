@@ -62,3 +62,28 @@ def split_reference(pixel_values, target_sizes, patch: int = 14) -> list[np.ndar
         start += n
     assert start * patch == packed.shape[-1]
     return out
+
+
+def hf_chat_turn(processor, model, images, prompt: str, max_new_tokens: int, **generate_kwargs):
+    """One user turn through transformers: the processor's chat template (thinking off) and greedy
+    `generate`. Returns (prompt ids, new ids up to and without the first stop id)."""
+    import torch
+    from PIL import Image
+
+    content = [{"type": "image", "image": Image.open(p)} for p in images] + [{"type": "text", "text": prompt}]
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
+        return_dict=True, return_tensors="pt", enable_thinking=False,
+    )  # fmt: skip
+    keep = ("input_ids", "attention_mask", "pixel_values", "target_sizes")
+    inputs = {k: v for k, v in inputs.items() if k in keep}
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, **generate_kwargs)
+    prompt_ids = inputs["input_ids"][0].tolist()
+    new = out[0, len(prompt_ids) :].tolist()
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops] if stops is not None else [])
+    for i, token in enumerate(new):
+        if token in stops:
+            return prompt_ids, new[:i]
+    return prompt_ids, new

@@ -17,7 +17,7 @@ from edge_runtime.runtime import open_session
 from edge_runtime.session import Session
 
 transformers = pytest.importorskip("transformers")
-from hf_reference import build_processor  # noqa: E402
+from hf_reference import build_processor, hf_chat_turn  # noqa: E402
 
 HOST_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
               "preprocessor_config.json", "generation_config.json")  # fmt: skip
@@ -71,28 +71,7 @@ def _ours(capsys, ckpt, images, prompt, mode):
 
 def _theirs(ckpt, model, images, prompt, mode):
     processor = build_processor(ckpt, mode or "16x")
-    content = [{"type": "image", "image": Image.open(p)} for p in images] + [{"type": "text", "text": prompt}]
-    inputs = processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
-        return_dict=True, return_tensors="pt", enable_thinking=False,
-    )  # fmt: skip
-    inputs = {
-        k: v
-        for k, v in inputs.items()
-        if k in ("input_ids", "attention_mask", "pixel_values", "target_sizes")
-    }
-    with torch.no_grad():
-        out = model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, do_sample=False, downsample_mode=mode or "16x"
-        )
-    prompt_ids = inputs["input_ids"][0].tolist()
-    new = out[0, len(prompt_ids) :].tolist()
-    stops = set(model.generation_config.eos_token_id)
-    for i, token in enumerate(new):  # we leave the stop token out of token_ids
-        if token in stops:
-            new = new[:i]
-            break
-    return prompt_ids, new
+    return hf_chat_turn(processor, model, images, prompt, NEW_TOKENS, downsample_mode=mode or "16x")
 
 
 @pytest.mark.parametrize(

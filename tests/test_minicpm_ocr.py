@@ -31,7 +31,7 @@ from edge_runtime.runtime import open_checkpoint_session
 from export.pipeline import ExportRequest, export_bundle
 
 transformers = pytest.importorskip("transformers")
-from hf_reference import FakeVideoProcessor  # noqa: E402
+from hf_reference import FakeVideoProcessor, hf_chat_turn  # noqa: E402
 from transformers.models.minicpm_ocr.image_processing_minicpm_ocr import (  # noqa: E402
     MiniCPMOcrImageProcessor,
 )
@@ -139,25 +139,7 @@ def test_chat_turn_matches_transformers_generate(hf_dir, tmp_path, capsys):
         tokenizer=transformers.AutoTokenizer.from_pretrained(str(ckpt)),
         chat_template=load_chat_template(ckpt),
     )
-    content = [{"type": "image", "image": Image.open(path)}, {"type": "text", "text": prompt}]
-    inputs = processor.apply_chat_template(
-        [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True,
-        return_dict=True, return_tensors="pt", enable_thinking=False,
-    )  # fmt: skip
-    inputs = {
-        k: v
-        for k, v in inputs.items()
-        if k in ("input_ids", "attention_mask", "pixel_values", "target_sizes")
-    }
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
-    prompt_ids = inputs["input_ids"][0].tolist()
-    new = out[0, len(prompt_ids) :].tolist()
-    stops = set(model.generation_config.eos_token_id or [])
-    for i, token in enumerate(new):
-        if token in stops:
-            new = new[:i]
-            break
+    prompt_ids, new = hf_chat_turn(processor, model, [path], prompt, NEW_TOKENS)
     assert ours["prompt_token_ids"] == prompt_ids
     assert ours["n_image_tokens"] > 0 and ours["n_slices"] == 3
     assert ours["token_ids"] == new
