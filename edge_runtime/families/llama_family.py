@@ -18,6 +18,21 @@ from ..tokenizer_build_sp import build_sp_tokenizer_files
 TINY_VOCAB = 2000
 
 
+# The remote-code tokenizer class (MiniCPMVTokenizerFast) of 4.0 and 2.0 hard-codes these names:
+# `<unk>` fills the image slots, and `chat()` marks an image in the text with "(<image>./</image>)",
+# which the processor expands; there is no video placeholder (a video is a list of frames).
+REMOTE_CODE_PROMPT_TOKENS = {
+    "image_token": "<unk>",
+    "image_marker": "(<image>./</image>)",
+    "image_start_token": "<image>",
+    "image_end_token": "</image>",
+    "slice_start_token": "<slice>",
+    "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>",
+    "image_id_end_token": "</image_id>",
+}
+
+
 def state_specs(
     cfg: Any, cache_len: int, kv_dtype: torch.dtype = torch.float32, conv_dtype: torch.dtype | None = None
 ) -> list[llama_text.StateSpec]:

@@ -31,6 +31,7 @@ from ..models.resampler import query_grid_sincos
 from ..processing.slicing import VisionMode, register_vision_mode
 from . import Family, register_family
 from .llama_family import (
+    REMOTE_CODE_PROMPT_TOKENS,
     materialize_buffers,
     neutral_norm_value,
     state_specs,
@@ -67,18 +68,11 @@ PREPROCESSOR = {
 # `</image>`, the tiles' rows (joined by "\n") inside one `<slice>` ... `</slice>`; `chat()` writes
 # the placeholder, "\n", then the question.
 PROMPT_TOKENS = {
-    "image_token": "<unk>",
-    "image_marker": "(<image>./</image>)",
-    "image_start_token": "<image>",
-    "image_end_token": "</image>",
-    "slice_start_token": "<slice>",
-    "slice_end_token": "</slice>",
+    **REMOTE_CODE_PROMPT_TOKENS,
     "tile_start_token": "<image>",
     "tile_end_token": "</image>",
     "grid_start_token": "<slice>",
     "grid_end_token": "</slice>",
-    "image_id_start_token": "<image_id>",
-    "image_id_end_token": "</image_id>",
 }
 
 # `chat()` of the remote code: "<用户>" + user content, "<AI>" + assistant content, then "<AI>".

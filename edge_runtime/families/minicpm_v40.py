@@ -29,6 +29,7 @@ from ..models.minicpm_v40 import (
 from ..processing.slicing import VisionMode, register_vision_mode
 from . import Family, register_family
 from .llama_family import (
+    REMOTE_CODE_PROMPT_TOKENS,
     materialize_buffers,
     neutral_norm_value,
     state_specs,
@@ -103,19 +104,7 @@ ADDED_TOKENS: tuple[tuple[str, bool], ...] = (
     ("</image_id>", True),
 )
 
-# The remote tokenizer class (MiniCPMVTokenizerFast) hard-codes these names: `<unk>` fills the image
-# slots, and `chat()` marks an image in the text with "(<image>./</image>)", which the processor
-# expands; there is no video placeholder (a video is a list of frames).
-PROMPT_TOKENS = {
-    "image_token": "<unk>",
-    "image_marker": "(<image>./</image>)",
-    "image_start_token": "<image>",
-    "image_end_token": "</image>",
-    "slice_start_token": "<slice>",
-    "slice_end_token": "</slice>",
-    "image_id_start_token": "<image_id>",
-    "image_id_end_token": "</image_id>",
-}
+PROMPT_TOKENS = REMOTE_CODE_PROMPT_TOKENS
 
 TOKENIZER_CONFIG: dict[str, Any] = {
     "add_bos_token": True,
