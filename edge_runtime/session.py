@@ -73,6 +73,20 @@ class HostAssets:
         return cls(tokenizer, prompts, slice_config, num_patches_per_side, tuple(tokenizer.stop_ids))
 
 
+VisionInput = tuple[np.ndarray, np.ndarray | None, str]  # (patches or uint8 pixels, position ids, mode)
+
+
+@dataclass
+class PromptPlan:
+    """A prompt and the vision graph inputs of its images and video frames, in prompt order."""
+
+    prompt: Prompt
+    images: list[PreparedImage]
+    image_inputs: list[VisionInput]
+    video_inputs: list[VisionInput]
+    preprocess_ms: float
+
+
 @dataclass
 class PreparedInput:
     """A prompt ready for the decoder, with what it took to get there."""
@@ -134,6 +148,29 @@ class Session:
         changes = {"downsample_mode": downsample_mode, "max_slice_nums": max_slice_nums}
         return replace(self.assets.slice_config, **{k: v for k, v in changes.items() if v is not None})
 
+    def plan(
+        self,
+        text: str,
+        images: Sequence[str | Path | PreparedImage] = (),
+        history: Sequence[Message] = (),
+        downsample_mode: str | None = None,
+        max_slice_nums: int | None = None,
+        videos: Sequence[VideoInput] = (),
+    ) -> PromptPlan:
+        """Slice images (and video frames) and build the prompt, without running any graph: what
+        `prepare` encodes, and what a trainer feeds its own differentiable forward."""
+        config = self.slice_config(downsample_mode, max_slice_nums)
+        t0 = time.perf_counter()
+        prepared = [im if isinstance(im, PreparedImage) else prepare_image(im, config) for im in images]
+        clips = [self._video_units(v, config) for v in videos]
+        prompt = self.assets.prompts.chat(
+            text, [image_layout(im) for im in prepared], [VideoLayout([image_layout(u) for u in clip]) for clip in clips],
+            history=history,
+        )  # fmt: skip
+        image_inputs = [x for im in prepared for x in self._vision_inputs(im, config)]
+        video_inputs = [x for clip in clips for unit in clip for x in self._vision_inputs(unit, config)]
+        return PromptPlan(prompt, prepared, image_inputs, video_inputs, (time.perf_counter() - t0) * 1000)
+
     def prepare(
         self,
         text: str,
@@ -148,28 +185,23 @@ class Session:
         A video is a file (decoded at 1 fps, needs PyAV) or its already prepared visual units; each
         unit is sliced like an image and fills `<|video_pad|>` placeholders.
         """
-        config = self.slice_config(downsample_mode, max_slice_nums)
-        t0 = time.perf_counter()
-        prepared = [im if isinstance(im, PreparedImage) else prepare_image(im, config) for im in images]
-        clips = [self._video_units(v, config) for v in videos]
-        prompt = self.assets.prompts.chat(
-            text, [_layout(im) for im in prepared], [VideoLayout([_layout(u) for u in clip]) for clip in clips],
-            history=history,
-        )  # fmt: skip
-        image_inputs = [x for im in prepared for x in self._vision_inputs(im, config)]
-        video_inputs = [x for clip in clips for unit in clip for x in self._vision_inputs(unit, config)]
-        preprocess_ms = (time.perf_counter() - t0) * 1000
-
+        plan = self.plan(text, images, history, downsample_mode, max_slice_nums, videos)
         slice_ms: list[float] = []
-        image_embeds = self._encode(image_inputs, slice_ms)
-        video_embeds = self._encode(video_inputs, slice_ms)
+        image_embeds = self._encode(plan.image_inputs, slice_ms)
+        video_embeds = self._encode(plan.video_inputs, slice_ms)
         info = self.backend.info
         embeds = build_input_embeddings(
-            self.backend, prompt.ids, image_embeds, image_token_id=info.image_token_id,
+            self.backend, plan.prompt.ids, image_embeds, image_token_id=info.image_token_id,
             video_embeds=video_embeds, video_token_id=info.video_token_id,
         )  # fmt: skip
         return PreparedInput(
-            prompt, prepared, image_embeds + video_embeds, embeds, preprocess_ms, sum(slice_ms), slice_ms
+            plan.prompt,
+            plan.images,
+            image_embeds + video_embeds,
+            embeds,
+            plan.preprocess_ms,
+            sum(slice_ms),
+            slice_ms,
         )
 
     def _video_units(self, video: VideoInput, config: SliceConfig) -> list[PreparedImage]:
@@ -184,18 +216,14 @@ class Session:
         mode, side = image.downsample_mode, self.assets.num_patches_per_side
         return [(*slice_to_patches(s, mode, config.patch_size, side), mode) for s in image.slices]
 
-    def _vision_inputs(
-        self, image: PreparedImage, config: SliceConfig
-    ) -> list[tuple[np.ndarray, np.ndarray | None, str]]:
+    def _vision_inputs(self, image: PreparedImage, config: SliceConfig) -> list[VisionInput]:
         """What the backend's vision graph takes per slice: (patches, position ids, mode), or
         (uint8 pixels, None, mode) for a graph that normalises and patchifies itself."""
         if self.backend.takes_pixels and len(image.pixels) == len(image.slices):
             return [(px, None, image.downsample_mode) for px in image.pixels]
         return self._slice_inputs(image, config)
 
-    def _encode(
-        self, inputs: list[tuple[np.ndarray, np.ndarray | None, str]], times: list[float]
-    ) -> list[np.ndarray]:
+    def _encode(self, inputs: list[VisionInput], times: list[float]) -> list[np.ndarray]:
         """Run the vision graph slice by slice, recording each slice's time."""
         out = []
         for patches, positions, mode in inputs:
@@ -236,6 +264,6 @@ class Session:
         return ChatResult(text, prepared, result)
 
 
-def _layout(image: PreparedImage) -> ImageLayout:
+def image_layout(image: PreparedImage) -> ImageLayout:
     """Token counts of one prepared image (or video unit) for placeholder expansion."""
     return ImageLayout(image.token_counts[0], image.grid, list(image.token_counts[1:]))
