@@ -64,12 +64,14 @@ def state_specs(
 
 
 def materialize_buffers(model: MiniCPMV46) -> None:
-    """Non-persistent buffers (RoPE inverse frequencies) are not in checkpoints: rebuild them."""
+    """Non-persistent buffers (RoPE inverse frequencies, M-RoPE rows) are not in checkpoints:
+    rebuild them."""
     text = model.cfg.text
     rot = text.rotary_dim
     model.language_model.inv_freq = 1.0 / (
         text.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)
     )
+    model.language_model.mrope_rows = qwen35_text.mrope_rows_of(text)
 
 
 def neutral_norm_value(name: str) -> float:

@@ -66,7 +66,7 @@ class MiniCPMV46Config:
         rope = text_raw.pop("rope_parameters", None) or {}
         if rope.get("rope_type", "default") != "default":
             raise ValueError(f"unsupported rope_type {rope.get('rope_type')!r} (only 'default')")
-        for key in ("rope_theta", "partial_rotary_factor"):
+        for key in ("rope_theta", "partial_rotary_factor", "mrope_section", "mrope_interleaved"):
             if key in rope:
                 text_raw[key] = rope[key]
         text = _pick(TextConfig, text_raw)
@@ -88,6 +88,10 @@ class MiniCPMV46Config:
             "rope_theta": text.pop("rope_theta"),
             "partial_rotary_factor": text.pop("partial_rotary_factor"),
         }
+        for key in ("mrope_section", "mrope_interleaved"):  # written only where the config has them
+            value = text.pop(key)
+            if value is not None:
+                text["rope_parameters"][key] = list(value) if key == "mrope_section" else value
         text["model_type"] = "qwen3_5_text"
         hf = {
             "architectures": [self.ARCHITECTURE],
@@ -196,9 +200,13 @@ class MiniCPMV46(VisionLanguageModel):
         n_valid: torch.Tensor,
         state: list[torch.Tensor],
         all_logits: bool = False,
+        rope_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """embeds [1, C, D] -> logits [1, V] of the last valid token (or [C, V]) and the new state."""
-        hidden, new_state = self.language_model(embeds, start_pos, n_valid, state)
+        """embeds [1, C, D] -> logits [1, V] of the last valid token (or [C, V]) and the new state.
+
+        `rope_positions` int64 [3, C]: RoPE position rows apart from the cache index (4.7's Canvas
+        M-RoPE); None = the cache index, as every other family."""
+        hidden, new_state = self.language_model(embeds, start_pos, n_valid, state, rope_positions)
         if all_logits:
             return self.lm_head(hidden[0]), new_state
         last = hidden[0].index_select(0, n_valid - 1)

@@ -35,6 +35,7 @@ from .blocks import (  # noqa: F401 - StateSpec is re-exported
     apply_partial_rope,
     rope_cos_sin,
 )
+from .mrope import mrope_cos_sin, mrope_row_index
 
 DELTANET_CHUNK = 64
 
@@ -64,8 +65,17 @@ class TextConfig:
     linear_num_value_heads: int = 16
     layer_types: list[str] = field(default_factory=list)
     tie_word_embeddings: bool = True
+    # rope_parameters.mrope_section / mrope_interleaved: the (t, h, w) split of the rotary
+    # frequencies for 3-row positions (MiniCPM-V 4.7); None where the checkpoint names none
+    mrope_section: list[int] | None = None
+    mrope_interleaved: bool | None = None
 
     def __post_init__(self) -> None:
+        if self.mrope_interleaved is False:
+            raise ValueError(
+                "mrope_interleaved=false is not supported: transformers' Qwen3.5 rotary embedding "
+                "always interleaves the (t, h, w) frequencies"
+            )
         if not self.layer_types:
             self.layer_types = [
                 "full_attention" if (i + 1) % 4 == 0 else "linear_attention"
@@ -370,6 +380,14 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = ZeroCenteredRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
 
+def mrope_rows_of(cfg: TextConfig) -> torch.Tensor | None:
+    """Which position row each rotary frequency reads (`mrope.mrope_row_index`), or None without
+    an `mrope_section`."""
+    if cfg.mrope_section is None:
+        return None
+    return mrope_row_index(cfg.rotary_dim // 2, cfg.mrope_section)
+
+
 class Qwen35TextModel(nn.Module):
     """Token embedding, hybrid decoder layers and final norm (`model.language_model.*`)."""
 
@@ -382,16 +400,34 @@ class Qwen35TextModel(nn.Module):
         rot = cfg.rotary_dim
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("mrope_rows", mrope_rows_of(cfg), persistent=False)
 
     def forward(
-        self, embeds: torch.Tensor, start_pos: torch.Tensor, n_valid: torch.Tensor, state: list[torch.Tensor]
+        self,
+        embeds: torch.Tensor,
+        start_pos: torch.Tensor,
+        n_valid: torch.Tensor,
+        state: list[torch.Tensor],
+        rope_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """embeds [1, T, D], start_pos and n_valid int64 [1] -> normed hidden [1, T, D], new state."""
+        """embeds [1, T, D], start_pos and n_valid int64 [1] -> normed hidden [1, T, D], new state.
+
+        The cache slots and the causal mask always follow the cache index start_pos + i. RoPE
+        follows it too unless `rope_positions` int64 [3, T] (rows t, h, w) is given: then the
+        interleaved M-RoPE of `mrope_section` rotates by those rows (Canvas M-RoPE), which is why
+        they are an input and not derived from start_pos. The choice is made by the caller's
+        signature, never by tensor values, so either form traces to a fixed graph.
+        """
         t = embeds.shape[1]
         steps = torch.arange(t, device=embeds.device)
         positions = start_pos + steps
         valid = (steps < n_valid).to(torch.float32)
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        if rope_positions is None:
+            cos, sin = rope_cos_sin(positions, self.inv_freq)
+        elif self.mrope_rows is None:
+            raise ValueError("explicit RoPE position rows need rope_parameters.mrope_section in the config")
+        else:
+            cos, sin = mrope_cos_sin(rope_positions, self.inv_freq, self.mrope_rows)
         x = embeds
         new_state: list[torch.Tensor] = []
         for i, layer in enumerate(self.layers):
