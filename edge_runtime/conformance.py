@@ -319,8 +319,9 @@ def _generations(
         prepared = session.prepare(q["question"], [sliced])
         sampling = session.sampling(max_new_tokens=max_new_tokens)
         result = generate(
-            session.backend, prepared.embeds, sampling, prompt_ids=prepared.prompt.ids, record_logits=True
-        )
+            session.backend, prepared.embeds, sampling, prompt_ids=prepared.prompt.ids, record_logits=True,
+            rope=prepared.rope,
+        )  # fmt: skip
         logits = np.stack(result.logits).astype(np.float32)
         top2 = np.sort(logits, axis=1)[:, -2:]
         ids = list(result.token_ids)

@@ -27,6 +27,7 @@ import numpy as np
 from edge_runtime.backends.base import Backend, DecoderState
 from edge_runtime.errors import ContextOverflowError, InputError
 from edge_runtime.portable_rng import SplitMix64
+from edge_runtime.processing.canvas_positions import CanvasLayout
 
 STOP_TOKEN = "stop_token"
 MAX_NEW_TOKENS = "max_new_tokens"
@@ -296,13 +297,22 @@ def check_context(backend: Backend, n_prompt: int, n_new: int, start_pos: int = 
 
 
 def prefill(
-    backend: Backend, embeds: np.ndarray, state: DecoderState, start_pos: int = 0
+    backend: Backend,
+    embeds: np.ndarray,
+    state: DecoderState,
+    start_pos: int = 0,
+    positions: np.ndarray | None = None,
 ) -> tuple[np.ndarray, DecoderState, PrefillStats]:
     """Run embeds [T, D] through the decoder in chunks of C (the last zero-padded), starting at
-    start_pos; return the logits of the last prompt position, the state and per-chunk timings."""
+    start_pos; return the logits of the last prompt position, the state and per-chunk timings.
+
+    `positions` int64 [3, T]: the prompt's RoPE rows where they are not the cache index (Canvas
+    M-RoPE); each chunk gets its columns, the padding repeating the last valid column."""
     embeds = _check_embeds(backend, embeds)
     n_tokens, width = embeds.shape
     check_context(backend, n_tokens, 0, start_pos)
+    if positions is not None:
+        positions = _check_positions(positions, n_tokens)
     chunk = backend.info.chunk_size
     chunk_ms: list[float] = []
     logits = None
@@ -312,8 +322,14 @@ def prefill(
         block = embeds[begin : begin + n_valid]
         if n_valid < chunk:
             block = np.concatenate([block, np.zeros((chunk - n_valid, width), np.float32)])
+        rows = None
+        if positions is not None:
+            rows = np.pad(positions[:, begin : begin + n_valid], ((0, 0), (0, chunk - n_valid)), mode="edge")
         t0 = time.perf_counter()
-        logits, state = backend.prefill_chunk(block, n_valid, start_pos + begin, state)
+        if rows is None:  # bundle backends without position rows keep their four-argument call
+            logits, state = backend.prefill_chunk(block, n_valid, start_pos + begin, state)
+        else:
+            logits, state = backend.prefill_chunk(block, n_valid, start_pos + begin, state, positions=rows)
         chunk_ms.append(_ms_since(t0))
         logits = _check_logits(backend, logits, "prefill_chunk")
     stats = PrefillStats(n_tokens=n_tokens, chunk_size=chunk, chunk_ms=chunk_ms, total_ms=_ms_since(t_start))
@@ -321,11 +337,16 @@ def prefill(
 
 
 def decode_one(
-    backend: Backend, token: int, pos: int, state: DecoderState
+    backend: Backend, token: int, pos: int, state: DecoderState, rope: CanvasLayout | None = None
 ) -> tuple[np.ndarray, DecoderState]:
-    """Feed one token id at position pos: its embedding, then one decoder step."""
-    embed = backend.token_embedding(np.array([token], dtype=np.int64))
-    logits, state = backend.decode_step(np.asarray(embed, dtype=np.float32).reshape(1, -1), pos, state)
+    """Feed one token id at cache index pos: its embedding, then one decoder step. With a canvas
+    layout the step's RoPE rows are its `decode_position(pos)` in all three rows."""
+    embed = np.asarray(backend.token_embedding(np.array([token], dtype=np.int64)), dtype=np.float32)
+    if rope is None:
+        logits, state = backend.decode_step(embed.reshape(1, -1), pos, state)
+    else:
+        rows = np.full((3, 1), rope.decode_position(pos), dtype=np.int64)
+        logits, state = backend.decode_step(embed.reshape(1, -1), pos, state, positions=rows)
     return _check_logits(backend, logits, "decode_step"), state
 
 
@@ -335,12 +356,16 @@ def stream(
     sampling: SamplingConfig,
     prompt_ids: Sequence[int] | np.ndarray | None = None,
     record_logits: bool = False,
+    rope: CanvasLayout | None = None,
 ) -> Generator[int, None, GenerationResult]:
     """Yield token ids as they are sampled; the generator's return value (StopIteration.value) is the
-    GenerationResult. The context check runs now, before the first next()."""
+    GenerationResult. The context check runs now, before the first next(). `rope` is the prompt's
+    canvas layout (Canvas M-RoPE families); None = positions are the cache index."""
     embeds = _check_embeds(backend, embeds)
     check_context(backend, len(embeds), sampling.max_new_tokens)
-    return _generation_loop(backend, embeds, sampling, prompt_ids, record_logits)
+    if rope is not None:
+        _check_positions(rope.positions, len(embeds))
+    return _generation_loop(backend, embeds, sampling, prompt_ids, record_logits, rope)
 
 
 def generate(
@@ -350,10 +375,11 @@ def generate(
     on_token: TokenCallback | None = None,
     prompt_ids: Sequence[int] | np.ndarray | None = None,
     record_logits: bool = False,
+    rope: CanvasLayout | None = None,
 ) -> GenerationResult:
     """Generate until a stop id or max_new_tokens; on_token(id) sees each output token as it comes (e.g. a
     tokenizer's StreamDecoder), and its time is not counted in the decode timings."""
-    tokens = stream(backend, embeds, sampling, prompt_ids, record_logits)
+    tokens = stream(backend, embeds, sampling, prompt_ids, record_logits, rope)
     while True:
         try:
             token = next(tokens)
@@ -369,6 +395,7 @@ def _generation_loop(
     sampling: SamplingConfig,
     prompt_ids: Sequence[int] | np.ndarray | None,
     record_logits: bool,
+    rope: CanvasLayout | None = None,
 ) -> Generator[int, None, GenerationResult]:
     """prefill -> first token -> (feed token i at position T+i -> sample) until stop or the limit."""
     sampler = Sampler(sampling, prompt_ids)
@@ -379,7 +406,7 @@ def _generation_loop(
     state = backend.new_state()  # allocation is load-time work in an app, so it is outside TTFT
 
     t_start = time.perf_counter()
-    logits, state, stats = prefill(backend, embeds, state)
+    logits, state, stats = prefill(backend, embeds, state, positions=None if rope is None else rope.positions)
     t_sample = time.perf_counter()
     token = sampler(logits)
     timings.first_sample_ms = _ms_since(t_sample)
@@ -399,7 +426,7 @@ def _generation_loop(
             stop_reason, stop_token = MAX_NEW_TOKENS, None
             break
         t0 = time.perf_counter()
-        logits, state = decode_one(backend, token, n_prompt + len(out) - 1, state)
+        logits, state = decode_one(backend, token, n_prompt + len(out) - 1, state, rope)
         token = sampler(logits)
         timings.step_ms.append(_ms_since(t0))
 
@@ -415,18 +442,22 @@ def teacher_forced_logits(
     forced_ids: Sequence[int] | np.ndarray,
     state: DecoderState | None = None,
     start_pos: int = 0,
+    rope: CanvasLayout | None = None,
 ) -> list[np.ndarray]:
     """Prefill logits, then the logits after feeding each forced id in turn (len(forced_ids) + 1 arrays):
-    parity compares two backends on the same token path even where their samples would diverge."""
+    parity compares two backends on the same token path even where their samples would diverge.
+    `rope`: the prompt's canvas layout, which describes a sequence from cache index 0."""
     embeds = _check_embeds(backend, embeds)
     forced = [int(i) for i in np.asarray(forced_ids).reshape(-1)]
     check_context(backend, len(embeds), len(forced), start_pos)
+    if rope is not None and start_pos != 0:
+        raise ValueError("a canvas layout positions a whole sequence: start_pos must be 0")
     state = backend.new_state() if state is None else state
-    logits, state, _ = prefill(backend, embeds, state, start_pos)
+    logits, state, _ = prefill(backend, embeds, state, start_pos, None if rope is None else rope.positions)
     collected = [np.array(logits, copy=True)]
     pos = start_pos + len(embeds)
     for i, token in enumerate(forced):
-        logits, state = decode_one(backend, token, pos + i, state)
+        logits, state = decode_one(backend, token, pos + i, state, rope)
         collected.append(np.array(logits, copy=True))
     return collected
 
@@ -438,6 +469,16 @@ def _check_embeds(backend: Backend, embeds: np.ndarray) -> np.ndarray:
             f"embeddings must have shape (T >= 1, {backend.info.hidden_size}), got {embeds.shape}"
         )
     return embeds
+
+
+def _check_positions(positions: np.ndarray, n_tokens: int) -> np.ndarray:
+    """RoPE rows must be int64 [3, T] for the T prompt tokens they position."""
+    positions = np.asarray(positions)
+    if positions.shape != (3, n_tokens) or not np.issubdtype(positions.dtype, np.integer):
+        raise ValueError(
+            f"RoPE positions must be integer rows of shape (3, {n_tokens}), got {positions.dtype} {positions.shape}"
+        )
+    return positions.astype(np.int64, copy=False)
 
 
 def _check_logits(backend: Backend, logits: np.ndarray, call: str) -> np.ndarray:

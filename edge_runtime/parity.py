@@ -379,7 +379,7 @@ def _run_case(ref: Session, cand: Session, case: Case, n_steps: int) -> CaseResu
     # Reference: N + 1 greedy tokens give the free-running path and, recorded, the logits of
     # prefill plus N teacher-forced steps on that same path.
     sampling = SamplingConfig(max_new_tokens=n_steps + 1, stop_ids=())
-    ref_run = generate(ref.backend, ref_in.embeds, sampling, record_logits=True)
+    ref_run = generate(ref.backend, ref_in.embeds, sampling, record_logits=True, rope=ref_in.rope)
     ref_tokens, ref_logits = ref_run.token_ids, ref_run.logits or []
 
     stage = "vision"
@@ -392,7 +392,9 @@ def _run_case(ref: Session, cand: Session, case: Case, n_steps: int) -> CaseResu
         shown = _until_stop(ref_tokens[:n_steps], ref.assets.stop_ids)
         stopped = bool(shown) and shown[-1] in ref.assets.stop_ids
         stage = "prefill"
-        cand_logits = teacher_forced_logits(cand.backend, cand_in.embeds, ref_tokens[:n_steps])
+        cand_logits = teacher_forced_logits(
+            cand.backend, cand_in.embeds, ref_tokens[:n_steps], rope=cand_in.rope
+        )
         result.stages["prefill"] = _logits_stage(ref_logits[:1], cand_logits[:1])
         stage = "state"
         result.stages["state"] = _state_stage(ref, cand, ref_in, cand_in)
@@ -400,7 +402,8 @@ def _run_case(ref: Session, cand: Session, case: Case, n_steps: int) -> CaseResu
         shown_steps = len(shown) - 1 if stopped else n_steps
         result.stages["decode"] = _logits_stage(ref_logits[1:], cand_logits[1:], shown_steps)
         stage = "greedy"
-        cand_run = generate(cand.backend, cand_in.embeds, SamplingConfig(max_new_tokens=n_steps, stop_ids=()))
+        greedy = SamplingConfig(max_new_tokens=n_steps, stop_ids=())
+        cand_run = generate(cand.backend, cand_in.embeds, greedy, rope=cand_in.rope)
         result.stages["greedy"] = _greedy_stage(shown, cand_run.token_ids[: len(shown)])
     except Exception as exc:  # a broken candidate is a finding, reported per stage, not a crash
         result.errors[stage] = _error_text(exc)
@@ -468,13 +471,19 @@ def _logits_stage(
     }
 
 
+def _prefill_state(session: Session, prepared: PreparedInput):
+    """The decoder state after the prompt, positioned as the generation loop positions it."""
+    rows = None if prepared.rope is None else prepared.rope.positions
+    return prefill(session.backend, prepared.embeds, session.backend.new_state(), positions=rows)[1]
+
+
 def _state_stage(
     ref: Session, cand: Session, ref_in: PreparedInput, cand_in: PreparedInput
 ) -> dict[str, Any]:
     """State after prefill, per tensor; KV caches compared over the prompt positions only (the rest is
     unused cache whose contents no format has to agree on)."""
-    ref_state = ref.backend.state_arrays(prefill(ref.backend, ref_in.embeds, ref.backend.new_state())[1])
-    cand_state = cand.backend.state_arrays(prefill(cand.backend, cand_in.embeds, cand.backend.new_state())[1])
+    ref_state = ref.backend.state_arrays(_prefill_state(ref, ref_in))
+    cand_state = cand.backend.state_arrays(_prefill_state(cand, cand_in))
     if ref_state is None or cand_state is None:
         return {"available": False}
     n_prompt = len(ref_in.prompt.ids)

@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from .backends.base import Backend
-from .errors import CheckpointError
+from .errors import CheckpointError, InputError
 from .generation import GenerationResult, SamplingConfig, build_input_embeddings, generate
 from .jsonfile import read_json_file
+from .processing.canvas_positions import CanvasLayout, CanvasTokens, canvas_positions
 from .processing.patches import slice_to_patches
 from .processing.prompt import ImageLayout, Message, Prompt, PromptBuilder, VideoLayout
-from .processing.slicing import PreparedImage, SliceConfig, prepare_image
+from .processing.slicing import PreparedImage, SliceConfig, merge_factor, prepare_image
 from .processing.tokenizer import StreamDecoder, Tokenizer
 from .processing.video import load_video, prepare_units
 
@@ -37,6 +38,9 @@ class HostAssets:
     slice_config: SliceConfig
     num_patches_per_side: int
     stop_ids: tuple[int, ...]
+    # marker ids of Canvas M-RoPE, for a family whose RoPE positions are host-computed rows
+    # (Family.rope_positions == "canvas"); None: positions are the cache index
+    canvas_tokens: CanvasTokens | None = None
 
     @classmethod
     def from_dir(
@@ -70,7 +74,11 @@ class HostAssets:
             use_image_id=slice_config.use_image_id,
             fallback_template=getattr(family, "chat_template", None),
         )
-        return cls(tokenizer, prompts, slice_config, num_patches_per_side, tuple(tokenizer.stop_ids))
+        canvas = None
+        if getattr(family, "rope_positions", "cache") == "canvas":
+            raw = read_json_file(path / "config.json", "config", CheckpointError)
+            canvas = CanvasTokens.from_config(raw)
+        return cls(tokenizer, prompts, slice_config, num_patches_per_side, tuple(tokenizer.stop_ids), canvas)
 
 
 VisionInput = tuple[np.ndarray, np.ndarray | None, str]  # (patches or uint8 pixels, position ids, mode)
@@ -85,6 +93,7 @@ class PromptPlan:
     image_inputs: list[VisionInput]
     video_inputs: list[VisionInput]
     preprocess_ms: float
+    rope: CanvasLayout | None = None  # the prompt's Canvas M-RoPE rows, where the family has them
 
 
 @dataclass
@@ -98,6 +107,8 @@ class PreparedInput:
     preprocess_ms: float
     vision_ms: float
     vision_slice_ms: list[float] = field(default_factory=list)
+    # RoPE position rows [3, T] + decode offset of a Canvas M-RoPE family; None: the cache index
+    rope: CanvasLayout | None = None
 
     @property
     def n_slices(self) -> int:
@@ -169,7 +180,9 @@ class Session:
         )  # fmt: skip
         image_inputs = [x for im in prepared for x in self._vision_inputs(im, config)]
         video_inputs = [x for clip in clips for unit in clip for x in self._vision_inputs(unit, config)]
-        return PromptPlan(prompt, prepared, image_inputs, video_inputs, (time.perf_counter() - t0) * 1000)
+        rope = self._canvas_layout(prompt.ids, prepared, clips, config)
+        ms = (time.perf_counter() - t0) * 1000
+        return PromptPlan(prompt, prepared, image_inputs, video_inputs, ms, rope)
 
     def prepare(
         self,
@@ -202,6 +215,32 @@ class Session:
             plan.preprocess_ms,
             sum(slice_ms),
             slice_ms,
+            plan.rope,
+        )
+
+    def _canvas_layout(
+        self,
+        ids: Sequence[int],
+        images: Sequence[PreparedImage],
+        clips: Sequence[Sequence[PreparedImage]],
+        config: SliceConfig,
+    ) -> CanvasLayout | None:
+        """Canvas M-RoPE rows of a prompt from its ids and every crop's patch grid (None for a family
+        whose positions are the cache index). Computed here, next to the prompt, so that every
+        caller of `plan` / `prepare` (chat, parity, bench, eval, trainers) gets the same rows."""
+        tokens = self.assets.canvas_tokens
+        if tokens is None:
+            return None
+        frames = [u for clip in clips for u in clip]
+        modes = {u.downsample_mode for u in (*images, *frames)} or {config.downsample_mode}
+        if len(modes) > 1:
+            raise InputError(f"one prompt mixes downsample modes {sorted(modes)}; Canvas M-RoPE needs one")
+        return canvas_positions(
+            ids,
+            tokens,
+            [g for im in images for g in im.patch_grids],
+            [g for u in frames for g in u.patch_grids],
+            merge=merge_factor(modes.pop()),
         )
 
     def _video_units(self, video: VideoInput, config: SliceConfig) -> list[PreparedImage]:
@@ -254,8 +293,9 @@ class Session:
                     on_text(piece)
 
         result = generate(
-            self.backend, prepared.embeds, sampling, on_token=on_token, prompt_ids=prepared.prompt.ids
-        )
+            self.backend, prepared.embeds, sampling, on_token=on_token, prompt_ids=prepared.prompt.ids,
+            rope=prepared.rope,
+        )  # fmt: skip
         if on_text is not None:
             tail = decoder.flush()
             if tail:

@@ -69,16 +69,27 @@ class Backend(ABC):
 
     @abstractmethod
     def prefill_chunk(
-        self, embeds: np.ndarray, n_valid: int, start_pos: int, state: DecoderState
+        self,
+        embeds: np.ndarray,
+        n_valid: int,
+        start_pos: int,
+        state: DecoderState,
+        positions: np.ndarray | None = None,
     ) -> tuple[np.ndarray, DecoderState]:
-        """Embeddings [C, D] (rows past n_valid are padding) at positions start_pos.. -> logits of
-        the last valid position [V] and the updated state."""
+        """Embeddings [C, D] (rows past n_valid are padding) at cache indices start_pos.. -> logits
+        of the last valid position [V] and the updated state.
+
+        `positions` int64 [3, C]: RoPE position rows (t, h, w) of the chunk where the family's
+        positions are not the cache index (Families with `rope_positions="canvas"`, MiniCPM-V 4.7);
+        None = the cache index. The generation loop passes it only when it is not None, so a
+        backend that cannot take rows keeps the four-argument form."""
 
     @abstractmethod
     def decode_step(
-        self, embed: np.ndarray, pos: int, state: DecoderState
+        self, embed: np.ndarray, pos: int, state: DecoderState, positions: np.ndarray | None = None
     ) -> tuple[np.ndarray, DecoderState]:
-        """One token's embedding [1, D] at position pos -> logits [V] and the updated state."""
+        """One token's embedding [1, D] at cache index pos -> logits [V] and the updated state;
+        `positions` int64 [3, 1] as in prefill_chunk."""
 
     def state_arrays(self, state: DecoderState) -> dict[str, np.ndarray] | None:
         """The state as named float32 copies, for parity; None where a backend cannot expose it."""

@@ -62,15 +62,28 @@ class TorchBackend(Backend):
         return DecoderState(dict(zip(self._names, self.model.new_state(self.cache_len), strict=True)))
 
     @torch.inference_mode()
-    def _run(self, embeds: np.ndarray, n_valid: int, start_pos: int, state: DecoderState):
+    def _run(
+        self,
+        embeds: np.ndarray,
+        n_valid: int,
+        start_pos: int,
+        state: DecoderState,
+        positions: np.ndarray | None,
+    ):
         x = torch.from_numpy(np.ascontiguousarray(embeds, dtype=np.float32))[None]
+        extra = {}
+        if positions is not None:  # only families with explicit RoPE rows take the keyword
+            rows = np.ascontiguousarray(positions, dtype=np.int64)
+            if rows.shape != (3, x.shape[1]):
+                raise ValueError(f"positions must have shape (3, {x.shape[1]}), got {rows.shape}")
+            extra["rope_positions"] = torch.from_numpy(rows)
         logits, new = self.model.decode(
-            x, torch.tensor([start_pos]), torch.tensor([n_valid]), list(state.tensors.values())
+            x, torch.tensor([start_pos]), torch.tensor([n_valid]), list(state.tensors.values()), **extra
         )
         return logits[0].float().numpy(), DecoderState(dict(zip(self._names, new, strict=True)))
 
-    def prefill_chunk(self, embeds, n_valid, start_pos, state):
-        return self._run(embeds, n_valid, start_pos, state)
+    def prefill_chunk(self, embeds, n_valid, start_pos, state, positions=None):
+        return self._run(embeds, n_valid, start_pos, state, positions)
 
-    def decode_step(self, embed, pos, state):
-        return self._run(embed, 1, pos, state)
+    def decode_step(self, embed, pos, state, positions=None):
+        return self._run(embed, 1, pos, state, positions)

@@ -74,6 +74,10 @@ class Family:
     prompt_tokens: Mapping[str, str] | None = None
     chat_template: str | None = None
     version: str | None = None  # config.json's `version`, for families sharing a model_type
+    # where the decoder's RoPE positions come from: "cache" = the cache index (every family but
+    # 4.7); "canvas" = three rows per token computed on the host (processing.canvas_positions,
+    # from the marker ids in config.json) and passed to the decoder apart from the cache index
+    rope_positions: str = "cache"
     default: bool = False  # the family a config.json without `model_type` is read as
 
     def preset(self, name: str, vocab_size: int, token_ids: Mapping[str, int]) -> Any:
@@ -184,3 +188,4 @@ from . import minicpm_v46  # noqa: E402, F401, I001 - the default family first
 from . import minicpm_v40  # noqa: E402, F401
 from . import minicpm_v20  # noqa: E402, F401
 from . import minicpm_ocr  # noqa: E402, F401, I001
+from . import minicpm_v47  # noqa: E402, F401, I001
