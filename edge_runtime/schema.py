@@ -408,6 +408,29 @@ class OcrConfigSchema(ConfigSchema):
     tie_word_embeddings: bool = True
 
 
+class MRopeSchema(RopeSchema):
+    """Qwen3.5's rope_parameters with the (t, h, w) split MiniCPM-V 4.7 needs."""
+
+    mrope_section: Annotated[list[Annotated[int, Field(ge=0, le=4096)]], Field(min_length=3, max_length=3)]
+    mrope_interleaved: Literal[True] = True
+
+
+class V47TextConfigSchema(TextConfigSchema):
+    rope_parameters: MRopeSchema
+
+
+class V47ConfigSchema(ConfigSchema):
+    """config.json of MiniCPM-V 4.7: 4.6's fields, the Canvas M-RoPE marker ids and mrope_section."""
+
+    model_type: Literal["minicpmv4_7"]
+    text_config: V47TextConfigSchema
+    image_start_id: TokenId | None = None
+    image_end_id: TokenId | None = None
+    slice_start_id: TokenId | None = None
+    slice_end_id: TokenId | None = None
+    newline_id: TokenId | None = None
+
+
 class LongRopeSchema(_Strict):
     rope_type: Literal["longrope", "default"] = "default"
     factor: PosFloat | None = None

@@ -170,6 +170,13 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> P
         )
     replacing = preflight(request.out, "bundle", not_a_bundle)  # before any work: nothing is lost
     config, raw = read_config(request.checkpoint)  # bad input is one line before any progress line
+    family = family_of(config)
+    if family.rope_positions != "cache":
+        raise InputError(
+            f"{family.name} cannot be exported yet: its decoder takes {family.rope_positions} RoPE "
+            "position rows apart from the cache index, and no bundle format (onnx, executorch, coreml) "
+            "takes position rows yet; use the checkpoint with the PyTorch reference (chat --checkpoint)"
+        )
     missing = [n for n in REQUIRED_HOST_FILES if not (request.checkpoint / n).is_file()]
     if missing:
         raise InputError(f"{request.checkpoint}: host file {missing[0]} is missing (the bundle needs it)")
