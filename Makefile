@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null 2>&1 || { echo "error: $(PY) not found (Python 3.11 is required)"; exit 2; }
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,plot,bench]"
+	$(BIN)/python -m pip install --quiet -e ".[test,plot,bench,ocr]"
 	# timm, the MiniCPM-V 2.0 tower reference of the tests, without its torchvision (no CPU build for
 	# torch 2.13; tests/torchvision_standin.py stands in for the names timm reads at import)
 	$(BIN)/python -m pip install --quiet --no-deps "timm==1.0.31"

@@ -1,8 +1,12 @@
 """MiniCPM-OCR 1.0 as a registered family: 4.6's model, state layout and hooks under the OCR config.
 
 Looked up by `model_type` "minicpm_ocr". Its preprocessing is 4.6's slicing with 4x as the default
-variant; of the OCR image processor's `small_image_upsize` choices only "always" (4.6's behaviour,
-the default) is supported, and the host processing refuses the others with one line.
+variant, plus the OCR image processor's `small_image_upsize` (processing/small_image_upsize.py):
+"always" (4.6's behaviour, the default written here), "never" (small images keep their native size)
+and "adaptive" (sized from glyph size and density; needs OpenCV, `pip install 'minicpmv-edge[ocr]'`).
+The host reads it from preprocessor_config.json, a checkpoint's or a bundle's alike. Upstream's OCR
+video processor ignores the key (frames always upscale); processing/video.py still slices frames
+with the image config, so a "never"/"adaptive" checkpoint's video frames differ from upstream's.
 """
 
 from __future__ import annotations

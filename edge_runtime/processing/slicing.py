@@ -2,7 +2,8 @@
 
 The geometry (`plan_slices`) is pure Python integer/float arithmetic done in the same order as the
 reference so that every grid and size matches exactly; the prompt builder can use it to count image
-tokens without touching pixels.
+tokens without touching pixels, except under MiniCPM-OCR's small_image_upsize "adaptive", which sizes
+the source view and each tile from their pixels (processing/small_image_upsize.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from edge_runtime.processing.image import (
     normalize,
     resize,
 )
+from edge_runtime.processing.small_image_upsize import adaptive_resolution, cell_box, check_choice
 
 
 @dataclass(frozen=True)
@@ -181,16 +183,14 @@ class SliceConfig:
     use_image_id: bool = True
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     image_feature_size: int = 64  # tokens per slice of a fixed-token (resampler) mode
-    # MiniCPM-OCR's processor key: "always" upscales an unsliced small image to scale_resolution
-    # (every family's behaviour); its "never" / "adaptive" (OpenCV text density) are not supported
+    # MiniCPM-OCR's processor key (processing/small_image_upsize.py): "always" upscales an unsliced
+    # small image to scale_resolution (every family's behaviour), "never" keeps its native size,
+    # "adaptive" decides from glyph size and density (needs OpenCV, the `ocr` extra)
     small_image_upsize: str = "always"
 
     def __post_init__(self) -> None:
         merge_factor(self.downsample_mode)
-        if self.small_image_upsize != "always":
-            raise InputError(
-                f"small_image_upsize {self.small_image_upsize!r} is not supported (only 'always')"
-            )
+        check_choice(self.small_image_upsize)
         for name in ("max_slice_nums", "scale_resolution", "patch_size", "image_feature_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -242,6 +242,15 @@ class SliceConfig:
 
 
 @dataclass(frozen=True)
+class CellTile:
+    """A tile taken from the original image's grid cell instead of the refined image (small_image_upsize
+    "adaptive", when the cell's own size costs fewer pixels than the regular tile)."""
+
+    box: tuple[int, int, int, int]  # (top, left, bottom, right) in the original image
+    size: tuple[int, int]  # (height, width) the cell is resized to; the box's own size: cut as is
+
+
+@dataclass(frozen=True)
 class SlicePlan:
     """Geometry of one image's slices; all sizes are (height, width) in pixels."""
 
@@ -252,9 +261,12 @@ class SlicePlan:
     patch_size: int
     downsample_mode: str
     image_feature_size: int = 64
+    # per tile (row-major): a CellTile replacing the regular tile, or None; empty: every tile regular
+    cell_tiles: tuple[CellTile | None, ...] = ()
 
     @property
     def tile_size(self) -> tuple[int, int] | None:
+        """The regular tile (a 1/grid share of the refined image); `slice_sizes` has every tile's."""
         if self.grid is None or self.refine_size is None:
             return None
         return self.refine_size[0] // self.grid[0], self.refine_size[1] // self.grid[1]
@@ -265,7 +277,9 @@ class SlicePlan:
         tile = self.tile_size
         if tile is None or self.grid is None:
             return [self.source_size]
-        return [self.source_size] + [tile] * (self.grid[0] * self.grid[1])
+        n = self.grid[0] * self.grid[1]
+        cells = self.cell_tiles or (None,) * n
+        return [self.source_size] + [tile if cell is None else cell.size for cell in cells]
 
     @property
     def patch_grids(self) -> list[tuple[int, int]]:
@@ -277,18 +291,45 @@ class SlicePlan:
         return [tokens_for(h, w, self.downsample_mode, self.image_feature_size) for h, w in self.patch_grids]
 
 
-def plan_slices(height: int, width: int, config: SliceConfig) -> SlicePlan:
-    """Slice geometry for an image of (height, width) pixels; no pixels needed."""
+def plan_slices(height: int, width: int, config: SliceConfig, image: Image.Image | None = None) -> SlicePlan:
+    """Slice geometry for an image of (height, width) pixels; no pixels needed, except under
+    small_image_upsize "adaptive" (then `image`, the RGB image itself, is required)."""
     if height < 1 or width < 1:
         raise InputError(f"image has no pixels ({width}x{height})")
+    upsize = config.small_image_upsize
+    if upsize == "adaptive":
+        if image is None:
+            raise InputError("small_image_upsize 'adaptive' sizes slices from their pixels: pass the image")
+        if (image.height, image.width) != (height, width):
+            raise InputError(f"image is {image.width}x{image.height}, the plan is for {width}x{height}")
     grid = (
         get_sliced_grid((height, width), config.max_slice_nums, config.scale_resolution)
         if config.slice_mode
         else None
     )
-    args = (config.scale_resolution, config.patch_size, config.downsample_mode)
-    source = find_best_resize((height, width), *args, allow_upscale=grid is None)
-    refine = None if grid is None else get_refine_size((height, width), grid, *args, allow_upscale=True)
+    scale, patch, mode = config.scale_resolution, config.patch_size, config.downsample_mode
+    # a sliced image's source view is larger than scale_resolution^2 and always shrinks to it; an
+    # unsliced one is upscaled ("always"), kept ("never") or decided from its pixels ("adaptive")
+    resolution, upscale = scale, grid is None and upsize == "always"
+    if grid is None and upsize == "adaptive":
+        assert image is not None
+        chosen = adaptive_resolution(image, scale)
+        resolution, upscale = chosen or scale, chosen is not None
+    source = find_best_resize((height, width), resolution, patch, mode, allow_upscale=upscale)
+    refine = (
+        None
+        if grid is None
+        else get_refine_size((height, width), grid, scale, patch, mode, allow_upscale=True)
+    )
+    cells: tuple[CellTile | None, ...] = ()
+    if grid is not None and refine is not None and upsize == "adaptive":
+        assert image is not None
+        tile = (refine[0] // grid[0], refine[1] // grid[1])
+        cells = tuple(
+            _cell_tile(image, grid, r, c, tile, config) for r in range(grid[0]) for c in range(grid[1])
+        )
+        if all(cell is None for cell in cells):
+            cells = ()
     return SlicePlan(
         (height, width),
         source,
@@ -297,7 +338,40 @@ def plan_slices(height: int, width: int, config: SliceConfig) -> SlicePlan:
         config.patch_size,
         config.downsample_mode,
         config.image_feature_size,
+        cells,
     )
+
+
+def _cell_tile(
+    image: Image.Image,
+    grid: tuple[int, int],
+    row: int,
+    col: int,
+    tile: tuple[int, int],
+    config: SliceConfig,
+) -> CellTile | None:
+    """Tile (row, col) of an "adaptive" image: its original-pixel cell at the cell's adaptive size,
+    when the cell fits in scale_resolution^2, is not judged small dense text (that gets the regular
+    upscaled tile) and costs fewer pixels than the regular tile; else None (the regular tile)."""
+    scale = config.scale_resolution
+    box = cell_box((image.height, image.width), grid, row, col)
+    top, left, bottom, right = box
+    cell_h, cell_w = bottom - top, right - left
+    if cell_h < 1 or cell_w < 1 or cell_h * cell_w > scale * scale:
+        return None
+    chosen = adaptive_resolution(image.crop((left, top, right, bottom)), scale)
+    if chosen == scale:
+        return None
+    size = find_best_resize(
+        (cell_h, cell_w),
+        chosen or scale,
+        config.patch_size,
+        config.downsample_mode,
+        allow_upscale=chosen is not None,
+    )
+    if size[0] * size[1] >= tile[0] * tile[1]:
+        return None
+    return CellTile(box, size)
 
 
 @dataclass
@@ -327,7 +401,7 @@ def slice_image(image: Image.Image, config: SliceConfig) -> PreparedImage:
     """Resize, cut and normalise an RGB PIL image (see `image.to_rgb`) into its slices."""
     if image.mode != "RGB":
         raise InputError(f"slice_image expects an RGB image, got mode {image.mode!r}")
-    plan = plan_slices(image.height, image.width, config)
+    plan = plan_slices(image.height, image.width, config, image)
     norm = (config.image_mean, config.image_std, config.rescale_factor)
 
     src_h, src_w = plan.source_size
@@ -341,8 +415,18 @@ def slice_image(image: Image.Image, config: SliceConfig) -> PreparedImage:
         raw = np.asarray(whole).transpose(2, 0, 1)
         rows, cols = plan.grid
         th, tw = tile
+        cells = plan.cell_tiles or (None,) * (rows * cols)
         for r in range(rows):
             for c in range(cols):
+                cell = cells[r * cols + c]
+                if cell is not None:  # "adaptive": the original cell at its own size
+                    top, left, bottom, right = cell.box
+                    cut_image = image.crop((left, top, right, bottom))
+                    if cell.size != (bottom - top, right - left):
+                        cut_image = resize(cut_image, *cell.size, BICUBIC)  # BICUBIC whatever `resample`
+                    slices.append(normalize(cut_image, *norm))
+                    pixels.append(np.ascontiguousarray(np.asarray(cut_image).transpose(2, 0, 1)))
+                    continue
                 cut = (slice(None), slice(r * th, (r + 1) * th), slice(c * tw, (c + 1) * tw))
                 slices.append(np.ascontiguousarray(refined[cut]))
                 pixels.append(np.ascontiguousarray(raw[cut]))
