@@ -372,7 +372,8 @@ def open_bundle_session(
     except KeyError:  # a bundle of a family this runtime does not know reads as the default one
         family = None
     side = num_patches_per_side(opened.manifest)
-    assets = HostAssets.from_dir(opened.path, side, default_mode, family, **slice_overrides)
+    canvas = opened.manifest.model.get("canvas_tokens")  # canvas families: the marker ids
+    assets = HostAssets.from_dir(opened.path, side, default_mode, family, canvas, **slice_overrides)
     return Session(backend, assets)
 
 

@@ -8,7 +8,7 @@ generation config) are read from a checkpoint directory or a bundle, which carri
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,13 +49,15 @@ class HostAssets:
         num_patches_per_side: int,
         default_mode: str | None = None,
         family: Any = None,
+        canvas_config: Mapping[str, Any] | None = None,
         **slice_overrides: Any,
     ) -> HostAssets:
         """Read host files from a checkpoint or bundle directory; CLI flags override the preprocessor
         config, and `default_mode` (the model's default vision variant) stands in where it names
         none (a remote-code processor config has no downsample_mode). `family` supplies placeholder
         names, a chat template and preprocessing values where the checkpoint's files have none (a
-        remote-code family)."""
+        remote-code family). `canvas_config`: the Canvas M-RoPE marker ids where the directory has
+        no config.json (a bundle's manifest `model.canvas_tokens`)."""
         path = Path(path)
         pre_path = path / "preprocessor_config.json"
         pre = read_json_file(pre_path, "preprocessor config", CheckpointError, missing_ok=True)
@@ -76,7 +78,7 @@ class HostAssets:
         )
         canvas = None
         if getattr(family, "rope_positions", "cache") == "canvas":
-            raw = read_json_file(path / "config.json", "config", CheckpointError)
+            raw = canvas_config or read_json_file(path / "config.json", "config", CheckpointError)
             canvas = CanvasTokens.from_config(raw)
         return cls(tokenizer, prompts, slice_config, num_patches_per_side, tuple(tokenizer.stop_ids), canvas)
 

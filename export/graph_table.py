@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 CHUNK_ROWS = "C (prefill) or 1 (decode)"
+POSITION_ROWS = 3  # export.graphs.POSITION_ROWS (not imported: this module stays torch-free)
 
 
 def io_spec(name: str, shape: list, dtype: str) -> dict[str, Any]:
@@ -30,6 +31,9 @@ class TableStyle:
     batch_axis: bool = False  # ids [1, T], embeds [1, T, d] (ExecuTorch's method signatures)
     chunked: bool = True  # the decoder runs fixed chunks with n_valid (else any T rows, no n_valid)
     pixels_in: bool = False  # the vision entry takes the image itself (preprocessing in the graph)
+    position_rows: bool = (
+        False  # the decoder takes position_ids [3, rows] (RoPE rows apart from the cache index)
+    )
 
 
 def vision_output_rows(ctx: Any, length: str = "L") -> str:
@@ -92,6 +96,10 @@ def _decoder_io(ctx: Any, style: TableStyle, state: list[dict[str, Any]]) -> dic
     ]
     if style.chunked:
         inputs.append(io_spec("n_valid", [1], style.ints))
+    if style.position_rows:
+        inputs.append(
+            io_spec("position_ids", [POSITION_ROWS, CHUNK_ROWS if style.chunked else "T"], style.ints)
+        )
     return {
         "inputs": inputs + [io_spec(f"past.{s['name']}", s["shape"], s["dtype"]) for s in state],
         "outputs": [io_spec("logits", [1, v], style.outputs)]

@@ -4,10 +4,13 @@
   window-major order -> [L/16 | L/4, D]. One graph per downsample mode; L is the one dynamic
   dimension (a multiple of 16 for 16x, of 4 for 4x).
 * `TokenEmbeddingGraph(model)`: ids [T] -> [T, D].
-* `TextDecoderGraph(model)`: embeds [1, C, D], start_pos [1], n_valid [1], then every state
-  tensor -> logits [1, V] of the last valid position, then every updated state tensor. Called
-  with C = chunk for prefill and C = 1 for decode; formats that need static shapes export it
-  twice and share the weights.
+* `TextDecoderGraph(model)`: embeds [1, C, D], start_pos [1], n_valid [1], position_ids [3, C],
+  then every state tensor -> logits [1, V] of the last valid position, then every updated state
+  tensor. Called with C = chunk for prefill and C = 1 for decode; formats that need static shapes
+  export it twice and share the weights. The cache slots and the causal mask follow the cache
+  index start_pos + i; RoPE follows `position_ids` (rows t, h, w: M-RoPE where the config has an
+  `mrope_section`, else row 0 is the 1-D position), so one graph serves every family and the host
+  decides positions (the cache index repeated in 3 rows, or 4.7's canvas rows).
 
 State tensors travel flat, in `state_specs` order, so ONNX inputs/outputs, ExecuTorch buffers
 and CoreML states all carry the same names.
@@ -58,9 +61,16 @@ class TextDecoderGraph(nn.Module):
         self.model = model
 
     def forward(
-        self, embeds: torch.Tensor, start_pos: torch.Tensor, n_valid: torch.Tensor, *state: torch.Tensor
+        self,
+        embeds: torch.Tensor,
+        start_pos: torch.Tensor,
+        n_valid: torch.Tensor,
+        position_ids: torch.Tensor,
+        *state: torch.Tensor,
     ):
-        logits, new_state = self.model.decode(embeds, start_pos, n_valid, list(state))
+        logits, new_state = self.model.decode(
+            embeds, start_pos, n_valid, list(state), rope_positions=position_ids
+        )
         return (logits, *new_state)
 
 
@@ -175,6 +185,10 @@ class Fp32Boundary(nn.Module):
         return cast if len(cast) > 1 else cast[0]
 
 
+POSITION_ROWS = 3  # the decoder's position_ids rows (t, h, w); 1-D families read row 0
+DECODER_ARGS = 4  # embeds, start_pos, n_valid, position_ids: the inputs before the state tensors
+
+
 @dataclass(frozen=True)
 class DecoderSignature:
     """Names and shapes of the decoder graph's inputs and outputs for a given cache length."""
@@ -185,7 +199,7 @@ class DecoderSignature:
 
     @property
     def input_names(self) -> list[str]:
-        return ["embeds", "start_pos", "n_valid", *(f"past.{s.name}" for s in self.state)]
+        return ["embeds", "start_pos", "n_valid", "position_ids", *(f"past.{s.name}" for s in self.state)]
 
     @property
     def output_names(self) -> list[str]:
@@ -214,7 +228,8 @@ def decoder_example_inputs(
     sig = decoder_signature(model, cache_len, kv_dtype, conv_dtype)
     embeds = torch.zeros(1, chunk, sig.hidden_size)
     state = [torch.zeros(s.shape, dtype=s.dtype) for s in sig.state]
-    return (embeds, torch.tensor([0]), torch.tensor([chunk]), *state)
+    positions = torch.arange(chunk).expand(POSITION_ROWS, chunk).contiguous()
+    return (embeds, torch.tensor([0]), torch.tensor([chunk]), positions, *state)
 
 
 def vision_position_example(cfg: Any, mode: str, length: int) -> np.ndarray:

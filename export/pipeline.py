@@ -10,6 +10,7 @@ module is not present fails with one line before any work is done.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -52,6 +53,11 @@ EXPORTERS: dict[str, str] = {
     "executorch": "export.executorch",
     "coreml": "export.coreml",
 }
+
+# Formats whose decoder takes RoPE position rows apart from the cache index (the graph input
+# position_ids [3, C]), so they can carry families with host-computed rows (Family.rope_positions
+# "canvas", MiniCPM-V 4.7); the others are refused those families before any work.
+POSITION_ROW_FORMATS = ("onnx",)
 
 Progress = Callable[[str], None]
 
@@ -171,11 +177,13 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> P
     replacing = preflight(request.out, "bundle", not_a_bundle)  # before any work: nothing is lost
     config, raw = read_config(request.checkpoint)  # bad input is one line before any progress line
     family = family_of(config)
-    if family.rope_positions != "cache":
+    if family.rope_positions != "cache" and fmt not in POSITION_ROW_FORMATS:
         raise InputError(
-            f"{family.name} cannot be exported yet: its decoder takes {family.rope_positions} RoPE "
-            "position rows apart from the cache index, and no bundle format (onnx, executorch, coreml) "
-            "takes position rows yet; use the checkpoint with the PyTorch reference (chat --checkpoint)"
+            f"{family.name} cannot be exported to format {fmt} yet: its decoder takes "
+            f"{family.rope_positions} RoPE position rows apart from the cache index, and {fmt} bundles "
+            f"do not take position rows; export it to {', '.join(POSITION_ROW_FORMATS)} "
+            f"(target {', '.join(t for t, f in TARGET_FORMATS.items() if f in POSITION_ROW_FORMATS)}) "
+            "or use the checkpoint with the PyTorch reference (chat --checkpoint)"
         )
     missing = [n for n in REQUIRED_HOST_FILES if not (request.checkpoint / n).is_file()]
     if missing:
@@ -220,6 +228,7 @@ def state_entries(specs: list) -> list[dict[str, Any]]:
 
 def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str]) -> dict[str, Any]:
     """Every manifest field (docs/bundle.md), with the sha256 and size of every file now in ctx.out."""
+    from edge_runtime.processing.canvas_positions import CanvasTokens
     from edge_runtime.processing.tokenizer import Tokenizer
 
     cfg = ctx.config
@@ -258,6 +267,9 @@ def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str
             "default_downsample_mode": cfg.downsample_mode,
             "tie_word_embeddings": cfg.tie_word_embeddings,
             "decode_weight_bytes": int(graph_set.decode_weight_bytes),
+            # "cache": RoPE positions are the cache index; "canvas": the host computes 3 rows per
+            # token (MiniCPM-V 4.7's Canvas M-RoPE, edge_runtime/processing/canvas_positions.py)
+            "rope_positions": ctx.family.rope_positions,
         },
         "graphs": graph_set.graphs,
         "state": state,
@@ -273,5 +285,7 @@ def build_manifest(ctx: ExportContext, graph_set: GraphSet, host_files: list[str
         "toolkit_version": __version__,
         "created_by": f"minicpmv-edge {__version__} export (format {ctx.format})",
     }
+    if ctx.family.rope_positions == "canvas":  # the host computes the rows from these marker ids
+        manifest["model"]["canvas_tokens"] = dataclasses.asdict(CanvasTokens.from_config(ctx.raw_config))
     manifest.update(graph_set.extra)
     return manifest

@@ -266,12 +266,14 @@ def test_missing_mrope_section_is_one_line(preset_dir, tmp_path, capsys):
     assert code != 0 and len(err.splitlines()) == 1 and "mrope_section" in err, err
 
 
-def test_export_is_refused_in_one_line(preset_dir, tmp_path, capsys):
+@pytest.mark.parametrize("target", ["ios", "android"])
+def test_export_without_position_rows_is_refused_in_one_line(preset_dir, tmp_path, capsys, target):
+    """Core ML and ExecuTorch bundles take no position rows yet (ONNX does: test_minicpm_v47_onnx)."""
+    fmt, quant = {"ios": ("coreml", "fp16"), "android": ("executorch", "fp32")}[target]
     with pytest.raises(InputError, match="position rows"):
-        export_bundle(ExportRequest(preset_dir, tmp_path / "b", "harmonyos", None, "fp32", 1536))
+        export_bundle(ExportRequest(preset_dir, tmp_path / "b", target, None, quant, 1536))
     assert not (tmp_path / "b").exists()
-    code = main(
-        ["export", "--checkpoint", str(preset_dir), "--target", "android", "--out", str(tmp_path / "c")]
-    )
+    args = ["--target", target, "--quant", quant, "--out", str(tmp_path / "c")]
+    code = main(["export", "--checkpoint", str(preset_dir), *args])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "no bundle format" in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and f"format {fmt}" in err, err

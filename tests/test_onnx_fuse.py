@@ -60,16 +60,24 @@ def _session(model: onnx.ModelProto) -> ort.InferenceSession:
     )
 
 
-def _run_prompt(sessions, cfg, embeds: np.ndarray, prompt: int, steps: int):
-    """Chunked prefill of `prompt` rows, then `steps` decode steps: logits after each call + final state."""
+def _cache_rows(start: int, count: int) -> np.ndarray:
+    """position_ids of a call when positions are the cache index: start + i in all three rows."""
+    return np.repeat(np.arange(start, start + count, dtype=np.int64)[None], 3, axis=0)
+
+
+def _run_prompt(sessions, cfg, embeds: np.ndarray, prompt: int, steps: int, rope=None):
+    """Chunked prefill of `prompt` rows, then `steps` decode steps: logits after each call + final
+    state. `rope(start, count)`: the position rows of a call (default: the cache index)."""
     specs = state_specs(cfg, CACHE)
     state = [np.zeros(s.shape, np.float32) for s in specs]
+    rope = rope or _cache_rows
 
     def call(graph, rows, start, n_valid):
         feeds = {
             "embeds": rows,
             "start_pos": np.array([start], np.int64),
             "n_valid": np.array([n_valid], np.int64),
+            "position_ids": rope(start, rows.shape[1]),
         }
         feeds.update({f"past.{s.name}": v for s, v in zip(specs, state, strict=True)})
         outs = sessions[graph].run(None, feeds)
@@ -89,20 +97,28 @@ def _run_prompt(sessions, cfg, embeds: np.ndarray, prompt: int, steps: int):
     return logits, dict(zip((s.name for s in specs), state, strict=True))
 
 
-def _reference(model, embeds: np.ndarray, prompt: int, steps: int) -> list[np.ndarray]:
+def _reference(model, embeds: np.ndarray, prompt: int, steps: int, rope=None) -> list[np.ndarray]:
     logits, pos = [], 0
     state = model.new_state(CACHE)
+    extra = (
+        (lambda start, count: {})
+        if rope is None
+        # noqa: E731
+        else (lambda start, count: {"rope_positions": torch.from_numpy(rope(start, count))})
+    )
     with torch.no_grad():
         while pos < prompt:
             n = min(CHUNK, prompt - pos)
             rows = torch.zeros(1, CHUNK, embeds.shape[1])
             rows[0, :n] = torch.from_numpy(embeds[pos : pos + n])
-            lg, state = model.decode(rows, torch.tensor([pos]), torch.tensor([n]), state)
+            lg, state = model.decode(rows, torch.tensor([pos]), torch.tensor([n]), state, **extra(pos, CHUNK))
             pos += n
         logits.append(lg.numpy())
         for i in range(steps):
             row = torch.from_numpy(embeds[None, prompt + i : prompt + i + 1])
-            lg, state = model.decode(row, torch.tensor([prompt + i]), torch.tensor([1]), state)
+            lg, state = model.decode(
+                row, torch.tensor([prompt + i]), torch.tensor([1]), state, **extra(prompt + i, 1)
+            )
             logits.append(lg.numpy())
     return logits
 
@@ -171,14 +187,26 @@ def _embeds(cfg, rows: int) -> np.ndarray:
     return (np.random.default_rng(rows).standard_normal((rows, cfg.hidden_size)) * 0.5).astype(np.float32)
 
 
-def test_rotary_inside_gqa_matches_reference():
-    """head_dim 64 -> rotary width 16: the CPU kernel takes RoPE (do_rotary) and the RoPE tables.
-    Also 2 DeltaNet key heads for 4 value heads (q / k repeated per value head, as the reference)."""
+def _canvas_like_rows(start: int, count: int) -> np.ndarray:
+    """Position rows unlike the cache index (t / h / w apart, behind it, repeating): what 4.7's
+    canvas rows look like to the decoder. A graph that rotated by the cache index fails on them."""
+    i = np.arange(start, start + count, dtype=np.int64)
+    return np.stack([i // 2, i // 3 + (i % 4), np.maximum(i - 7, 0)])
+
+
+@pytest.mark.parametrize("mrope", [False, True], ids=["1d-rope", "mrope"])
+@pytest.mark.parametrize("canvas", [False, True], ids=["cache-rows", "other-rows"])
+def test_rotary_inside_gqa_matches_reference(mrope, canvas):
+    """head_dim 64 -> rotary width 16: the CPU kernel takes RoPE (do_rotary), the RoPE tables and
+    the graph's position rows (GroupQueryAttention's position_ids input): row 0 into the static
+    table under 1-D RoPE, the chunk's own M-RoPE cos / sin rows with mrope_section. Also 2
+    DeltaNet key heads for 4 value heads (q / k repeated per value head, as the reference)."""
     cfg = preset("tiny", 64, 62, 63)
     cfg.text.head_dim = 64
     cfg.text.linear_num_key_heads = 2
     cfg.text.num_hidden_layers = 2
     cfg.text.layer_types = ["linear_attention", "full_attention"]
+    cfg.text.mrope_section = [2, 3, 3] if mrope else None
     torch.manual_seed(0)
     model = MiniCPMV46(cfg).eval()
     with torch.no_grad():
@@ -189,11 +217,12 @@ def test_rotary_inside_gqa_matches_reference():
     for m in fused.values():
         (gqa,) = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
         assert helper.get_attribute_value(next(a for a in gqa.attribute if a.name == "do_rotary")) == 1
-        assert len(gqa.input) == 9  # ..., cos_cache, sin_cache
+        assert len(gqa.input) == 10  # ..., cos_cache, sin_cache, position_ids
     prompt = CHUNK + 5
     embeds = _embeds(cfg.text, prompt + 3)
-    got, _ = _run_prompt({k: _session(m) for k, m in fused.items()}, cfg.text, embeds, prompt, 3)
-    for a, b in zip(_reference(model, embeds, prompt, 3), got, strict=True):
+    rope = _canvas_like_rows if canvas else None
+    got, _ = _run_prompt({k: _session(m) for k, m in fused.items()}, cfg.text, embeds, prompt, 3, rope)
+    for a, b in zip(_reference(model, embeds, prompt, 3, rope or _cache_rows), got, strict=True):
         assert np.abs(a - b).max() < TOL
 
 
@@ -203,11 +232,11 @@ def test_fused_decoder_leaves_the_model_as_it_was(tiny_checkpoint):
     args = decoder_example_inputs(model, 3, CACHE)
     embeds = torch.randn(1, 3, model.cfg.text.hidden_size)
     with torch.no_grad():
-        want, _ = model.decode(embeds, args[1], args[2], list(args[3:]))
+        want, _ = model.decode(embeds, args[1], args[2], list(args[4:]))
         with fused_decoder(model, CACHE):
             assert type(model.language_model.layers[0].linear_attn) is not GatedDeltaNet
             assert type(model.language_model.layers[3].self_attn) is not GatedAttention
-            inside, _ = model.decode(embeds, args[1], args[2], list(args[3:]))  # eager: the reference path
+            inside, _ = model.decode(embeds, args[1], args[2], list(args[4:]))  # eager: the reference path
     assert torch.equal(want, inside)
     assert {name: type(m) for name, m in model.named_modules()} == classes
     with pytest.raises(ValueError, match="unknown decoder fusions"), fused_decoder(model, CACHE, ["flash"]):

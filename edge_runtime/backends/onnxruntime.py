@@ -8,6 +8,10 @@ every token. The state entries the manifest lists under `onnx.in_place_state` (K
 GroupQueryAttention updates) are bound as input and output to the same buffer, so each call writes
 its new rows in place instead of copying the whole static cache: the state passed in is consumed,
 as with the ExecuTorch backend's one-sequence state; only the returned one is current.
+
+The decoder graphs take RoPE position rows `position_ids` int64 [3, C] apart from the cache index:
+the generation loop's rows where the family computes them (Canvas M-RoPE), else the cache index in
+all three rows, built here.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ class OnnxRuntimeBackend(Backend):
             image_token_id=int(model["image_token_id"]),
             video_token_id=int(model["video_token_id"]),
         )
+        _require_position_ids(graphs["text_decoder"])
         self._state = [(s["name"], tuple(s["shape"]), np.dtype(s["dtype"])) for s in manifest["state"]]
         self._in_place = frozenset(manifest.get("onnx", {}).get("in_place_state", ()))
         self.name = f"onnxruntime:{manifest.get('quantization', '?')}"
@@ -121,12 +126,22 @@ class OnnxRuntimeBackend(Backend):
             }
         )
 
-    def _run(self, key: str, embeds: np.ndarray, n_valid: int, start_pos: int, state: DecoderState):
+    def _run(
+        self,
+        key: str,
+        embeds: np.ndarray,
+        n_valid: int,
+        start_pos: int,
+        state: DecoderState,
+        positions: np.ndarray | None,
+    ):
         sess = self.session(key)
+        rows = position_rows(positions, start_pos, embeds.shape[0])
         feeds = {
             "embeds": ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(embeds[None], dtype=np.float32)),
             "start_pos": ort.OrtValue.ortvalue_from_numpy(np.array([start_pos], dtype=np.int64)),
             "n_valid": ort.OrtValue.ortvalue_from_numpy(np.array([n_valid], dtype=np.int64)),
+            "position_ids": ort.OrtValue.ortvalue_from_numpy(rows),
         }
         tensors = state.tensors
         for name, _, dtype in self._state:
@@ -157,17 +172,20 @@ class OnnxRuntimeBackend(Backend):
         )
         return outs[0].numpy()[0], new
 
-    def prefill_chunk(self, embeds, n_valid, start_pos, state):
+    def prefill_chunk(self, embeds, n_valid, start_pos, state, positions=None):
         chunk = self.info.chunk_size
         rows = embeds.shape[0]
         if rows > chunk:
             raise InputError(f"prefill chunk of {rows} rows exceeds the bundle's chunk size {chunk}")
         if rows < chunk:
             embeds = np.concatenate([embeds, np.zeros((chunk - rows, embeds.shape[1]), np.float32)])
-        return self._run("decoder_prefill", embeds, n_valid, start_pos, state)
+            if positions is not None:  # padding repeats the last column, as the generation loop pads
+                positions = np.pad(np.asarray(positions), ((0, 0), (0, chunk - rows)), mode="edge")
+        return self._run("decoder_prefill", embeds, n_valid, start_pos, state, positions)
 
-    def decode_step(self, embed, pos, state):
-        return self._run("decoder_decode", np.asarray(embed, np.float32).reshape(1, -1), 1, pos, state)
+    def decode_step(self, embed, pos, state, positions=None):
+        embed = np.asarray(embed, np.float32).reshape(1, -1)
+        return self._run("decoder_decode", embed, 1, pos, state, positions)
 
     def state_arrays(self, state: DecoderState) -> dict[str, np.ndarray]:
         return {
@@ -177,6 +195,30 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         self._sessions.clear()
+
+
+def position_rows(positions: np.ndarray | None, start_pos: int, rows: int) -> np.ndarray:
+    """The decoder's position_ids int64 [3, rows]: the host's RoPE rows (canvas families), or the
+    cache index start_pos + i repeated in all three rows (every other family; padding included,
+    as the cache slots)."""
+    if positions is None:
+        return np.ascontiguousarray(
+            np.broadcast_to(np.arange(start_pos, start_pos + rows, dtype=np.int64), (3, rows))
+        )
+    out = np.ascontiguousarray(positions, dtype=np.int64)
+    if out.shape != (3, rows):
+        raise InputError(f"positions must have shape (3, {rows}), got {out.shape}")
+    return out
+
+
+def _require_position_ids(decoder: dict[str, Any]) -> None:
+    """Bundles exported before the decoder took position rows lack the input: one line, not a crash
+    inside onnxruntime at the first prefill."""
+    if "position_ids" not in {i.get("name") for i in decoder.get("inputs", [])}:
+        raise BundleError(
+            "this onnx bundle's text decoder has no position_ids input (exported by an older "
+            "minicpmv-edge); re-export it with this version"
+        )
 
 
 def open_onnx_bundle(bundle: Any, max_context: int | None, threads: int | None) -> Backend:

@@ -205,14 +205,21 @@ class LlamaModel(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(
-        self, embeds: torch.Tensor, start_pos: torch.Tensor, n_valid: torch.Tensor, state: list[torch.Tensor]
+        self,
+        embeds: torch.Tensor,
+        start_pos: torch.Tensor,
+        n_valid: torch.Tensor,
+        state: list[torch.Tensor],
+        rope_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """embeds [1, T, D], start_pos int64 [1] -> normed hidden [1, T, D], new state. Rows past
         n_valid are written to the cache beyond the valid tokens, where nothing reads them before
-        the next call overwrites them."""
+        the next call overwrites them. The cache slots and the mask follow start_pos + i; RoPE
+        follows row 0 of `rope_positions` int64 [3, T] when given (the exported graphs' position
+        rows), else the cache index."""
         del n_valid
         positions = start_pos + torch.arange(embeds.shape[1], device=embeds.device)
-        cos, sin = rope_cos_sin(positions, self.inv_freq)
+        cos, sin = rope_cos_sin(positions if rope_positions is None else rope_positions[0], self.inv_freq)
         if self.rope_scale != 1.0:
             cos, sin = cos * self.rope_scale, sin * self.rope_scale
         x = embeds

@@ -415,8 +415,10 @@ class Qwen35TextModel(nn.Module):
         The cache slots and the causal mask always follow the cache index start_pos + i. RoPE
         follows it too unless `rope_positions` int64 [3, T] (rows t, h, w) is given: then the
         interleaved M-RoPE of `mrope_section` rotates by those rows (Canvas M-RoPE), which is why
-        they are an input and not derived from start_pos. The choice is made by the caller's
-        signature, never by tensor values, so either form traces to a fixed graph.
+        they are an input and not derived from start_pos; without an `mrope_section` row 0 is the
+        1-D RoPE position (the exported graphs take rows for every family). The choice is made by
+        the caller's signature and the config, never by tensor values, so either form traces to a
+        fixed graph.
         """
         t = embeds.shape[1]
         steps = torch.arange(t, device=embeds.device)
@@ -424,8 +426,8 @@ class Qwen35TextModel(nn.Module):
         valid = (steps < n_valid).to(torch.float32)
         if rope_positions is None:
             cos, sin = rope_cos_sin(positions, self.inv_freq)
-        elif self.mrope_rows is None:
-            raise ValueError("explicit RoPE position rows need rope_parameters.mrope_section in the config")
+        elif self.mrope_rows is None:  # 1-D RoPE: row 0 is the position
+            cos, sin = rope_cos_sin(rope_positions[0], self.inv_freq)
         else:
             cos, sin = mrope_cos_sin(rope_positions, self.inv_freq, self.mrope_rows)
         x = embeds

@@ -63,9 +63,11 @@ class LlamaVisionLanguageModel(VisionLanguageModel):
         n_valid: torch.Tensor,
         state: list[torch.Tensor],
         all_logits: bool = False,
+        rope_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """embeds [1, C, D] -> logits [1, V] of the last valid token (or [C, V]) and the new state."""
-        hidden, new_state = self.llm.model(embeds, start_pos, n_valid, state)
+        """embeds [1, C, D] -> logits [1, V] of the last valid token (or [C, V]) and the new state.
+        `rope_positions` int64 [3, C]: row 0 is the RoPE position (None = the cache index)."""
+        hidden, new_state = self.llm.model(embeds, start_pos, n_valid, state, rope_positions)
         if all_logits:
             return self.llm.logits(hidden[0]), new_state
         return self.llm.logits(hidden[0].index_select(0, n_valid - 1)), new_state

@@ -75,7 +75,7 @@ def manifest_graphs(ctx: ExportContext, cache_len: int, state: list[dict[str, An
     """One file per graph; the decoder's state travels as past.X inputs and present.X outputs."""
     return graph_table(
         ctx,
-        TableStyle(),
+        TableStyle(position_rows=True),
         vision={"files": {m: FILES[f"vision_{m}"] for m in ctx.family.vision_modes}},
         embedding={"file": FILES["token_embedding"]},
         decoder={

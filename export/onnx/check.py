@@ -13,7 +13,7 @@ import numpy as np
 from edge_runtime.backends.onnxruntime import make_session
 from edge_runtime.errors import EdgeError
 from edge_runtime.families import family_of
-from export.graphs import vision_position_example, vision_tokens
+from export.graphs import POSITION_ROWS, vision_position_example, vision_tokens
 
 VISION_LENGTHS = (64, 128)
 EMBED_LENGTHS = (1, 5)
@@ -64,6 +64,7 @@ def _check(out: Path, files: dict[str, str], cfg: Any, chunk: int, state: list[d
             "embeds": np.zeros((1, c, d), np.float32),
             "start_pos": np.zeros(1, np.int64),
             "n_valid": np.full(1, c, np.int64),
+            "position_ids": np.zeros((POSITION_ROWS, c), np.int64),
             **{f"past.{s['name']}": np.zeros(s["shape"], np.dtype(s["dtype"])) for s in state},
         }
         outs = sess.run(None, feeds)

@@ -32,8 +32,10 @@ Fusions (`FUSIONS`; every one is on by default and was measured faster or equal,
   (`seqlens_k = start_pos + C - 1`, `total_sequence_length = start_pos + C`), and causality hides
   keys past each query's position. The op reads only the valid prefix instead of the whole static
   cache, which is most of the gain at a 4K context.
-* `gqa_rotary`: RoPE inside GroupQueryAttention (`do_rotary`, cos/sin tables of `cache_len` rows
-  computed as the reference computes them) where the CPU kernel accepts the rotary width
+* `gqa_rotary`: RoPE inside GroupQueryAttention (`do_rotary`) by the cos/sin the text model
+  computed from the graph's `position_ids` rows (1-D RoPE or M-RoPE alike: the chunk's own rows
+  as the op's cos/sin cache, zero-padded to `cache_len` rows, at op position ids 0..C-1; see
+  `_group_query_attention`) where the CPU kernel accepts the rotary width
   (rotary_dim / 2 a multiple of 8: 32 for the released 4.6; the tiny preset's 4 is not, and keeps
   the graph's own partial RoPE).
 
@@ -58,7 +60,6 @@ from edge_runtime.models.blocks import (
     RMSNorm,
     ZeroCenteredRMSNorm,
     apply_partial_rope,
-    rope_cos_sin,
 )
 from edge_runtime.models.llama_text import LlamaAttention
 from edge_runtime.models.qwen35_text import (
@@ -225,9 +226,16 @@ def _group_query_attention(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q [1, T, H, hd], k [1, T, n_kv, hd] before RoPE, v [1, T, n_kv * hd] -> GroupQueryAttention
     over the caches: ([1, T, H * hd], new k_cache, new v_cache). RoPE runs inside the op when the
-    module carries a `_rotary_cache`, else here."""
+    module carries `_rotary_rows`, else here; either way it rotates by `cos` / `sin` [T, rot], which
+    the text model computed from the graph's position rows (1-D or M-RoPE), never by the cache index.
+
+    Inside the op: the chunk's own cos / sin halves are the op's cos_cache / sin_cache with
+    position_ids 0..T-1, zero-padded to `_rotary_rows` (the cache length) because the kernel wants at
+    least total_sequence_length rows. The CPU kernel ignores position_ids on a first prompt
+    (past length 0) and counts 0..T-1 itself, which these ids equal, so the rotation is the rows'
+    in every call; a static table indexed by row 0 would rotate a first chunk by the cache index."""
     t, n_heads, n_kv, head_dim = q.shape[1], module.n_heads, module.n_kv, module.head_dim
-    rotary = module._rotary_cache
+    rotary = module._rotary_rows
     if rotary is None:  # rotate here, in the [1, T, H, hd] layout (cos/sin broadcast over heads)
         q = apply_partial_rope(q, cos[:, None, :], sin[:, None, :])
         k = apply_partial_rope(k, cos[:, None, :], sin[:, None, :])
@@ -240,7 +248,7 @@ def _group_query_attention(
     inputs = [q, k, v, k_cache, v_cache, seqlens_k, total]
     attrs = {"num_heads": n_heads, "kv_num_heads": n_kv, "scale": float(head_dim**-0.5)}
     if rotary is not None:
-        inputs += [rotary[0], rotary[1]]
+        inputs += _rotary_inputs(cos, sin, rotary)
         attrs["do_rotary"] = 1
     return _op(
         "GroupQueryAttention",
@@ -254,8 +262,15 @@ def _group_query_attention(
     )
 
 
+def _rotary_inputs(cos: torch.Tensor, sin: torch.Tensor, rows: int) -> list[torch.Tensor]:
+    """GroupQueryAttention's cos_cache, sin_cache [rows, rot/2] and position_ids [1, T] (see above)."""
+    t, half = cos.shape[0], cos.shape[-1] // 2
+    pad = (0, 0, 0, rows - t)  # static: T and the cache length are graph constants
+    return [F.pad(cos[:, :half], pad), F.pad(sin[:, :half], pad), torch.arange(t, device=cos.device)[None, :]]
+
+
 class FusedGatedAttention(GatedAttention):
-    _rotary_cache: tuple[torch.Tensor, torch.Tensor] | None = None  # (cos, sin) [cache_len, rot/2]
+    _rotary_rows: int | None = None  # RoPE inside GroupQueryAttention, tables of this many rows
 
     def forward(self, x, positions, cos, sin, k_cache, v_cache):
         if not _exporting() or x.dtype != torch.float32:
@@ -273,7 +288,7 @@ class FusedGatedAttention(GatedAttention):
 
 
 class FusedLlamaAttention(LlamaAttention):
-    _rotary_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+    _rotary_rows: int | None = None
 
     def forward(self, x, positions, cos, sin, k_cache, v_cache):
         if not _exporting() or x.dtype != torch.float32:
@@ -312,13 +327,6 @@ def _check_fusions(fusions: Iterable[str]) -> frozenset[str]:
     return chosen
 
 
-def rotary_cache(text: nn.Module, cache_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos / sin [cache_len, rotary_dim / 2] of positions 0..cache_len-1, computed as the reference does."""
-    cos, sin = rope_cos_sin(torch.arange(cache_len), text.inv_freq)
-    half = cos.shape[-1] // 2
-    return cos[:, :half].contiguous(), sin[:, :half].contiguous()
-
-
 @contextlib.contextmanager
 def fused_decoder(
     model: nn.Module, cache_len: int, fusions: Iterable[str] = DEFAULT_FUSIONS
@@ -335,7 +343,7 @@ def fused_decoder(
     rotary = None
     plain_rope = getattr(text, "rope_scale", 1.0) == 1.0  # the op's rotary cannot scale cos / sin
     if "gqa_rotary" in chosen and rot_half % GQA_ROTARY_MULTIPLE == 0 and plain_rope:
-        rotary = rotary_cache(text, cache_len)
+        rotary = cache_len
     swapped: list[tuple[nn.Module, type]] = []
     try:
         for module in text.modules():
@@ -347,13 +355,13 @@ def fused_decoder(
             if isinstance(module, FusedGatedDeltaNet):
                 module._fusions = chosen
             elif isinstance(module, FusedGatedAttention | FusedLlamaAttention):
-                module._rotary_cache = rotary
+                module._rotary_rows = rotary
         yield
     finally:
         for module, cls in swapped:
             module.__class__ = cls
             module.__dict__.pop("_fusions", None)
-            module.__dict__.pop("_rotary_cache", None)
+            module.__dict__.pop("_rotary_rows", None)
 
 
 def contrib_op_counts(model) -> dict[str, int]:

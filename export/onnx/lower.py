@@ -26,6 +26,7 @@ from torch.export import Dim
 from edge_runtime.errors import EdgeError
 from edge_runtime.families import family_of
 from export.graphs import (
+    DECODER_ARGS,
     Fp32Boundary,
     TextDecoderGraph,
     TokenEmbeddingGraph,
@@ -170,7 +171,7 @@ def lower_graph(
         sig = decoder_signature(model, cache_len, kv, torch.float32)
         with fused_decoder(model, cache_len, fusions):  # onnxruntime contrib ops, fp32 graphs only
             return _export(
-                wrap(TextDecoderGraph(model), 3, 1),
+                wrap(TextDecoderGraph(model), DECODER_ARGS, 1),
                 decoder_example_inputs(model, c, cache_len, kv, torch.float32),
                 sig.input_names,
                 sig.output_names,
