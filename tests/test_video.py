@@ -15,7 +15,7 @@ from PIL import Image
 
 from edge_runtime.errors import InputError
 from edge_runtime.processing.patches import row_major_patches
-from edge_runtime.processing.slicing import SliceConfig
+from edge_runtime.processing.slicing import SliceConfig, slice_image
 from edge_runtime.processing.video import (
     canvas_layout,
     load_video,
@@ -180,3 +180,18 @@ def test_load_video_with_pyav(tmp_path):
     bad.write_bytes(b"not a video at all" * 10)
     with pytest.raises(InputError, match="cannot decode"):
         load_video(bad)
+
+
+@pytest.mark.parametrize("upsize", ["never", "adaptive"])
+def test_frames_always_upscale_whatever_the_image_setting(upsize):
+    """MiniCPM-OCR's video processor (transformers' video_processing_minicpm_ocr.py) has no
+    `small_image_upsize`: its frames always upscale, so frames ignore the image-side setting (the
+    image itself keeps its native size under "never")."""
+    frame = Image.fromarray(np.random.default_rng(0).integers(0, 255, (80, 100, 3), dtype=np.uint8))
+    always = SliceConfig(max_slice_nums=1, small_image_upsize="always")
+    other = SliceConfig(max_slice_nums=1, small_image_upsize=upsize)
+    (got,) = prepare_units([frame], other)
+    (want,) = prepare_units([frame], always)
+    assert got.patch_grids == want.patch_grids and np.array_equal(got.slices[0], want.slices[0])
+    if upsize == "never":
+        assert slice_image(frame, other).patch_grids != want.patch_grids

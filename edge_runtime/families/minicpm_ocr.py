@@ -5,8 +5,7 @@ variant, plus the OCR image processor's `small_image_upsize` (processing/small_i
 "always" (4.6's behaviour, the default written here), "never" (small images keep their native size)
 and "adaptive" (sized from glyph size and density; needs OpenCV, `pip install 'minicpmv-edge[ocr]'`).
 The host reads it from preprocessor_config.json, a checkpoint's or a bundle's alike. Upstream's OCR
-video processor ignores the key (frames always upscale); processing/video.py still slices frames
-with the image config, so a "never"/"adaptive" checkpoint's video frames differ from upstream's.
+video processor ignores the key (frames always upscale), and so does processing/video.py.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -170,8 +170,11 @@ def units_from_frames(
 
 
 def prepare_units(units: Sequence[Image.Image], config: SliceConfig) -> list[PreparedImage]:
-    """Slice every visual unit like an image (the README recommends max_slice_nums=1 for video)."""
-    return [slice_image(unit, config) for unit in units]
+    """Slice every visual unit like an image (the README recommends max_slice_nums=1 for video).
+    Frames always upscale small units ("always"): MiniCPM-OCR's video processor ignores the image
+    processor's `small_image_upsize`, so a "never"/"adaptive" checkpoint's frames match upstream's."""
+    frames = replace(config, small_image_upsize="always")
+    return [slice_image(unit, frames) for unit in units]
 
 
 def _decode_pyav(
