@@ -47,6 +47,17 @@ class BundleManifest private constructor(
             .req("stop_ids")
             .ints("prompt.stop_ids")
 
+    /**
+     * How RoPE positions are computed (model.rope_positions): "cache" = the cache index, which is
+     * what the stock runner feeds; absent in bundles written before it, which are all "cache".
+     */
+    val ropePositions: String =
+        raw
+            .req("model")
+            .obj("model")
+            .opt("rope_positions")
+            ?.str("model.rope_positions") ?: "cache"
+
     /** Paths the bundle lists (relative to its directory). */
     val files: Set<String> =
         raw
@@ -60,6 +71,16 @@ class BundleManifest private constructor(
     init {
         if (schemaVersion != SCHEMA_VERSION) {
             throw BundleException("manifest schema_version $schemaVersion is not supported (this app reads $SCHEMA_VERSION)")
+        }
+        // Canvas M-RoPE (MiniCPM-V 4.7): the host computes three RoPE rows per token from the prompt's
+        // image layout and feeds them to text_decoder's position_ids input. Neither this app nor the
+        // stock runner computes them yet, so such a bundle is refused before any model loads rather
+        // than answering with wrong positions.
+        if (ropePositions != "cache") {
+            throw BundleException(
+                "$family positions RoPE by host-computed $ropePositions rows (model.rope_positions \"$ropePositions\"), " +
+                    "which this app does not compute yet; run this bundle with minicpmv-edge chat --bundle",
+            )
         }
     }
 

@@ -282,6 +282,24 @@ class CoreUnitTest {
         assertEquals(m.manifestSha256, BundleManifest.parse(reordered.toByteArray()).manifestSha256)
     }
 
+    /** The test manifest with model.rope_positions set (and no manifest_sha256, so the edit is not tampering). */
+    private fun manifestWithRopePositions(value: String): ByteArray {
+        val obj = Json.parse(manifestBytes()).obj()
+        val model = JsonObject(obj.req("model").obj().fields + ("rope_positions" to JsonString(value)))
+        val fields = obj.fields.filterKeys { it != "manifest_sha256" } + ("model" to model)
+        return Json.write(JsonObject(fields)).toByteArray()
+    }
+
+    @Test
+    fun manifestRefusesCanvasRopePositions() {
+        assertEquals("cache", BundleManifest.parse(manifestBytes()).ropePositions) // absent: the cache index
+        assertEquals("cache", BundleManifest.parse(manifestWithRopePositions("cache")).ropePositions)
+        val err = assertFailsWith<BundleException> { BundleManifest.parse(manifestWithRopePositions("canvas")) }
+        assertTrue(err.message!!.contains("model.rope_positions \"canvas\""), err.message)
+        assertTrue(err.message!!.contains("minicpmv-edge chat --bundle"), err.message)
+        assertEquals(1, err.message!!.lines().size)
+    }
+
     // ---- device report ---------------------------------------------------------------------------------
 
     @Test
