@@ -69,6 +69,16 @@ public struct BundleManifest: Sendable {
         quantization = try raw.string("quantization")
         manifestSha256 = (try raw.optionalString("manifest_sha256")) ?? ""
         let model = try raw.object("model")
+        // Canvas M-RoPE (MiniCPM-V 4.7): the host computes three RoPE rows per token from the
+        // prompt's image layout and feeds them as the decoder's position_ids. This app does not
+        // compute them yet, so such a bundle is refused before any package loads rather than
+        // answering with wrong positions. Absent (bundles written before the field): the cache index.
+        let rope = (try model.optionalString("rope_positions")) ?? "cache"
+        guard rope == "cache" else {
+            throw CoreError.invalid(
+                "\(path): \(family) positions RoPE by host-computed \(rope) rows (model.rope_positions \"\(rope)\"), "
+                    + "which this app does not compute yet; run this bundle with minicpmv-edge chat --bundle")
+        }
         let g = try raw.object("graphs")
         let vision = try g.object("vision_encoder")
         let decoder = try g.object("text_decoder")
