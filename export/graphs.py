@@ -82,6 +82,14 @@ class StatefulDecoder(nn.Module):
     real, as ExecuTorch's runners call it); integer inputs of any width (Core ML's are int32).
     Output: the logits [1, V] of the last valid position.
 
+    With `position_rows` (families whose RoPE positions are not the cache index, Family.rope_positions
+    "canvas": MiniCPM-V 4.7) the decoder also takes `position_ids` [3, T] (rows t, h, w; any integer
+    width), passed to the model's RoPE; the cache slots and the mask still follow start_pos + i.
+    Without it the signature is exactly the two / three inputs above and RoPE follows the cache
+    index (ExecuTorch's stock runners call it so). A call that gives no rows (the token-id `forward`
+    method) rotates by the cache index whatever `position_rows` says: for M-RoPE that equals three
+    equal rows, which is what a text-only prompt's canvas rows are.
+
     Where the formats differ:
     * `buffer_name(state name)`: identifier-safe buffer names, which the bundles' manifests list;
     * `buffer_dtype(spec)`: the buffer's dtype (default the spec's); the state is computed in fp32
@@ -103,9 +111,11 @@ class StatefulDecoder(nn.Module):
         seq_major_cache: bool = False,
         fresh_at_zero: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None,
         persistent: bool = True,
+        position_rows: bool = False,
     ):
         super().__init__()
         self.model = model
+        self.position_rows = position_rows
         self.specs = specs
         self.names = [buffer_name(s.name) for s in specs]
         self.conv = [s.name.endswith("conv_state") for s in specs]
@@ -119,7 +129,11 @@ class StatefulDecoder(nn.Module):
         self.from_tokens = False  # traced as a python constant: selects which method is exported
 
     def forward(
-        self, embeds: torch.Tensor, start_pos: torch.Tensor, n_valid: torch.Tensor | None = None
+        self,
+        embeds: torch.Tensor,
+        start_pos: torch.Tensor,
+        n_valid: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # `embeds` names the graph input (Core ML's function signature); token ids when from_tokens
         embeds = self.model.embed(embeds) if self.from_tokens else embeds
@@ -133,8 +147,11 @@ class StatefulDecoder(nn.Module):
             keep = (start != 0).to(torch.float32)
             state = [s * keep if c else s for s, c in zip(state, self.conv, strict=True)]
             reset = self.fresh_at_zero(start + torch.arange(t))
+        if position_ids is not None and not self.position_rows:
+            raise ValueError("this decoder takes no position rows (position_rows=False)")
+        rows = None if position_ids is None else _as(position_ids, torch.int64)
         with reset:
-            logits, new_state = self.model.decode(embeds, start, valid, state)
+            logits, new_state = self.model.decode(embeds, start, valid, state, rope_positions=rows)
         for buf, new in zip(buffers, new_state, strict=True):
             if new is not buf:
                 buf.copy_(_as(new, buf.dtype))

@@ -57,7 +57,7 @@ EXPORTERS: dict[str, str] = {
 # Formats whose decoder takes RoPE position rows apart from the cache index (the graph input
 # position_ids [3, C]), so they can carry families with host-computed rows (Family.rope_positions
 # "canvas", MiniCPM-V 4.7); the others are refused those families before any work.
-POSITION_ROW_FORMATS = ("onnx",)
+POSITION_ROW_FORMATS = ("onnx", "executorch", "coreml")
 
 Progress = Callable[[str], None]
 

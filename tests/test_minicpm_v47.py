@@ -29,6 +29,7 @@ from edge_runtime.init_checkpoint import init_checkpoint
 from edge_runtime.models.minicpm_v47 import MiniCPMV47Config
 from edge_runtime.processing.prompt import load_chat_template
 from edge_runtime.runtime import open_checkpoint_session
+from export import pipeline
 from export.pipeline import ExportRequest, export_bundle
 
 transformers = pytest.importorskip("transformers")
@@ -266,14 +267,21 @@ def test_missing_mrope_section_is_one_line(preset_dir, tmp_path, capsys):
     assert code != 0 and len(err.splitlines()) == 1 and "mrope_section" in err, err
 
 
-@pytest.mark.parametrize("target", ["ios", "android"])
-def test_export_without_position_rows_is_refused_in_one_line(preset_dir, tmp_path, capsys, target):
-    """Core ML and ExecuTorch bundles take no position rows yet (ONNX does: test_minicpm_v47_onnx)."""
-    fmt, quant = {"ios": ("coreml", "fp16"), "android": ("executorch", "fp32")}[target]
+def test_every_device_format_takes_position_rows():
+    """4.7 exports to every device format (ONNX: test_minicpm_v47_onnx, ExecuTorch and Core ML:
+    test_minicpm_v47_formats); the desktop `torch` bundle does not take the rows yet."""
+    assert set(pipeline.POSITION_ROW_FORMATS) == {"onnx", "executorch", "coreml"}
+
+
+def test_export_to_a_format_without_position_rows_is_refused_in_one_line(preset_dir, tmp_path, capsys):
+    """The desktop torch bundle is refused before any work, in one line naming the formats that
+    take the rows."""
     with pytest.raises(InputError, match="position rows"):
-        export_bundle(ExportRequest(preset_dir, tmp_path / "b", target, None, quant, 1536))
+        export_bundle(ExportRequest(preset_dir, tmp_path / "b", "desktop", None, "fp32", 1536))
     assert not (tmp_path / "b").exists()
-    args = ["--target", target, "--quant", quant, "--out", str(tmp_path / "c")]
-    code = main(["export", "--checkpoint", str(preset_dir), *args])
+    code = main(
+        ["export", "--checkpoint", str(preset_dir), "--target", "desktop", "--out", str(tmp_path / "c")]
+    )
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and f"format {fmt}" in err, err
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "format torch" in err and "onnx, executorch, coreml" in err, err

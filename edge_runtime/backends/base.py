@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import BundleError, InputError
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -100,3 +102,42 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (sessions, memory maps)."""
+
+
+def position_rows(positions: np.ndarray | None, start_pos: int, rows: int) -> np.ndarray:
+    """The decoder's position_ids int64 [3, rows]: the host's RoPE rows (canvas families), or the
+    cache index start_pos + i repeated in all three rows (every other family; padding included,
+    as the cache slots)."""
+    if positions is None:
+        return np.ascontiguousarray(
+            np.broadcast_to(np.arange(start_pos, start_pos + rows, dtype=np.int64), (3, rows))
+        )
+    out = np.ascontiguousarray(positions, dtype=np.int64)
+    if out.shape != (3, rows):
+        raise InputError(f"positions must have shape (3, {rows}), got {out.shape}")
+    return out
+
+
+def takes_position_ids(manifest: dict[str, Any], where: str) -> bool:
+    """Whether the bundle's text decoder takes RoPE rows (`position_ids` among its inputs). A canvas
+    family's bundle (manifest `model.rope_positions == "canvas"`) whose decoder lists none cannot
+    be run right (the rows are how its positions reach RoPE) and is refused in one line."""
+    decoder = manifest["graphs"]["text_decoder"]
+    takes = "position_ids" in {i.get("name") for i in decoder.get("inputs", [])}
+    if manifest["model"].get("rope_positions", "cache") == "canvas" and not takes:
+        raise BundleError(
+            f"{where}: {manifest['family']} computes its RoPE positions on the host (canvas rows), "
+            "but this bundle's text decoder takes no position_ids; re-export it with this version"
+        )
+    return takes
+
+
+def cache_index_rows_only(positions: np.ndarray | None, start_pos: int, rows: int) -> None:
+    """For a decoder without position rows (RoPE at the cache index): rows other than the cache
+    index cannot be honoured, so they are refused instead of ignored."""
+    if positions is not None and not np.array_equal(
+        position_rows(positions, start_pos, rows), position_rows(None, start_pos, rows)
+    ):
+        raise InputError(
+            "this bundle's text decoder takes no RoPE position rows; its positions are the cache index"
+        )

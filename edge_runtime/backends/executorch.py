@@ -7,6 +7,11 @@ state lives inside the program (mutable buffers), not in the caller's hands, and
 start_pos 0 starts a new sequence; so this backend runs one sequence at a time: `new_state()` hands
 out a token, and a decoder call with a token other than the newest one fails with one line instead
 of silently mixing two sequences.
+
+Canvas families (manifest `model.rope_positions == "canvas"`, MiniCPM-V 4.7) export `text_decoder`
+with a third input, the RoPE rows `position_ids` int64 [3, T]: the generation loop's rows are fed
+there (the cache index in all three rows when it gives none). A canvas bundle whose decoder lists no
+such input is refused on open.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ import numpy as np
 
 from ..errors import BundleError, InputError
 from ..processing.slicing import merge_factor, vision_mode
-from .base import Backend, DecoderState, ModelInfo
+from .base import (
+    Backend,
+    DecoderState,
+    ModelInfo,
+    cache_index_rows_only,
+    position_rows,
+    takes_position_ids,
+)
 
 SEQUENCE_KEY = "executorch_sequence"
 
@@ -82,6 +94,7 @@ class ExecuTorchBackend(Backend):
         self._vision = {mode: self.program.load_method(m) for mode, m in vision.items()}
         self._embed = self.program.load_method(graphs["token_embedding"]["method"])
         self._decoder = self.program.load_method(decoder["prefill"])
+        self._rows = takes_position_ids(manifest, str(pte))
         self.max_side = int(graphs["vision_encoder"]["max_side_patches"])
         self.max_tokens = int(graphs["text_decoder"]["max_tokens"])
         norm = manifest["executorch"]["normalisation"]
@@ -202,26 +215,32 @@ class ExecuTorchBackend(Backend):
                 "this state belongs to an older sequence (call new_state() again)"
             )
 
-    def _run(self, embeds: np.ndarray, start_pos: int, state: DecoderState):
+    def _run(self, embeds: np.ndarray, start_pos: int, state: DecoderState, positions: np.ndarray | None):
         self._check(state)
         if start_pos + len(embeds) > self.max_context:
             raise InputError(
                 f"position {start_pos + len(embeds)} exceeds the bundle's max context {self.max_context}"
             )
-        x = self._tensor(embeds, np.float32)[None]
-        out = self._decoder.execute([x, self._torch.tensor([start_pos])])
+        inputs = [self._tensor(embeds, np.float32)[None], self._torch.tensor([start_pos])]
+        if self._rows:
+            inputs.append(self._torch.from_numpy(position_rows(positions, start_pos, len(embeds))))
+        else:
+            cache_index_rows_only(positions, start_pos, len(embeds))
+        out = self._decoder.execute(inputs)
         return out[0].numpy()[0].copy(), state
 
-    def prefill_chunk(self, embeds, n_valid, start_pos, state):
-        """Only the valid rows go in: the method's T is dynamic, so there is no padding."""
+    def prefill_chunk(self, embeds, n_valid, start_pos, state, positions=None):
+        """Only the valid rows go in (and their position columns): the method's T is dynamic, so
+        there is no padding."""
         if not 1 <= n_valid <= min(len(embeds), self.max_tokens):
             raise InputError(
                 f"prefill chunk of {n_valid} valid rows; this bundle takes 1 .. {self.max_tokens}"
             )
-        return self._run(np.asarray(embeds)[:n_valid], start_pos, state)
+        rows = None if positions is None else np.asarray(positions)[:, :n_valid]
+        return self._run(np.asarray(embeds)[:n_valid], start_pos, state, rows)
 
-    def decode_step(self, embed, pos, state):
-        return self._run(np.asarray(embed).reshape(1, -1), pos, state)
+    def decode_step(self, embed, pos, state, positions=None):
+        return self._run(np.asarray(embed).reshape(1, -1), pos, state, positions)
 
     def state_arrays(self, state: DecoderState) -> dict[str, np.ndarray] | None:
         """The state lives in the program's mutable buffers, which the runtime does not expose."""

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import BundleError, InputError
-from .base import Backend, DecoderState, ModelInfo
+from .base import Backend, DecoderState, ModelInfo, position_rows
 
 # onnxruntime fuses DequantizeLinear(int8 weight) + MatMul into an 8-bit MatMulNBits (weights stay
 # int8 in memory, read once per call). Its default accuracy level 4 also quantizes the activations
@@ -195,20 +195,6 @@ class OnnxRuntimeBackend(Backend):
 
     def close(self) -> None:
         self._sessions.clear()
-
-
-def position_rows(positions: np.ndarray | None, start_pos: int, rows: int) -> np.ndarray:
-    """The decoder's position_ids int64 [3, rows]: the host's RoPE rows (canvas families), or the
-    cache index start_pos + i repeated in all three rows (every other family; padding included,
-    as the cache slots)."""
-    if positions is None:
-        return np.ascontiguousarray(
-            np.broadcast_to(np.arange(start_pos, start_pos + rows, dtype=np.int64), (3, rows))
-        )
-    out = np.ascontiguousarray(positions, dtype=np.int64)
-    if out.shape != (3, rows):
-        raise InputError(f"positions must have shape (3, {rows}), got {out.shape}")
-    return out
 
 
 def _require_position_ids(decoder: dict[str, Any]) -> None:

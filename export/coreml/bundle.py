@@ -92,7 +92,7 @@ def export_coreml(ctx: ExportContext) -> GraphSet:
     weight_bytes = decoder.weight_bytes_by_dtype()
     graphs = graph_table(
         ctx,
-        TableStyle(ints="int32", outputs="float16"),
+        TableStyle(ints="int32", outputs="float16", position_rows=ctx.family.rope_positions == "canvas"),
         vision={
             "file": FILES["vision"],
             "functions": {m: f"vision_{m}" for m in ctx.family.vision_modes},

@@ -8,7 +8,8 @@ Why the choices:
   crashes on a scope with several COREMLTOOLS_GRAPH_PASS entries (coremltools 9 bug).
 * fp16 compute, except the position path: ops that depend only on `start_pos` / `n_valid` and
   constants (RoPE angles, cos/sin, masks) stay fp32, because fp16 cannot hold position x
-  inv_freq (0.5 rad steps at position 1000). Core ML states are fp16 only (the converter casts
+  inv_freq (0.5 rad steps at position 1000); canvas families' `position_ids` rows are such an
+  input too (M-RoPE angles fp32). Core ML states are fp16 only (the converter casts
   fp32 buffers), so the DeltaNet recurrent state is fp16 in the package: docs/coreml.md.
 """
 
@@ -24,14 +25,14 @@ import torch
 from torch import nn
 
 from edge_runtime.families import StateSpec, family_of
-from export.graphs import vision_position_example
+from export.graphs import POSITION_ROWS, vision_position_example
 
 from . import torch_ops  # noqa: F401 - registers the index_copy converter
 from .lower import Embedding32, VisionGraph32, export_program, stateful_decoder
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 DEPLOYMENT_TARGET = ct.target.iOS18
-_HOST_INPUTS = ("start_pos", "n_valid")
+_HOST_INPUTS = ("start_pos", "n_valid", "position_ids")
 
 
 def pass_pipeline() -> ct.PassPipeline:
@@ -90,14 +91,18 @@ def _convert(program, precision) -> ct.models.MLModel:
 
 
 def convert_decoder(model: nn.Module, specs: list[StateSpec], chunk: int) -> ct.models.MLModel:
-    """The stateful decoder at chunk length `chunk` (C > 1: chunked DeltaNet, C == 1: recurrent)."""
-    wrapper = stateful_decoder(model, specs)
+    """The stateful decoder at chunk length `chunk` (C > 1: chunked DeltaNet, C == 1: recurrent);
+    canvas families' decoder also takes position_ids int32 [3, C] (their RoPE rows)."""
+    rows = family_of(model.cfg).rope_positions == "canvas"
+    wrapper = stateful_decoder(model, specs, position_rows=rows)
     hidden = model.cfg.text.hidden_size
     example = (
         torch.zeros(1, chunk, hidden),
         torch.tensor([0], dtype=torch.int32),
         torch.tensor([chunk], dtype=torch.int32),
     )
+    if rows:
+        example += (torch.arange(chunk, dtype=torch.int32).expand(POSITION_ROWS, chunk).contiguous(),)
     return _convert(export_program(wrapper, example), fp16_except_positions())
 
 

@@ -24,15 +24,19 @@ def state_buffer_name(state_name: str) -> str:
 
 
 def stateful_decoder(
-    model: nn.Module, specs: list[StateSpec], state_dtype: torch.dtype = torch.float32
+    model: nn.Module,
+    specs: list[StateSpec],
+    state_dtype: torch.dtype = torch.float32,
+    position_rows: bool = False,
 ) -> StatefulDecoder:
-    """embeds [1, C, D], start_pos / n_valid int32 [1] -> logits [1, V]; state lives in Core ML
-    states (`state_dtype`, the recurrent state fp32); the host starts a sequence with fresh states."""
+    """embeds [1, C, D], start_pos / n_valid int32 [1] (with `position_rows`, then position_ids
+    int32 [3, C]: canvas families' RoPE rows) -> logits [1, V]; state lives in Core ML states
+    (`state_dtype`, the recurrent state fp32); the host starts a sequence with fresh states."""
 
     def dtype(spec: StateSpec) -> torch.dtype:
         return torch.float32 if "recurrent" in spec.name else state_dtype
 
-    return StatefulDecoder(model, specs, state_buffer_name, buffer_dtype=dtype)
+    return StatefulDecoder(model, specs, state_buffer_name, buffer_dtype=dtype, position_rows=position_rows)
 
 
 class VisionGraph32(nn.Module):

@@ -178,7 +178,13 @@ def manifest_graphs(ctx: Any, max_side: int, default_mode: str) -> dict[str, Any
     methods = vision_methods(default_mode, ctx.family.vision_modes)
     return graph_table(
         ctx,
-        TableStyle(batch_axis=True, chunked=False, pixels_in=True),
+        TableStyle(
+            batch_axis=True,
+            chunked=False,
+            pixels_in=True,
+            # canvas families: text_decoder also takes the RoPE rows (methods.py); `forward` does not
+            position_rows=ctx.family.rope_positions == "canvas",
+        ),
         vision={
             "file": PTE_FILE,
             "methods": methods,

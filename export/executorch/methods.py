@@ -21,7 +21,7 @@ from torch.export import Dim, ExportedProgram, export
 
 from edge_runtime.families import family_of
 from edge_runtime.processing.slicing import vision_mode
-from export.graphs import StatefulDecoder, TokenEmbeddingGraph
+from export.graphs import POSITION_ROWS, StatefulDecoder, TokenEmbeddingGraph
 
 from .custom_ops import attention_ops, delta_rule_op, fresh_state_at_position_zero
 
@@ -32,6 +32,13 @@ from .custom_ops import attention_ops, delta_rule_op, fresh_state_at_position_ze
 #   token_embedding(ids [1, T]) -> [1, T, D]
 #   text_decoder(embeds [1, T, D], start_pos [1]) -> logits [1, V] of the last position
 #   forward(tokens [1, T], start_pos [1]) -> logits [1, V] (TextLLMRunner: token_embedding + text_decoder)
+# Families whose RoPE positions are not the cache index (Family.rope_positions "canvas", MiniCPM-V
+# 4.7) add one input to `text_decoder`:
+#   text_decoder(embeds [1, T, D], start_pos [1], position_ids int64 [3, T]) -> logits [1, V]
+# (the host's Canvas M-RoPE rows; the cache slots still follow start_pos), so the stock
+# MultimodalRunner, which cannot compute the rows, fails on the input count instead of answering
+# with wrong positions. Their `forward` keeps the stock signature: a text-only prompt's canvas rows
+# are the cache index, which is what it rotates by, so the TextLLMRunner stays correct.
 # T is dynamic (1 .. max_seq_len) for prefill and decode alike; a call at start_pos 0 starts a new
 # sequence (the DeltaNet state is reset inside the program).
 #   vision_encoder(image uint8 [1, 3, H, W]) -> [1, N, D] for one slice in the checkpoint's default
@@ -58,11 +65,12 @@ def buffer_name(state_name: str) -> str:
 
 def stateful_decoder(model: nn.Module, cache_len: int, seq_major_cache: bool = False) -> StatefulDecoder:
     """The decoder as ExecuTorch's runners call it: `embeds` [1, T, D] (token ids when `from_tokens`:
-    the `forward` method) and `start_pos` [1], state in mutable buffers (not persistent: the program
-    holds no initial state), a call at start_pos 0 starting a new sequence
-    (custom_ops.fresh_state_at_position_zero), and with `seq_major_cache` the KV layout ExecuTorch's
-    cache kernels update in place."""
-    specs = family_of(model.cfg).state_specs(model.cfg, cache_len)
+    the `forward` method) and `start_pos` [1] (plus `position_ids` [3, T] for canvas families), state
+    in mutable buffers (not persistent: the program holds no initial state), a call at start_pos 0
+    starting a new sequence (custom_ops.fresh_state_at_position_zero), and with `seq_major_cache` the
+    KV layout ExecuTorch's cache kernels update in place."""
+    family = family_of(model.cfg)
+    specs = family.state_specs(model.cfg, cache_len)
     return StatefulDecoder(
         model,
         specs,
@@ -70,6 +78,7 @@ def stateful_decoder(model: nn.Module, cache_len: int, seq_major_cache: bool = F
         seq_major_cache=seq_major_cache,
         fresh_at_zero=fresh_state_at_position_zero,
         persistent=False,
+        position_rows=family.rope_positions == "canvas",
     )
 
 
@@ -194,7 +203,17 @@ def export_methods(
         decoder = stateful_decoder(model, cache_len, seq_major_cache=attention_kernels)
         start = torch.tensor([0])
         with delta_rule_op(True), attention_ops(attention_kernels):
-            programs[DECODER] = export(decoder, (torch.zeros(1, 4, d), start), dynamic_shapes=({1: t}, None))
+            embeds = torch.zeros(1, 4, d)
+            if decoder.position_rows:  # text_decoder(embeds, start_pos, position_ids): no n_valid
+                rows = torch.arange(4).expand(POSITION_ROWS, 4).contiguous()
+                programs[DECODER] = export(
+                    decoder,
+                    (embeds, start),
+                    {"position_ids": rows},
+                    dynamic_shapes={"embeds": {1: t}, "start_pos": None, "position_ids": {1: t}},
+                )
+            else:
+                programs[DECODER] = export(decoder, (embeds, start), dynamic_shapes=({1: t}, None))
             decoder.from_tokens = True
             programs[FORWARD] = export(decoder, (ids, start), dynamic_shapes=({1: t}, None))
             decoder.from_tokens = False

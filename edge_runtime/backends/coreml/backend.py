@@ -4,7 +4,9 @@
 * `coremltools` (macOS only): `MLModel.predict` with `MLState`; states are read out with
   `read_state` after each call so DecoderState stays a plain dict of arrays on both engines.
 The prefill function takes exactly `chunk` rows: shorter chunks are zero-padded (n_valid masks
-them), as the generation loop expects of every backend.
+them), as the generation loop expects of every backend. Canvas families' decoder functions also
+take `position_ids` int32 [3, C], the host's RoPE rows (padding repeats the last column); a canvas
+bundle without that input is refused on open.
 """
 
 from __future__ import annotations
@@ -17,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from ...errors import BundleError
-from ..base import Backend, DecoderState, ModelInfo
+from ..base import (
+    Backend,
+    DecoderState,
+    ModelInfo,
+    cache_index_rows_only,
+    position_rows,
+    takes_position_ids,
+)
 from .executor import MILProgram
 
 ENGINES = ("mil", "coremltools")
@@ -52,6 +61,7 @@ class CoreMLBackend(Backend):
             video_token_id=model["video_token_id"],
         )
         self._state_names = {s["coreml_name"]: s["name"] for s in manifest["state"]}
+        self._rows = takes_position_ids(manifest, str(self.root))
         self._programs: dict[str, Any] = {}
 
     # --- engines -------------------------------------------------------------------------------
@@ -81,28 +91,42 @@ class CoreMLBackend(Backend):
     def new_state(self) -> DecoderState:
         return DecoderState(self._program("text_decoder").new_states("decode"))
 
-    def _run(self, function: str, embeds: np.ndarray, n_valid: int, start_pos: int, state: DecoderState):
+    def _run(
+        self,
+        function: str,
+        embeds: np.ndarray,
+        n_valid: int,
+        start_pos: int,
+        state: DecoderState,
+        positions: np.ndarray | None = None,
+    ):
         states = dict(state.tensors)  # the executor replaces arrays, never writes into them
         inputs = {
             "embeds": np.asarray(embeds, np.float32)[None],
             "start_pos": np.array([start_pos], np.int32),
             "n_valid": np.array([n_valid], np.int32),
         }
+        if self._rows:
+            inputs["position_ids"] = position_rows(positions, start_pos, len(embeds)).astype(np.int32)
+        elif positions is not None:
+            cache_index_rows_only(np.asarray(positions)[:, :n_valid], start_pos, n_valid)
         logits = self._call("text_decoder", function, inputs, states)
         return logits.reshape(-1), DecoderState(states)
 
-    def prefill_chunk(self, embeds, n_valid, start_pos, state):
+    def prefill_chunk(self, embeds, n_valid, start_pos, state, positions=None):
         embeds = np.asarray(embeds, np.float32)
-        if embeds.shape[0] > self.chunk:
-            raise BundleError(
-                f"prefill chunk of {embeds.shape[0]} rows exceeds the bundle's chunk {self.chunk}"
-            )
+        rows = embeds.shape[0]
+        if rows > self.chunk:
+            raise BundleError(f"prefill chunk of {rows} rows exceeds the bundle's chunk {self.chunk}")
         padded = np.zeros((self.chunk, embeds.shape[1]), np.float32)
-        padded[: embeds.shape[0]] = embeds
-        return self._run("prefill", padded, n_valid, start_pos, state)
+        padded[:rows] = embeds
+        if positions is not None and rows < self.chunk:  # padding repeats the last column
+            positions = np.pad(np.asarray(positions), ((0, 0), (0, self.chunk - rows)), mode="edge")
+        return self._run("prefill", padded, n_valid, start_pos, state, positions)
 
-    def decode_step(self, embed, pos, state):
-        return self._run("decode", np.asarray(embed, np.float32).reshape(1, -1), 1, pos, state)
+    def decode_step(self, embed, pos, state, positions=None):
+        embed = np.asarray(embed, np.float32).reshape(1, -1)
+        return self._run("decode", embed, 1, pos, state, positions)
 
     def state_arrays(self, state: DecoderState) -> dict[str, np.ndarray]:
         return {self._state_names.get(k, k): np.asarray(v, np.float32) for k, v in state.tensors.items()}
