@@ -11,6 +11,8 @@ Why the choices:
   inv_freq (0.5 rad steps at position 1000); canvas families' `position_ids` rows are such an
   input too (M-RoPE angles fp32). Core ML states are fp16 only (the converter casts
   fp32 buffers), so the DeltaNet recurrent state is fp16 in the package: docs/coreml.md.
+* RMS norms are traced in a scaled form whose squares stay <= 1 (export/coreml/norms.py): fp16
+  `x^2` overflows past |x| = 256, which trained residual streams reach.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from export.graphs import POSITION_ROWS, vision_position_example
 
 from . import torch_ops  # noqa: F401 - registers the index_copy converter
 from .lower import Embedding32, VisionGraph32, export_program, stateful_decoder
+from .norms import fp16_safe_norms
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 DEPLOYMENT_TARGET = ct.target.iOS18
@@ -103,7 +106,9 @@ def convert_decoder(model: nn.Module, specs: list[StateSpec], chunk: int) -> ct.
     )
     if rows:
         example += (torch.arange(chunk, dtype=torch.int32).expand(POSITION_ROWS, chunk).contiguous(),)
-    return _convert(export_program(wrapper, example), fp16_except_positions())
+    with fp16_safe_norms(model):  # fp16 squares overflow past |x| = 256 (export/coreml/norms.py)
+        program = export_program(wrapper, example)
+    return _convert(program, fp16_except_positions())
 
 
 def convert_vision(model: nn.Module, mode: str, max_patches: int) -> ct.models.MLModel:
