@@ -46,7 +46,7 @@ class ZeroCenteredRMSNorm(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Llama RMSNorm: w * (x * rsqrt(mean(x^2) + eps)), normalised in fp32, scaled in the input dtype."""
+    """Llama RMSNorm: w * (x * rsqrt(mean(x^2) + eps)), computed in fp32, returned in the input dtype."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -56,7 +56,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return (self.weight * normed).to(x.dtype)  # fp32 weight (kept in fp16 graphs) * fp32
 
 
 class GatedRMSNorm(nn.Module):

@@ -34,7 +34,7 @@ def scaled_rms_normalize(xf: torch.Tensor, eps: float) -> torch.Tensor:
 
 class ScaledRMSNorm(RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * scaled_rms_normalize(x.float(), self.eps).to(x.dtype)
+        return (self.weight * scaled_rms_normalize(x.float(), self.eps)).to(x.dtype)
 
 
 class ScaledZeroCenteredRMSNorm(ZeroCenteredRMSNorm):
