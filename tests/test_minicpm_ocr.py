@@ -32,7 +32,7 @@ from edge_runtime.checkpoint import read_config
 from edge_runtime.cli import main
 from edge_runtime.errors import InputError
 from edge_runtime.init_checkpoint import init_checkpoint
-from edge_runtime.parity import SAMPLES_DIR, compare, load_cases
+from edge_runtime.parity import SAMPLES_DIR, compare, default_cases, load_cases
 from edge_runtime.processing.prompt import load_chat_template
 from edge_runtime.processing.slicing import SliceConfig, plan_slices, slice_image
 from edge_runtime.processing.small_image_upsize import CHOICES, adaptive_resolution, cell_box
@@ -412,3 +412,18 @@ def test_adaptive_onnx_bundle_passes_parity_and_chat(ckpt_dir, tmp_path, capsys)
         image = Image.open(path)
         plan = plan_slices(image.height, image.width, SliceConfig(downsample_mode="4x"))
         assert from_bundle["n_image_tokens"] != sum(plan.token_counts), name
+
+
+@pytest.mark.parametrize(
+    "target, quant",
+    [("harmonyos", "int8"), ("harmonyos", "int4"), ("ios", "int4")],
+    ids=["onnx-int8", "onnx-int4", "coreml-int4"],
+)
+def test_quantized_bundles_pass_their_gates(tmp_path, target, quant):
+    """OCR's quantized bundles against DESIGN.md's gates on the default parity cases (16x and 4x,
+    sliced and not), 32 decode steps, as `minicpmv-edge parity` runs them."""
+    ckpt = init_checkpoint(FAMILY, "tiny", tmp_path / "ckpt", seed=0)
+    out = export_bundle(ExportRequest(ckpt, tmp_path / "b", target, None, quant, 1536))
+    reference = open_checkpoint_session(ckpt, max_context=1536, threads=1)
+    report = compare(reference, open_bundle_session(out, threads=1), default_cases(), quant, n_steps=32)
+    assert report.passed, "\n".join(report.summary_lines())
