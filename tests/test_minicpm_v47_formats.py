@@ -22,7 +22,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from case_images import write_cases  # tests/ helper
 
 from edge_runtime.bundle import open_bundle_session
 from edge_runtime.errors import BundleError
@@ -56,17 +56,7 @@ def ckpt(tmp_path_factory):
 def cases(tmp_path_factory):
     """Smooth colour fields plus noise (slices differ), and the cases naming them."""
     base = tmp_path_factory.mktemp("v47fmt-cases")
-    for i, (w, h) in enumerate(sorted({s for _, sizes, _, _ in CASES for s in sizes})):
-        y, x = np.mgrid[0:h, 0:w]
-        pixels = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], -1)
-        pixels = pixels + np.random.default_rng(i).normal(0, 40, pixels.shape)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(base / f"{w}x{h}.png")
-    entries = [
-        {"name": n, "images": [f"{w}x{h}.png" for w, h in sizes], "prompt": p, "downsample_mode": m}
-        for n, sizes, p, m in CASES
-    ]
-    (base / "cases.json").write_text(json.dumps({"cases": entries}))
-    return load_cases(base / "cases.json")
+    return load_cases(write_cases(base, CASES))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
+from case_images import write_cases  # tests/ helper
 
 from edge_runtime.backends.onnxruntime import OnnxRuntimeBackend
 from edge_runtime.bundle import open_bundle_session
@@ -44,17 +44,7 @@ def ckpt(tmp_path_factory):
 def cases_file(tmp_path_factory):
     """Smooth colour fields plus noise (slices differ), and the cases file naming them."""
     base = tmp_path_factory.mktemp("v47onnx-cases")
-    for i, (w, h) in enumerate(sorted({s for _, sizes, _, _ in CASES for s in sizes})):
-        y, x = np.mgrid[0:h, 0:w]
-        pixels = np.stack([x * 255 / w, y * 255 / h, (x + y) * 127 / (w + h)], -1)
-        pixels = pixels + np.random.default_rng(i).normal(0, 40, pixels.shape)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(base / f"{w}x{h}.png")
-    cases = [
-        {"name": n, "images": [f"{w}x{h}.png" for w, h in sizes], "prompt": p, "downsample_mode": m}
-        for n, sizes, p, m in CASES
-    ]
-    (base / "cases.json").write_text(json.dumps({"cases": cases}))
-    return base / "cases.json"
+    return write_cases(base, CASES)
 
 
 @pytest.fixture(scope="module")
