@@ -19,6 +19,7 @@ Evidence from outside our code:
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import sys
 
@@ -312,12 +313,15 @@ class _OcrProcessor(MiniCPMOcrProcessor):
 
 @pytest.fixture(scope="module")
 def hf_dir(ckpt_dir, tmp_path_factory):
-    """Weights that transformers' MiniCPM-OCR wrote (scaled so greedy tokens depend on the input)."""
+    """Weights that transformers' MiniCPM-OCR wrote: trained-like (slow) DeltaNet decays, the rest
+    scaled so greedy tokens depend on the input."""
     model = transformers.MiniCPMOcrForConditionalGeneration.from_pretrained(ckpt_dir)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, value in model.named_parameters():
-            if "norm" in name or name.endswith(("A_log", "dt_bias")):
+            if name.endswith("A_log"):  # decay rates log-uniform over [1e-3, 0.5]
+                value.copy_(torch.empty_like(value).uniform_(math.log(1e-3), math.log(0.5)))
+            elif "norm" in name or name.endswith("dt_bias"):
                 value.add_(0.2 * torch.randn_like(value))
             else:
                 value.mul_(4.0)
