@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 
@@ -420,8 +421,19 @@ def test_adaptive_onnx_bundle_passes_parity_and_chat(ckpt_dir, tmp_path, capsys)
 
 @pytest.mark.parametrize(
     "target, quant",
-    [("harmonyos", "int8"), ("harmonyos", "int4"), ("ios", "int4")],
-    ids=["onnx-int8", "onnx-int4", "coreml-int4"],
+    [
+        ("harmonyos", "int8"),
+        ("harmonyos", "int4"),
+        ("ios", "int4"),
+        pytest.param(
+            "android",
+            "8da4w",
+            marks=pytest.mark.skipif(
+                os.environ.get("MINICPMV_EDGE_SLOW") != "1", reason="minutes; make test-slow"
+            ),
+        ),
+    ],
+    ids=["onnx-int8", "onnx-int4", "coreml-int4", "executorch-8da4w"],
 )
 def test_quantized_bundles_pass_their_gates(tmp_path, target, quant):
     """OCR's quantized bundles against DESIGN.md's gates on the default parity cases (16x and 4x,
