@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import train_demo  # noqa: E402
 
 from edge_runtime.demo_task import DIGIT_SHAPE, RELATIONS, TRAIN, make_conversation, make_sample  # noqa: E402
+from edge_runtime.models import qwen35_text  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +193,11 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
         "--eval-every",
         "3",
     ]
+    threads = torch.get_num_threads()
     assert train_demo.main([*args, "--eval-samples", "10", "--oracle-eval", "10", "--threads", "1"]) == 0
+    # process-wide knobs are restored (a later test in this process saw chunk 16 once)
+    assert qwen35_text.DELTANET_CHUNK == 64 and torch.get_num_threads() == threads
+    assert not torch.are_deterministic_algorithms_enabled()
     config = json.loads((out / "config.json").read_text())
     assert config["text_config"]["layer_types"].count("full_attention") == 2
     model = load_checkpoint(out).model  # checks every tensor's name and shape against the config
@@ -210,6 +215,7 @@ def test_decoder_oracle_runs_and_reports_every_shape_question_type(capsys: pytes
         )
         == 0
     )
+    assert qwen35_text.DELTANET_CHUNK == 64  # restored (tools/train_demo.training_knobs)
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("step 2 loss ")
     for name in ("colour", "shape", "count", "position", "16x", "4x"):

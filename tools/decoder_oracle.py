@@ -30,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_demo as td  # noqa: E402
 
 from edge_runtime.demo_task import COLOURS, EVAL, SHAPES, TRAIN, make_conversation, make_scene  # noqa: E402
-from edge_runtime.models import qwen35_text  # noqa: E402
 from edge_runtime.models.minicpm_v46 import MiniCPMV46  # noqa: E402
 
 
@@ -75,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
+    with td.training_knobs(args.threads, deltanet_chunk=16, deterministic=False):
+        return run(args)
 
-    torch.set_num_threads(args.threads)
-    qwen35_text.DELTANET_CHUNK = 16
+
+def run(args: argparse.Namespace) -> int:
+    """Train the decoder on oracle features and report per question type."""
     assets = Path(tempfile.mkdtemp(prefix="oracle-assets-"))
     tok = td.write_assets(assets)
     ids = tok["token_ids"]

@@ -1142,12 +1142,35 @@ def main(argv: list[str] | None = None) -> int:
         "the oracle phase skipped (to try vision and question-answering settings on the same decoder)",
     )
     args = ap.parse_args(argv)
-
-    torch.set_num_threads(args.threads)
     # Chunk length is a free parameter of the chunked delta rule (same recurrence, other grouping);
     # 16 is several times cheaper than the inference default of 64 for these short sequences.
-    qwen35_text.DELTANET_CHUNK = args.deltanet_chunk
-    torch.use_deterministic_algorithms(True)
+    with training_knobs(args.threads, args.deltanet_chunk, deterministic=True):
+        return train(args)
+
+
+@contextlib.contextmanager
+def training_knobs(threads: int, deltanet_chunk: int, deterministic: bool) -> Iterator[None]:
+    """Set the process-wide knobs a training run wants, and restore them after it, so an
+    in-process caller (the tests) is unaffected: a test that ran after one of these once saw the
+    DeltaNet chunk at 16."""
+    saved = (
+        qwen35_text.DELTANET_CHUNK,
+        torch.are_deterministic_algorithms_enabled(),
+        torch.get_num_threads(),
+    )
+    torch.set_num_threads(threads)
+    qwen35_text.DELTANET_CHUNK = deltanet_chunk
+    torch.use_deterministic_algorithms(deterministic)
+    try:
+        yield
+    finally:
+        qwen35_text.DELTANET_CHUNK = saved[0]
+        torch.use_deterministic_algorithms(saved[1])
+        torch.set_num_threads(saved[2])
+
+
+def train(args: argparse.Namespace) -> int:
+    """The three phases and the checkpoint, from parsed arguments."""
     t_start = time.perf_counter()
     assets = Path(tempfile.mkdtemp(prefix="demo-assets-"))
     try:
