@@ -78,6 +78,7 @@ class ExportContext:
     progress: Progress
     max_undelegated: float | None = None  # formats with a delegate: the share of ops it may leave behind
     onnx_fusions: bool = True  # ONNX: decoder contrib ops (export/onnx/fuse.py)
+    int4_compute: str | None = None  # ONNX int4: MatMulNBits compute, "fp32" or "int8"; None: default
 
     @property
     def family(self) -> Family:
@@ -107,6 +108,7 @@ class ExportRequest:
     chunk_size: int = DEFAULT_CHUNK
     max_undelegated: float | None = None  # None: the format's default
     onnx_fusions: bool = True  # ONNX: decoder contrib ops; False = standard ops only
+    int4_compute: str | None = None  # ONNX int4: "fp32" or "int8" MatMulNBits compute; None: default
 
 
 @contextlib.contextmanager
@@ -170,6 +172,8 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> P
         raise InputError(
             f"format {fmt} does not support --quant {request.quantization} (supported: {', '.join(supported)})"
         )
+    if request.int4_compute not in (None, "fp32", "int8"):
+        raise InputError(f"unknown --int4-compute {request.int4_compute!r}; choose fp32 or int8")
     if request.chunk_size < 1 or request.max_context < request.chunk_size:
         raise InputError(
             f"need 1 <= chunk size ({request.chunk_size}) <= max context ({request.max_context})"
@@ -197,6 +201,7 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> P
         ctx = ExportContext(
             request.checkpoint, config, raw, tmp, request.target, fmt, request.quantization,
             max_context, request.chunk_size, say, request.max_undelegated, request.onnx_fusions,
+            request.int4_compute,
         )  # fmt: skip
         say(f"exporting graphs (format {fmt}, {request.quantization})")
         graph_set: GraphSet = module.export_graphs(ctx)

@@ -15,6 +15,7 @@ from ..parity import GATES
 from .options import DEFAULT_CHECKPOINT
 
 QUANTS = tuple(GATES)  # every quantization has a parity gate table, and only those
+INT4_COMPUTE = ("fp32", "int8")  # export/onnx/quantize.py INT4_COMPUTE_LEVELS (not imported: lazy)
 
 
 @click.command("export")
@@ -45,6 +46,14 @@ QUANTS = tuple(GATES)  # every quantization has a parity gate table, and only th
     help="ONNX: decoder contrib ops (LinearAttention, CausalConvWithState, GroupQueryAttention, "
     "SimplifiedLayerNormalization); none = standard ops, for onnxruntime builds without them.",
 )
+@click.option(
+    "--int4-compute",
+    type=click.Choice(INT4_COMPUTE),
+    default=None,
+    help="ONNX int4: MatMulNBits arithmetic; fp32 (accuracy_level 0) or int8 activations "
+    "(accuracy_level 4, faster). Default fp32. Other formats and quantizations ignore it, as they "
+    "ignore --onnx-fusions.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
 def export(
     checkpoint,
@@ -56,6 +65,7 @@ def export(
     chunk_size,
     max_undelegated,
     onnx_fusions,
+    int4_compute,
     as_json,
 ) -> None:
     """Export CHECKPOINT to a bundle for --target (ios|android|harmonyos|desktop)."""
@@ -66,7 +76,7 @@ def export(
 
     request = ExportRequest(
         checkpoint, out, target, format_name, quant, max_context, chunk_size, max_undelegated,
-        onnx_fusions == "all",
+        onnx_fusions == "all", int4_compute,
     )  # fmt: skip
     path = export_bundle(request, progress=lambda msg: click.echo(f"[export] {msg}", err=True))
     if not as_json:

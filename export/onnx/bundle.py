@@ -23,7 +23,7 @@ from ..pipeline import ExportContext, GraphSet, state_entries
 from .check import check_graphs
 from .fuse import FUSIONS, contrib_op_counts
 from .lower import describe, graph_names, kv_dtype, lower_graph, prepare, release_vision
-from .quantize import ACCURACY_LEVEL, BLOCK, QuantStats, quantize_model
+from .quantize import BLOCK, DEFAULT_INT4_COMPUTE, INT4_COMPUTE_LEVELS, QuantStats, quantize_model
 from .store import WEIGHTS_FILE, WeightStore, write_graph
 
 
@@ -111,6 +111,7 @@ class GraphJob:
     graph_path: Path
     fusions: tuple[str, ...] = FUSIONS
     mapped: bool = False  # weights stay in the memory-mapped checkpoint until quantized (mapped.py)
+    accuracy_level: int = INT4_COMPUTE_LEVELS[DEFAULT_INT4_COMPUTE]  # int4: MatMulNBits' accuracy_level
 
 
 def run_graph_job(
@@ -127,7 +128,9 @@ def run_graph_job(
     if not job.name.startswith("vision_"):
         release_vision(model)
     graph = lower_graph(model, job.name, job.chunk, job.cache_len, half, job.fusions, mapped)
-    result = quantize_model(graph, job.quantization, vision=job.name.startswith("vision"))
+    result = quantize_model(
+        graph, job.quantization, vision=job.name.startswith("vision"), accuracy_level=job.accuracy_level
+    )
     write_graph(graph, job.graph_path, store)
     return result.counts, graph
 
@@ -151,6 +154,11 @@ def _in_child(job: GraphJob, store: WeightStore) -> tuple[dict[str, int], onnx.M
             raise LoweringProcessError(
                 f"the process lowering {job.name} died without an answer (out of memory?)"
             ) from None
+
+
+def accuracy_level(ctx: ExportContext) -> int:
+    """MatMulNBits' accuracy_level for `export --int4-compute` (None: DEFAULT_INT4_COMPUTE)."""
+    return INT4_COMPUTE_LEVELS[ctx.int4_compute or DEFAULT_INT4_COMPUTE]
 
 
 def lower_all(
@@ -177,6 +185,7 @@ def lower_all(
                 out / FILES[name],
                 fusions,
                 mapped=isolate and ctx.quantization != "fp16",
+                accuracy_level=accuracy_level(ctx),
             )
             say(describe(name, ctx.chunk_size, cache_len) + (" in a child process" if isolate else ""))
             if isolate:
@@ -220,7 +229,7 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
             "decode_contrib_ops": contrib_op_counts(written["decoder_decode"]),
             "in_place_state": in_place_state([written["decoder_prefill"], written["decoder_decode"]]),
             "int4_block_size": BLOCK,
-            "matmulnbits_accuracy_level": ACCURACY_LEVEL,
+            "matmulnbits_accuracy_level": accuracy_level(ctx),
             "quantized_weights": stats,
         }
     }

@@ -34,7 +34,12 @@ from .store import tensor_bytes
 QUANTIZATIONS = ("fp32", "fp16", "int8", "int4")
 BLOCK = 32
 MIN_QUANT_N = 32  # narrower outputs (DeltaNet decay / beta projections) stay fp32
-ACCURACY_LEVEL = 0  # MatMulNBits computes in fp32 (4 = int8 activations: faster, known parity risk)
+# MatMulNBits' accuracy_level per `export --int4-compute`: 0 computes in fp32 (the weights are
+# dequantized to fp32), 4 quantizes the activations to int8 per block and uses integer dot products
+# (faster on CPUs with int8 dot instructions; its parity is measured in docs/history.md).
+INT4_COMPUTE_LEVELS = {"fp32": 0, "int8": 4}
+DEFAULT_INT4_COMPUTE = "fp32"
+ACCURACY_LEVEL = INT4_COMPUTE_LEVELS[DEFAULT_INT4_COMPUTE]  # the default level
 MS_DOMAIN = "com.microsoft"
 _LINEAR_OPS = ("MatMul", "Gemm")
 
@@ -230,7 +235,7 @@ def _int8_linear(s: _Surgery, name: str, n_axis: int) -> None:
     s.count("int8")
 
 
-def _int4_linear(s: _Surgery, name: str, k_axis: int, uses: list) -> None:
+def _int4_linear(s: _Surgery, name: str, k_axis: int, uses: list, accuracy_level: int) -> None:
     """MatMul / Gemm -> MatMulNBits (+ Add for a Gemm bias) reading the 4-bit blocks."""
     w = s.array(name)
     w_nk = w.T if k_axis == 0 else w
@@ -252,7 +257,7 @@ def _int4_linear(s: _Surgery, name: str, k_axis: int, uses: list) -> None:
                 N=n,
                 bits=4,
                 block_size=BLOCK,
-                accuracy_level=ACCURACY_LEVEL,
+                accuracy_level=accuracy_level,
             )
         ]
         if has_bias:
@@ -302,10 +307,15 @@ def _int4_embedding(s: _Surgery, name: str, uses: list) -> None:
     s.count("int4-embedding")
 
 
-def quantize_model(model: onnx.ModelProto, quant: str, vision: bool) -> QuantStats:
-    """Rewrite one lowered graph in place for `quant` (fp32 leaves it as is)."""
+def quantize_model(
+    model: onnx.ModelProto, quant: str, vision: bool, accuracy_level: int = ACCURACY_LEVEL
+) -> QuantStats:
+    """Rewrite one lowered graph in place for `quant` (fp32 leaves it as is); int4's MatMulNBits
+    nodes get `accuracy_level` (INT4_COMPUTE_LEVELS)."""
     if quant not in QUANTIZATIONS:
         raise ValueError(f"unknown ONNX quantization {quant!r}")
+    if accuracy_level not in INT4_COMPUTE_LEVELS.values():
+        raise ValueError(f"unsupported MatMulNBits accuracy_level {accuracy_level!r}")
     if quant == "fp32":
         return QuantStats({})
     if quant == "fp16":  # traced in half precision already (lower.py)
@@ -327,7 +337,7 @@ def quantize_model(model: onnx.ModelProto, quant: str, vision: bool) -> QuantSta
         if layout:
             k_dim = t.dims[layout[0]]
             if quant == "int4" and not vision and k_dim % BLOCK == 0:
-                _int4_linear(s, name, layout[0], uses)
+                _int4_linear(s, name, layout[0], uses, accuracy_level)
                 for node in transposes:  # MatMulNBits reads [N, K] blocks: no transpose left
                     s.replaced[id(node)] = []
             else:
