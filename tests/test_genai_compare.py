@@ -68,6 +68,35 @@ def test_conversion_round_trips_names_shapes_and_values(tiny_checkpoint, convert
         assert (out / name).is_file()
 
 
+def test_ours_is_exported_at_the_builders_accuracy_level(tiny_checkpoint, tmp_path, monkeypatch):
+    """Equal settings: our int4 bundle gets the MatMulNBits accuracy_level that BUILDER_OPTIONS gives
+    the builder, whatever our export default is (int8 compute since issue 33)."""
+    import types
+
+    import export.pipeline as pipeline
+    from export.onnx.quantize import INT4_COMPUTE_LEVELS
+
+    requests = []
+
+    def fake_export(request, progress=None):
+        requests.append(request)
+        request.out.mkdir(parents=True)
+        return request.out
+
+    monkeypatch.setattr(
+        gc, "convert_checkpoint", lambda _ckpt, out: out.mkdir(parents=True) or {"tensors": []}
+    )
+    monkeypatch.setattr(gc, "run_builder", lambda *_args, **_kwargs: {})
+    monkeypatch.setattr(pipeline, "export_bundle", fake_export)
+    settings = gc.Settings(
+        checkpoint=tiny_checkpoint, out_dir=tmp_path, tokens=1, repeats=1, threads=1, warmup=0,
+        check_steps=1, max_context=64, prompt="hi", bundle=None, verify_fp32=False, rebuild=True,
+    )  # fmt: skip
+    gc.prepare_models(settings, types.SimpleNamespace(__version__="0"), lambda _m: None)
+    (request,) = requests
+    assert INT4_COMPUTE_LEVELS[request.int4_compute] == int(gc.BUILDER_OPTIONS["accuracy_level"])
+
+
 def test_missing_genai_is_one_line_error(monkeypatch, tiny_checkpoint, tmp_path, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(

@@ -538,8 +538,9 @@ def prepare_models(s: Settings, og: Any, say: Progress) -> dict[str, Any]:
 
             say(f"exporting our int4 bundle to {bundle} (target harmonyos)")
             request = ExportRequest(
-                s.checkpoint, bundle, "harmonyos", quantization="int4", max_context=s.max_context
-            )
+                s.checkpoint, bundle, "harmonyos", quantization="int4", max_context=s.max_context,
+                int4_compute={"0": "fp32", "4": "int8"}[BUILDER_OPTIONS["accuracy_level"]],  # as theirs
+            )  # fmt: skip
             export_bundle(request, progress=lambda m: say(f"export: {m}"))
             _stamp(bundle, fp)
         else:

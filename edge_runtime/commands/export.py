@@ -50,9 +50,9 @@ INT4_COMPUTE = ("fp32", "int8")  # export/onnx/quantize.py INT4_COMPUTE_LEVELS (
     "--int4-compute",
     type=click.Choice(INT4_COMPUTE),
     default=None,
-    help="ONNX int4: MatMulNBits arithmetic; fp32 (accuracy_level 0) or int8 activations "
-    "(accuracy_level 4, faster). Default fp32. Other formats and quantizations ignore it, as they "
-    "ignore --onnx-fusions.",
+    help="ONNX int4: MatMulNBits arithmetic; int8 activations (accuracy_level 4, faster) or fp32 "
+    "(accuracy_level 0). Default int8. Other formats and quantizations ignore it, as they ignore "
+    "--onnx-fusions.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
 def export(
