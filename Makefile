@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow lint format demo bench export-harmonyos export-android export-ios clean harmonyos-toolchain android-toolchain android-apk-toolchain ios-toolchain
+.PHONY: setup test test-slow lint format demo bench bench-peers export-harmonyos export-android export-ios clean harmonyos-toolchain android-toolchain android-apk-toolchain ios-toolchain
 
 setup: $(STAMP)
 
@@ -64,6 +64,12 @@ demo: setup
 # Standard benchmark: writes reports/bench-<date>.{md,json,png} (not committed).
 bench: setup
 	$(BIN)/python tools/bench.py
+
+# Ours against llama.cpp and onnxruntime-genai on the same full-size weights, one interleaved run:
+# builds the peers on first use (llama.cpp from the llama-cpp-python sdist, cached outside the repo),
+# then writes docs/bench-peers.{md,json,png}. BENCH_PEERS_ARGS="--preset tiny --rounds 1" is a quick look.
+bench-peers: setup
+	$(BIN)/python tools/bench_peers.py $(BENCH_PEERS_ARGS)
 
 DEMO_CKPT ?= edge_runtime/data/demo-checkpoint
 QUANT ?= int4

@@ -219,17 +219,23 @@ def require_genai() -> Any:
     return og
 
 
-def builder_command(hf_dir: Path, out: Path, precision: str, cache: Path) -> list[str]:
+def builder_command(
+    hf_dir: Path, out: Path, precision: str, cache: Path, options: dict[str, str] | None = None
+) -> list[str]:
+    """options: int4 --extra_options (None = BUILDER_OPTIONS, ours; {} = the builder's own defaults)."""
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_dir), "-o", str(out)]
     cmd += ["-p", precision, "-e", "cpu", "-c", str(cache)]
-    if precision == "int4":
-        cmd += ["--extra_options", *(f"{k}={v}" for k, v in BUILDER_OPTIONS.items())]
+    extra = BUILDER_OPTIONS if options is None else options
+    if precision == "int4" and extra:
+        cmd += ["--extra_options", *(f"{k}={v}" for k, v in extra.items())]
     return cmd
 
 
-def run_builder(hf_dir: Path, out: Path, precision: str, say: Progress) -> dict[str, Any]:
+def run_builder(
+    hf_dir: Path, out: Path, precision: str, say: Progress, options: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Build the genai model (stdout/stderr to OUT.log); one-line CompareError on failure."""
-    cmd = builder_command(hf_dir, out, precision, out.parent / "builder-cache")
+    cmd = builder_command(hf_dir, out, precision, out.parent / "builder-cache", options)
     log_path = out.with_suffix(".log")
     shutil.rmtree(out, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -323,6 +329,7 @@ def _stamp_path(path: Path) -> Path:
 class Run:
     tokens: list[int]  # N + 1 greedy tokens: the one from prefill, then one per decode step
     step_ms: list[float]  # the N decode steps
+    prefill_ms: float = 0.0  # the prompt through the model and the first token picked
 
     @property
     def tok_s(self) -> float:
@@ -375,9 +382,11 @@ class Theirs:
     def run(self, prompt_ids: Sequence[int], n: int) -> Run:
         try:
             gen = self._generator()  # KV cache / state allocation: load-time work, as our new_state()
+            t0 = time.perf_counter()
             gen.append_tokens(np.asarray(prompt_ids, dtype=np.int32))  # prefill
             gen.generate_next_token()  # picks the first token from the prefill logits
             tokens = [int(gen.get_next_tokens()[0])]
+            prefill_ms = (time.perf_counter() - t0) * 1000
             step_ms = []
             for _ in range(n):
                 t0 = time.perf_counter()
@@ -386,7 +395,7 @@ class Theirs:
                 step_ms.append((time.perf_counter() - t0) * 1000)
         except RuntimeError as exc:  # onnxruntime-genai's errors
             raise CompareError(f"onnxruntime-genai failed while generating: {_first_line(exc)}") from None
-        return Run(tokens, step_ms)
+        return Run(tokens, step_ms, prefill_ms)
 
     def forced_logits(self, prompt_ids: Sequence[int], forced: Sequence[int]) -> list[np.ndarray]:
         """Last-position logits after the prompt, then after each forced token (as teacher_forced_logits)."""
@@ -532,7 +541,14 @@ def prepare_models(s: Settings, og: Any, say: Progress) -> dict[str, Any]:
         say(f"using our bundle {bundle}")
     else:
         bundle = s.out_dir / OURS_DIR
-        fp = _fingerprint(s.checkpoint, {"step": "export", "max_context": s.max_context})
+        fp = _fingerprint(
+            s.checkpoint,
+            {
+                "step": "export",
+                "max_context": s.max_context,
+                "accuracy_level": BUILDER_OPTIONS["accuracy_level"],
+            },
+        )
         if s.rebuild or not _fresh(bundle, fp, "manifest.json"):
             from export.pipeline import ExportRequest, export_bundle
 
@@ -665,7 +681,7 @@ def _version(package: str) -> str | None:
 
 
 def _settings_record(s: Settings, built: dict[str, Any], n_prompt: int, max_context: int) -> dict[str, Any]:
-    from export.onnx.quantize import ACCURACY_LEVEL, BLOCK
+    from export.onnx.quantize import BLOCK
 
     return {
         "checkpoint": str(s.checkpoint),
@@ -683,7 +699,7 @@ def _settings_record(s: Settings, built: dict[str, Any], n_prompt: int, max_cont
         "sampling": "greedy; stop ids ignored (ours) / eos list emptied in the run config (theirs)",
         "ours_quant": {
             "matmulnbits_block_size": BLOCK,
-            "accuracy_level": ACCURACY_LEVEL,
+            "accuracy_level": int(BUILDER_OPTIONS["accuracy_level"]),  # ours is exported at the builder's
             "symmetric": True,
             "embedding": "int4 GatherBlockQuantized shared with the tied head",
             "state": f"static, {max_context} + chunk KV positions; KV updated in place (onnx.in_place_state)",
