@@ -481,7 +481,7 @@ def _vision_round(
     counted: bool,
     say: Progress,
 ) -> None:
-    onnx = systems[0]
+    onnx = next(x for x in systems if x.name == OURS[0])
     for mode in ("16x", "4x"):
         key = f"ours_{mode}"
         if onnx.error is None and key not in errors:
@@ -491,7 +491,7 @@ def _vision_round(
                     vision[key].append(out)
             except RuntimeError as exc:
                 errors[key] = str(exc)
-    q4 = systems[3]
+    q4 = next(x for x in systems if x.name == LLAMA[0])
     if llama is not None and q4.error is None and "llama_cpp_mmproj" not in errors:
         try:
             slices = llama.encode_slices_ms(q4.path, mmproj, image, s.threads, "16x mmproj f16")
@@ -526,7 +526,7 @@ def summarize(s: Settings, systems: list[System], measured: dict[str, Any], mach
         return value["median"] if isinstance(value, dict) else None
 
     peers = [n for n in (GENAI, *LLAMA) if median(n, "decode_tok_s")]
-    ours = [n for n in OURS if median(n, "decode_tok_s")]
+    ours = [n for n, e in table.items() if e["kind"] == "ours" and median(n, "decode_tok_s")]
     best_peer = max(peers, key=lambda n: median(n, "decode_tok_s")) if peers else None
     best_peer_prefill = max(peers, key=lambda n: median(n, "prefill_tok_s")) if peers else None
     best_ours = max(ours, key=lambda n: median(n, "decode_tok_s")) if ours else None
@@ -681,7 +681,12 @@ def plot(report: dict[str, Any], path: Path) -> Path | None:
         med = [report["systems"][n][key]["median"] for n in names]
         lo = [m - report["systems"][n][key]["min"] for n, m in zip(names, med, strict=True)]
         hi = [report["systems"][n][key]["max"] - m for n, m in zip(names, med, strict=True)]
-        ax.barh(names, med, xerr=[lo, hi], color=["tab:blue" if n in OURS else "tab:gray" for n in names])
+        ax.barh(
+            names,
+            med,
+            xerr=[lo, hi],
+            color=["tab:blue" if report["systems"][n]["kind"] == "ours" else "tab:gray" for n in names],
+        )
         ax.set_xlabel(key.replace("_", " "))
         ax.invert_yaxis()
     axes[1].set_yticklabels([])
@@ -745,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
         "--idle-max", type=float, default=0.10, help="Wait while other processes use more CPU."
     )
     parser.add_argument(
+        "--bundle", action="append", default=[], type=Path, help="More of our bundles to run alongside."
+    )
+    parser.add_argument(
         "--prepare-only", action="store_true", help="Build every system's model, time nothing."
     )
     parser.add_argument(
@@ -762,6 +770,10 @@ def main(argv: list[str] | None = None) -> int:
         s = Settings(checkpoint, work, args.rounds, args.warmup, args.threads, args.prompt_tokens,
                      args.decode_tokens, args.idle_max)  # fmt: skip
         systems = prepare(s, log)
+        for bundle in args.bundle:
+            extra = System(f"ours {bundle.name}", "ours", bundle, {"given": str(bundle)})
+            extra.weight_bytes_per_token = _guard(extra, log, lambda x=extra: weight_bytes_per_token(x))
+            systems.insert(len(OURS), extra)
         if args.prepare_only:
             for system in systems:
                 log(f"{system.name}: {'ready' if system.error is None else system.error}")

@@ -24,6 +24,7 @@ from edge_runtime.processing.slicing import vision_mode
 from export.graphs import POSITION_ROWS, StatefulDecoder, TokenEmbeddingGraph
 
 from .custom_ops import attention_ops, delta_rule_op, fresh_state_at_position_zero
+from .norms import delegable_norms
 
 # Method names and signatures are those of ExecuTorch's LLM runners (extension/llm/runner:
 # constants.h, multimodal_prefiller.cpp, multimodal_decoder_runner.h, text_decoder_runner.cpp), so
@@ -184,7 +185,7 @@ def export_methods(
     model = model.eval()
     d = model.cfg.text.hidden_size
     programs: dict[str, ExportedProgram] = {}
-    with torch.no_grad():
+    with torch.no_grad(), delegable_norms(model):
         p = model.cfg.vision.patch_size
         family = family_of(model.cfg)
         for mode, name in vision_methods(default_mode, family.vision_modes).items():
