@@ -35,7 +35,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,31 +110,46 @@ def _cached(
     return {**record, "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def prepare(s: Settings, say: Progress) -> list[System]:
+def prepare(s: Settings, say: Progress, skip: Sequence[str] = ()) -> list[System]:
+    """Every system's model, built or reused; a skipped one keeps its place with the reason as its error."""
     systems = (
         [System(n, "ours") for n in OURS] + [System(GENAI, "genai")] + [System(n, "llama") for n in LLAMA]
     )
+    for system in systems:
+        if system.name in skip:
+            system.error = "skipped (--skip)"
     fp = genai_compare._fingerprint
     for system, (target, quant) in zip(
         systems[:2], (("harmonyos", "int4"), ("android", "8da4w")), strict=True
     ):
         system.path = s.work / f"ours-{target}-{quant}"
-        system.build = _guard(system, say, lambda t=target, q=quant, p=system.path: _cached(
-            p, fp(s.checkpoint, {"step": "export", "target": t, "quant": q, "ctx": s.max_context, **_export_defaults()}),
-            "manifest.json", lambda: _export(s, t, q, p, say),
-        ))  # fmt: skip
+        if system.error is None:
+            stamp = {
+                "step": "export",
+                "target": target,
+                "quant": quant,
+                "ctx": s.max_context,
+                **_export_defaults(),
+            }
+            system.build = _guard(system, say, lambda t=target, q=quant, p=system.path, f=stamp: {**_cached(
+                p, fp(s.checkpoint, f), "manifest.json", lambda: _export(s, t, q, p, say)
+            ), **{k: f[k] for k in ("int4_compute", "export_source_sha256")}})  # fmt: skip
     genai = systems[2]
     genai.path = s.work / "genai-int4"
-    genai.build = _guard(genai, say, lambda: _prepare_genai(s, genai.path, say))
+    if genai.error is None:
+        genai.build = _guard(genai, say, lambda: _prepare_genai(s, genai.path, say))
+    llama_systems = [x for x in systems[3:] if x.error is None]
     llama_tree: llama_cpp_peer.LlamaCpp | None = None
-    try:
-        llama_tree = llama_cpp_peer.ensure_built(say)
-    except llama_cpp_peer.PeerError as exc:
-        for system in systems[3:]:
-            system.error = f"build: {exc}"
+    if llama_systems:
+        try:
+            llama_tree = llama_cpp_peer.ensure_built(say)
+        except llama_cpp_peer.PeerError as exc:
+            for system in llama_systems:
+                system.error = f"build: {exc}"
     if llama_tree is not None:
         f16 = s.work / "gguf" / "text-f16.gguf"
-        for system, qtype in zip(systems[3:], ("Q4_0", "Q4_K_M"), strict=True):
+        for system in llama_systems:
+            qtype = system.name.rsplit(" ", 1)[-1]
             system.path = s.work / "gguf" / f"text-{qtype}.gguf"
             system.build = _guard(system, say, lambda q=qtype, p=system.path: _cached(
                 p.parent / p.stem, fp(s.checkpoint, {"step": "gguf", "qtype": q}), "done",
@@ -157,11 +172,21 @@ def _guard(system: System, say: Progress, work: Callable[[], Any]) -> Any:
         return {}
 
 
+EXPORT_SOURCES = ("export", "edge_runtime/models", "edge_runtime/families")
+
+
 def _export_defaults() -> dict[str, Any]:
-    """Export defaults that change what a bundle computes: a stamp from another default is stale."""
+    """What decides the bytes of our bundles besides the checkpoint: the int4 compute default and the
+    exporter's own source (a bundle stamped by other exporter code is stale, never reused silently)."""
+    import hashlib
+
     from export.onnx.quantize import DEFAULT_INT4_COMPUTE
 
-    return {"int4_compute": DEFAULT_INT4_COMPUTE}
+    digest = hashlib.sha256()
+    for folder in EXPORT_SOURCES:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return {"int4_compute": DEFAULT_INT4_COMPUTE, "export_source_sha256": digest.hexdigest()[:16]}
 
 
 def _export(s: Settings, target: str, quant: str, out: Path, say: Progress) -> dict[str, Any]:
@@ -753,6 +778,10 @@ def main(argv: list[str] | None = None) -> int:
         "--bundle", action="append", default=[], type=Path, help="More of our bundles to run alongside."
     )
     parser.add_argument(
+        "--skip", action="append", default=[], choices=[*OURS, GENAI, *LLAMA],
+        help="Leave a system out of this run (the report says so).",
+    )  # fmt: skip
+    parser.add_argument(
         "--prepare-only", action="store_true", help="Build every system's model, time nothing."
     )
     parser.add_argument(
@@ -769,7 +798,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint = args.checkpoint or _default_checkpoint(work, args.preset)
         s = Settings(checkpoint, work, args.rounds, args.warmup, args.threads, args.prompt_tokens,
                      args.decode_tokens, args.idle_max)  # fmt: skip
-        systems = prepare(s, log)
+        systems = prepare(s, log, args.skip)
         for bundle in args.bundle:
             extra = System(f"ours {bundle.name}", "ours", bundle, {"given": str(bundle)})
             extra.weight_bytes_per_token = _guard(extra, log, lambda x=extra: weight_bytes_per_token(x))
