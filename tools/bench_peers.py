@@ -52,6 +52,14 @@ from edge_runtime.errors import EdgeError, InputError  # noqa: E402
 
 Progress = Callable[[str], None]
 WORK = ROOT / "build" / "bench-peers"
+
+
+def shown_path(path: Path) -> str:
+    """A path as the committed report shows it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
 PROMPT_TEXT = "The keeper climbed the stairs, lit the lamp and watched the waves break on the rocks. "
 OURS = ("ours onnx int4", "ours executorch 8da4w")
 GENAI = "onnxruntime-genai int4"
@@ -596,7 +604,7 @@ def summarize(s: Settings, systems: list[System], measured: dict[str, Any], mach
         "schema": "minicpmv-edge/bench-peers/1",
         "date": datetime.date.today().isoformat(),
         "settings": {
-            "checkpoint": str(s.checkpoint),
+            "checkpoint": shown_path(s.checkpoint),
             "rounds": s.rounds,
             "warmup_rounds": s.warmup,
             "threads": s.threads,
