@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +32,7 @@ import numpy as np
 
 from .errors import EdgeError, InputError
 from .jsonfile import read_json_file
+from .worker_process import WorkerDied, WorkerProcess, serve
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "data" / "samples"
 DEVICE_TARGETS_FILE = Path(__file__).resolve().parent / "data" / "device_targets.json"
@@ -158,24 +158,21 @@ def candidates_from(checkpoints: Sequence[Path], bundles: Sequence[Path]) -> lis
 
 
 class Worker:
-    """One candidate in its own `python -m edge_runtime.bench --worker` process, driven over JSON lines."""
+    """One candidate in its own `python -m edge_runtime.bench --worker` process (worker_process.py)."""
 
     def __init__(self, candidate: Candidate, settings: BenchSettings):
         self.candidate = candidate
-        self._stderr = tempfile.TemporaryFile()
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-        self._proc = subprocess.Popen(
-            [sys.executable, "-m", "edge_runtime.bench", "--worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            text=True,
-            env=env,
-        )
         spec = {"kind": candidate.kind, "path": str(candidate.path), "settings": _settings_json(settings)}
-        self._send(spec)  # the worker loads while the parent starts the others
+        self._process = WorkerProcess(
+            [sys.executable, "-m", "edge_runtime.bench", "--worker"],
+            spec,
+            f"bench worker {candidate.label}",
+            _reply_error,
+            env,
+        )
         self.info: dict[str, Any] = {}
 
     def ready(self) -> dict[str, Any]:
@@ -184,44 +181,23 @@ class Worker:
         return self.info
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
-        self._send(message)
+        self._process.send(message)
         return self._receive()
 
-    def _send(self, message: dict[str, Any]) -> None:
-        assert self._proc.stdin is not None
-        try:
-            self._proc.stdin.write(json.dumps(message) + "\n")
-            self._proc.stdin.flush()
-        except BrokenPipeError:
-            pass  # reported by _receive
-
     def _receive(self) -> dict[str, Any]:
-        assert self._proc.stdout is not None
-        line = self._proc.stdout.readline()
-        if not line:
-            raise EdgeError(f"bench worker for {self.candidate.label} died: {self._stderr_tail()}")
-        reply = json.loads(line)
-        if "error" in reply:
-            error = InputError(reply["error"])
-            error.exit_code = int(reply.get("exit_code", 2))
-            raise error
-        return reply
-
-    def _stderr_tail(self) -> str:
-        self._stderr.seek(0)
-        lines = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
-        return lines[-1] if lines else f"exit code {self._proc.poll()}"
+        try:
+            return self._process.receive()
+        except WorkerDied as exc:
+            raise EdgeError(str(exc)) from None
 
     def close(self) -> None:
-        try:
-            if self._proc.poll() is None and self._proc.stdin is not None:
-                self._proc.stdin.write(json.dumps({"op": "stop"}) + "\n")
-                self._proc.stdin.close()
-            self._proc.wait(timeout=30)
-        except (BrokenPipeError, OSError, subprocess.TimeoutExpired):
-            self._proc.kill()
-            self._proc.wait()
-        self._stderr.close()
+        self._process.close()
+
+
+def _reply_error(reply: dict[str, Any]) -> Exception:
+    error = InputError(reply["error"])
+    error.exit_code = int(reply.get("exit_code", 2))
+    return error
 
 
 def _settings_json(settings: BenchSettings) -> dict[str, Any]:
@@ -291,8 +267,9 @@ def _worker_open(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     return session, info
 
 
-def _worker_run(session: Any, settings: dict[str, Any]) -> dict[str, Any]:
-    """One measured chat turn (see the module docstring for what each figure covers)."""
+def run_chat_turn(session: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """One measured chat turn (see the module docstring for what each figure covers); `settings` holds
+    prompt, images, downsample_mode, max_slice_nums and decode_tokens."""
     t0 = time.perf_counter()
     prepared = session.prepare(
         settings["prompt"],
@@ -321,25 +298,23 @@ def _worker_run(session: Any, settings: dict[str, Any]) -> dict[str, Any]:
 
 def worker_main() -> int:
     """The worker loop: first line = spec (reply: info), then {"op": "run"|"rss"|"stop"}."""
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the protocol
-    session, settings = None, {}
-    for line in sys.stdin:
-        message = json.loads(line)
-        try:
-            if session is None:
-                settings = message["settings"]
-                session, reply = _worker_open(message)
-            elif message.get("op") == "run":
-                reply = _worker_run(session, settings)
-            elif message.get("op") == "rss":
-                reply = {"peak_rss_mb": _rss_mb("VmHWM")}
-            else:
-                return 0
-        except EdgeError as exc:
-            reply = {"error": str(exc), "exit_code": exc.exit_code}
-        protocol.write(json.dumps(reply) + "\n")
-    return 0
+    state: dict[str, Any] = {}
+
+    def handle(message: dict[str, Any]) -> dict[str, Any] | None:
+        if "session" not in state:
+            state["settings"] = message["settings"]
+            state["session"], info = _worker_open(message)
+            return info
+        if message.get("op") == "run":
+            return run_chat_turn(state["session"], state["settings"])
+        if message.get("op") == "rss":
+            return {"peak_rss_mb": _rss_mb("VmHWM")}
+        return None
+
+    def describe(exc: Exception) -> dict[str, Any] | None:
+        return {"error": str(exc), "exit_code": exc.exit_code} if isinstance(exc, EdgeError) else None
+
+    return serve(handle, describe)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -527,12 +502,25 @@ def _pct(v: float | None) -> str:
 
 
 def machine_info() -> dict[str, Any]:
+    """What the figures were measured on; `cpu` is the CPU's model name where /proc/cpuinfo has it."""
+    processor = platform.processor() or platform.machine()
     return {
         "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
+        "processor": processor,
+        "cpu": _cpu_model_name() or processor,
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
     }
+
+
+def _cpu_model_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def run_bench(

@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -46,9 +44,11 @@ sys.path.insert(0, str(ROOT / "tools"))
 
 import genai_compare  # noqa: E402
 import llama_cpp_peer  # noqa: E402
+from stamped_outputs import fingerprint, reuse_or_make  # noqa: E402
 
-from edge_runtime.bench import measure_bandwidth, stats, write_atomic  # noqa: E402
+from edge_runtime.bench import machine_info, measure_bandwidth, run_chat_turn, stats, write_atomic  # noqa: E402
 from edge_runtime.errors import EdgeError, InputError  # noqa: E402
+from edge_runtime.worker_process import WorkerProcess, one_line, serve  # noqa: E402
 
 Progress = Callable[[str], None]
 WORK = ROOT / "build" / "bench-peers"
@@ -107,17 +107,6 @@ class System:
 # Preparation: every system's model, reused while the checkpoint is unchanged
 
 
-def _cached(
-    out: Path, fingerprint: dict[str, Any], key_file: str, make: Callable[[], dict[str, Any]]
-) -> dict:
-    if genai_compare._fresh(out, fingerprint, key_file):
-        return {"reused": True}
-    t0 = time.perf_counter()
-    record = make() or {}
-    genai_compare._stamp(out, fingerprint)
-    return {**record, "seconds": round(time.perf_counter() - t0, 1)}
-
-
 def prepare(s: Settings, say: Progress, skip: Sequence[str] = ()) -> list[System]:
     """Every system's model, built or reused; a skipped one keeps its place with the reason as its error."""
     systems = (
@@ -126,7 +115,7 @@ def prepare(s: Settings, say: Progress, skip: Sequence[str] = ()) -> list[System
     for system in systems:
         if system.name in skip:
             system.error = "skipped (--skip)"
-    fp = genai_compare._fingerprint
+    fp = fingerprint
     for system, (target, quant) in zip(
         systems[:2], (("harmonyos", "int4"), ("android", "8da4w")), strict=True
     ):
@@ -139,7 +128,7 @@ def prepare(s: Settings, say: Progress, skip: Sequence[str] = ()) -> list[System
                 "ctx": s.max_context,
                 **_export_defaults(),
             }
-            system.build = _guard(system, say, lambda t=target, q=quant, p=system.path, f=stamp: {**_cached(
+            system.build = _guard(system, say, lambda t=target, q=quant, p=system.path, f=stamp: {**reuse_or_make(
                 p, fp(s.checkpoint, f), "manifest.json", lambda: _export(s, t, q, p, say)
             ), **{k: f[k] for k in ("int4_compute", "export_source_sha256")}})  # fmt: skip
     genai = systems[2]
@@ -159,8 +148,8 @@ def prepare(s: Settings, say: Progress, skip: Sequence[str] = ()) -> list[System
         for system in llama_systems:
             qtype = system.name.rsplit(" ", 1)[-1]
             system.path = s.work / "gguf" / f"text-{qtype}.gguf"
-            system.build = _guard(system, say, lambda q=qtype, p=system.path: _cached(
-                p.parent / p.stem, fp(s.checkpoint, {"step": "gguf", "qtype": q}), "done",
+            system.build = _guard(system, say, lambda q=qtype, p=system.path: reuse_or_make(
+                p, fp(s.checkpoint, {"step": "gguf", "qtype": q}), None,
                 lambda: _gguf(llama_tree, s, f16, q, p, say),
             ))  # fmt: skip
             system.build["llama_cpp"] = llama_tree.version
@@ -211,13 +200,14 @@ def _export(s: Settings, target: str, quant: str, out: Path, say: Progress) -> d
 def _prepare_genai(s: Settings, out: Path, say: Progress) -> dict[str, Any]:
     og = genai_compare.require_genai()
     hf = s.work / genai_compare.HF_DIR
-    fp = genai_compare._fingerprint(s.checkpoint, {"step": "convert"})
-    if not genai_compare._fresh(hf, fp, "model.safetensors"):
+
+    def convert() -> None:
         say(f"converting the text weights to the Qwen3.5 layout in {hf}")
         genai_compare.convert_checkpoint(s.checkpoint, hf)
-        genai_compare._stamp(hf, fp)
-    fp = genai_compare._fingerprint(s.checkpoint, {"step": "builder-defaults", "genai": og.__version__})
-    record = _cached(
+
+    reuse_or_make(hf, fingerprint(s.checkpoint, {"step": "convert"}), "model.safetensors", convert)
+    fp = fingerprint(s.checkpoint, {"step": "builder-defaults", "genai": og.__version__})
+    record = reuse_or_make(
         out, fp, "genai_config.json", lambda: genai_compare.run_builder(hf, out, "int4", say, {})
     )
     return {**record, "options": "model builder CPU defaults", "onnxruntime_genai": og.__version__}
@@ -226,28 +216,24 @@ def _prepare_genai(s: Settings, out: Path, say: Progress) -> dict[str, Any]:
 def _gguf(
     tree: llama_cpp_peer.LlamaCpp, s: Settings, f16: Path, qtype: str, out: Path, say: Progress
 ) -> dict:
+    """The text GGUF at `qtype`, quantized from the f16 GGUF (converted first, with the mmproj)."""
     f16.parent.mkdir(parents=True, exist_ok=True)
-    fp = genai_compare._fingerprint(s.checkpoint, {"step": "gguf-f16"})
-    if not genai_compare._fresh(f16.parent / "f16", fp, "done"):
-        say(f"convert_hf_to_gguf: text f16 and the mmproj -> {f16.parent}")
-        tree.convert(s.checkpoint, f16)
-        tree.convert(s.checkpoint, f16.with_name("mmproj-f16.gguf"), mmproj=True)
-        _done_marker(f16.parent / "f16", fp)
+    mmproj = f16.with_name("mmproj-f16.gguf")
+
+    def convert(path: Path, vision: bool) -> None:
+        say(f"convert_hf_to_gguf: {'the mmproj' if vision else 'text'} f16 -> {path}")
+        tree.convert(s.checkpoint, path, mmproj=vision)
+
+    for path, is_mmproj in ((f16, False), (mmproj, True)):
+        stamp = fingerprint(s.checkpoint, {"step": "gguf-f16", "mmproj": is_mmproj})
+        reuse_or_make(path, stamp, None, lambda p=path, m=is_mmproj: convert(p, m))
     say(f"llama-quantize {qtype}")
     tree.quantize(f16, out, qtype, s.threads)
-    (out.parent / out.stem).mkdir(exist_ok=True)
-    (out.parent / out.stem / "done").write_text("")
     return {"commands": [
         f"convert_hf_to_gguf.py CK --outtype f16 {' '.join(llama_cpp_peer.CONVERTER_FLAGS)} "
         f"(pre-tokenizer {llama_cpp_peer.PRE_TOKENIZER})",
         f"llama-quantize text-f16.gguf text-{qtype}.gguf {qtype}",
     ]}  # fmt: skip
-
-
-def _done_marker(directory: Path, fingerprint: dict[str, Any]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "done").write_text("")
-    genai_compare._stamp(directory, fingerprint)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -286,7 +272,9 @@ def _onnx_weight_bytes(model_file: Path) -> int:
 
 
 def _gguf_weight_bytes(path: Path) -> int:
-    sys.path.insert(0, str(llama_cpp_peer.cache_root() / "src" / "gguf-py"))
+    gguf_py = str(llama_cpp_peer.cache_root() / "src" / "gguf-py")
+    if gguf_py not in sys.path:  # llama.cpp's own reader, from the tree it was built from
+        sys.path.insert(0, gguf_py)
     from gguf import GGUFReader
 
     tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
@@ -300,26 +288,21 @@ def _gguf_weight_bytes(path: Path) -> int:
 
 
 def worker_main() -> int:
-    """JSON lines: first the spec (reply: ready), then {"op": "text"|"vision"|"stop"}."""
-    protocol = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)
-    runner: Any = None
-    for line in sys.stdin:
-        message = json.loads(line)
-        try:
-            if runner is None:
-                runner = OursRunner(message) if message["kind"] == "ours" else GenaiRunner(message)
-                reply: dict[str, Any] = {"ready": True}
-            elif message["op"] == "text":
-                reply = runner.text()
-            elif message["op"] == "vision":
-                reply = runner.vision(message["image"], message["mode"])
-            else:
-                return 0
-        except Exception as exc:  # noqa: BLE001 - the parent records it against this system
-            reply = {"error": f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"}
-        protocol.write(json.dumps(reply) + "\n")
-    return 0
+    """JSON lines (edge_runtime/worker_process.py): first the spec (reply: ready), then
+    {"op": "text"|"vision"|"stop"}; any failure is answered as this system's error."""
+    runners: list[Any] = []
+
+    def handle(message: dict[str, Any]) -> dict[str, Any] | None:
+        if not runners:
+            runners.append(OursRunner(message) if message["kind"] == "ours" else GenaiRunner(message))
+            return {"ready": True}
+        if message["op"] == "text":
+            return runners[0].text()
+        if message["op"] == "vision":
+            return runners[0].vision(message["image"], message["mode"])
+        return None
+
+    return serve(handle, lambda exc: {"error": one_line(exc)})
 
 
 class OursRunner:
@@ -347,10 +330,8 @@ class OursRunner:
         return {"prefill_tok_s": len(self.embeds) / (t.ttft_ms / 1000), "decode_tok_s": t.decode_tok_s}
 
     def vision(self, image: str, mode: str) -> dict[str, Any]:
-        from edge_runtime.bench import _worker_run
-
         settings = {"prompt": "Describe the image.", "images": [image], "downsample_mode": mode}
-        out = _worker_run(self.session, {**settings, "max_slice_nums": None, "decode_tokens": 0})
+        out = run_chat_turn(self.session, {**settings, "max_slice_nums": None, "decode_tokens": 0})
         return {
             "ttft_ms": out["ttft_ms"],
             "vision_slice_ms": out["vision_slice_ms"],
@@ -375,43 +356,23 @@ class GenaiRunner:
 
 
 class Worker:
-    def __init__(self, system: System, spec: dict[str, Any]):
-        import subprocess
-        import tempfile
+    """A system's worker process (ours or onnxruntime-genai); replies with "error" raise RuntimeError."""
 
-        self.stderr = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-        )  # fmt: skip
+    def __init__(self, system: System, spec: dict[str, Any]):
         self.system = system
-        self.reply_to({"kind": system.kind, "path": str(system.path), **spec})
+        self._process = WorkerProcess(
+            [sys.executable, str(Path(__file__).resolve()), "--worker"],
+            {"kind": system.kind, "path": str(system.path), **spec},
+            system.name,
+            lambda reply: RuntimeError(reply["error"]),
+        )
+        self._process.receive()  # ready
 
     def reply_to(self, message: dict[str, Any]) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        try:
-            self.proc.stdin.write(json.dumps(message) + "\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:
-            pass
-        line = self.proc.stdout.readline()
-        if not line:
-            self.stderr.seek(0)
-            tail = self.stderr.read().decode("utf-8", "replace").strip().splitlines()
-            raise RuntimeError(f"worker died: {tail[-1] if tail else self.proc.poll()}")
-        reply = json.loads(line)
-        if "error" in reply:
-            raise RuntimeError(reply["error"])
-        return reply
+        return self._process.request(message)
 
     def close(self) -> None:
-        if self.proc.poll() is None and self.proc.stdin is not None:
-            try:
-                self.proc.stdin.write('{"op": "stop"}\n')
-                self.proc.stdin.close()
-                self.proc.wait(timeout=30)
-            except (OSError, ValueError):
-                self.proc.kill()
+        self._process.close()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -746,23 +707,6 @@ def vision_image(work: Path) -> Path:
         work.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rgb).save(path)
     return path
-
-
-def machine_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-    }
 
 
 # ---------------------------------------------------------------------------------------------------

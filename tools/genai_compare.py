@@ -42,6 +42,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from stamped_outputs import fingerprint, is_fresh, stamp  # noqa: E402
 
 from edge_runtime.bench import stats, write_atomic  # noqa: E402
 from edge_runtime.errors import EdgeError, InputError  # noqa: E402
@@ -53,7 +56,6 @@ DEFAULT_PROMPT = "Write a short story about a lighthouse keeper and a storm."
 # greedy output tends to repeat one token.
 FORCED_TEXT = "The keeper climbed the stairs, lit the lamp and watched the waves break on the rocks."
 HF_DIR, GENAI_INT4_DIR, GENAI_FP32_DIR, OURS_DIR = "hf-qwen3_5", "genai-int4", "genai-fp32", "ours-int4"
-STAMP_SUFFIX = ".genai-compare.json"
 
 # Our int4 scheme (export/onnx/quantize.py): MatMulNBits, block 32, symmetric (zero point 8), accuracy level 0
 # (fp32 compute; the builder's CPU default is 4 = int8 activations, so it is set explicitly), the DeltaNet
@@ -285,43 +287,6 @@ def _dir_bytes(path: Path) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reuse of earlier outputs
-
-
-def _fingerprint(checkpoint: Path, extra: dict[str, Any]) -> dict[str, Any]:
-    config = checkpoint / "config.json"
-    weights = sorted(checkpoint.glob("*.safetensors"))
-    return {
-        "checkpoint": str(checkpoint.resolve()),
-        "mtimes": [config.stat().st_mtime] + [w.stat().st_mtime for w in weights],
-        **extra,
-    }
-
-
-def _fresh(path: Path, fingerprint: dict[str, Any], key_file: str) -> bool:
-    """The output exists and was made from this checkpoint with these settings; else drop its stamp."""
-    stamp = _stamp_path(path)
-    try:
-        if (path / key_file).is_file() and json.loads(stamp.read_text()) == json.loads(
-            json.dumps(fingerprint)
-        ):
-            return True
-        stamp.unlink(missing_ok=True)
-        return False
-    except (OSError, ValueError):
-        return False
-
-
-def _stamp(path: Path, fingerprint: dict[str, Any]) -> None:
-    _stamp_path(path).write_text(json.dumps(fingerprint, indent=2) + "\n")
-
-
-def _stamp_path(path: Path) -> Path:
-    """Beside the output, not in it (a bundle directory holds only what its manifest lists)."""
-    return path.with_name(f".{path.name}{STAMP_SUFFIX}")
-
-
-# ---------------------------------------------------------------------------------------------------
 # 4. The runners
 
 
@@ -514,12 +479,12 @@ def prepare_models(s: Settings, og: Any, say: Progress) -> dict[str, Any]:
     s.out_dir.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = {}
     hf = s.out_dir / HF_DIR
-    fp = _fingerprint(s.checkpoint, {"step": "convert"})
-    if s.rebuild or not _fresh(hf, fp, "model.safetensors"):
+    fp = fingerprint(s.checkpoint, {"step": "convert"})
+    if s.rebuild or not is_fresh(hf, fp, "model.safetensors"):
         say(f"converting the text weights to the Qwen3.5 layout in {hf}")
         shutil.rmtree(hf, ignore_errors=True)
         conversion = convert_checkpoint(s.checkpoint, hf)
-        _stamp(hf, fp)
+        stamp(hf, fp)
         say(f"converted {len(conversion['tensors'])} text tensors")
     else:
         say(f"reusing {hf}")
@@ -527,11 +492,11 @@ def prepare_models(s: Settings, og: Any, say: Progress) -> dict[str, Any]:
     precisions = ["int4", "fp32"] if s.verify_fp32 else ["int4"]
     for precision in precisions:
         out = s.out_dir / (GENAI_INT4_DIR if precision == "int4" else GENAI_FP32_DIR)
-        fp = _fingerprint(s.checkpoint, {"step": "builder", "precision": precision, "genai": og.__version__})
+        fp = fingerprint(s.checkpoint, {"step": "builder", "precision": precision, "genai": og.__version__})
         fp["command"] = builder_command(hf, out, precision, out.parent / "builder-cache")[3:]
-        if s.rebuild or not _fresh(out, fp, "genai_config.json"):
+        if s.rebuild or not is_fresh(out, fp, "genai_config.json"):
             record[f"builder_{precision}"] = run_builder(hf, out, precision, say)
-            _stamp(out, fp)
+            stamp(out, fp)
         else:
             say(f"reusing {out}")
             record[f"builder_{precision}"] = {"command": fp["command"], "seconds": None, "reused": True}
@@ -541,7 +506,7 @@ def prepare_models(s: Settings, og: Any, say: Progress) -> dict[str, Any]:
         say(f"using our bundle {bundle}")
     else:
         bundle = s.out_dir / OURS_DIR
-        fp = _fingerprint(
+        fp = fingerprint(
             s.checkpoint,
             {
                 "step": "export",
@@ -549,7 +514,7 @@ def prepare_models(s: Settings, og: Any, say: Progress) -> dict[str, Any]:
                 "accuracy_level": BUILDER_OPTIONS["accuracy_level"],
             },
         )
-        if s.rebuild or not _fresh(bundle, fp, "manifest.json"):
+        if s.rebuild or not is_fresh(bundle, fp, "manifest.json"):
             from export.pipeline import ExportRequest, export_bundle
 
             say(f"exporting our int4 bundle to {bundle} (target harmonyos)")
@@ -558,7 +523,7 @@ def prepare_models(s: Settings, og: Any, say: Progress) -> dict[str, Any]:
                 int4_compute={"0": "fp32", "4": "int8"}[BUILDER_OPTIONS["accuracy_level"]],  # as theirs
             )  # fmt: skip
             export_bundle(request, progress=lambda m: say(f"export: {m}"))
-            _stamp(bundle, fp)
+            stamp(bundle, fp)
         else:
             say(f"reusing {bundle}")
     record["bundle"] = bundle
