@@ -62,3 +62,24 @@ def test_linear_sum_l2norm_equals_the_reference_and_is_restored():
         ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
         assert any("linear" in o for o in ops) and not any("sum" in o for o in ops), ops
     assert qwen35_text.l2norm is reference
+
+
+def test_delegable_softplus_equals_torchs_and_traces_without_portable_ops():
+    from edge_runtime.models import qwen35_text
+    from export.executorch.norms import delegable_softplus
+
+    x = torch.cat([torch.linspace(-40, 40, 8001), torch.tensor([-1e4, -88.0, 0.0, 20.0, 20.5, 1e4])])
+    got, want = delegable_softplus(x), torch.nn.functional.softplus(x)
+    torch.testing.assert_close(got, want, atol=1.2e-7, rtol=1.2e-7)
+    reference = qwen35_text.softplus
+    with delegable_norms(nn.Module()):
+        assert qwen35_text.softplus is delegable_softplus
+
+        class Decay(nn.Module):
+            def forward(self, y):
+                return qwen35_text.softplus(y)
+
+        program = torch.export.export(Decay(), (x,)).run_decompositions()
+        ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+        assert not {o for o in ops if "log1p" in o or "where" in o or "softplus" in o or ".gt" in o}, ops
+    assert qwen35_text.softplus is reference

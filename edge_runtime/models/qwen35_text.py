@@ -122,6 +122,12 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(dim=-1, keepdim=True) + eps)
 
 
+def softplus(x: torch.Tensor) -> torch.Tensor:
+    """The DeltaNet decay's softplus; module-level, as l2norm, so an exporter can swap in a form its
+    backend runs whole (export/executorch/norms.py)."""
+    return F.softplus(x)
+
+
 def unit_lower_inverse(strict_lower: torch.Tensor) -> torch.Tensor:
     """(I + A)^-1 for strictly lower-triangular A [..., c, c], by recursive block doubling.
 
@@ -284,7 +290,7 @@ class GatedDeltaNet(nn.Module):
         k = l2norm(k)
 
         beta = torch.sigmoid(self.in_proj_b(x).float()) * valid[None, :, None]
-        g = -self.A_log.float().exp() * F.softplus(self.in_proj_a(x).float() + self.dt_bias.float())
+        g = -self.A_log.float().exp() * softplus(self.in_proj_a(x).float() + self.dt_bias.float())
         g = g * valid[None, :, None]
         beta, g = beta.transpose(1, 2), g.transpose(1, 2)  # [1, H, T]
 

@@ -95,10 +95,19 @@ def linear_sum_l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt(F.linear(x * x, getattr(owner, ONES_BUFFER).to(x.dtype)) + eps)
 
 
+def delegable_softplus(x: torch.Tensor) -> torch.Tensor:
+    """softplus(x) = relu(x) + log(1 + exp(-|x|)) in relu, abs, neg, exp, add and log, all XNNPACK
+    operators. torch's form, where(x > 20, x, log1p(exp(x))), leaves gt / where / log1p to portable
+    kernels, splitting each decoder method's delegate once per DeltaNet layer. The two agree within
+    fp32 rounding: 1.2e-7 absolute plus 1.2e-7 relative (tests/test_executorch_norms.py)."""
+    return F.relu(x) + torch.log(torch.exp(-torch.abs(x)) + 1.0)
+
+
 @contextlib.contextmanager
 def delegable_norms(model: nn.Module) -> Iterator[None]:
     """Every RMS norm and last-axis LayerNorm of `model` computes its means as linear layers, and so
-    does the DeltaNet q / k l2norm (a module-level function, swapped for the duration)."""
+    does the DeltaNet q / k l2norm; the DeltaNet decay's softplus takes its delegable form (both
+    module-level functions of qwen35_text, swapped for the duration)."""
     from edge_runtime.models import qwen35_text
 
     swapped = [
@@ -106,7 +115,7 @@ def delegable_norms(model: nn.Module) -> Iterator[None]:
         for m in model.modules()
         if type(m) in SWAPS and not (isinstance(m, nn.LayerNorm) and len(m.normalized_shape) != 1)
     ]
-    reference_l2norm = qwen35_text.l2norm
+    reference_l2norm, reference_softplus = qwen35_text.l2norm, qwen35_text.softplus
     owners = {}
     for module in model.modules():
         width = getattr(module, "d_k", None)
@@ -117,13 +126,14 @@ def delegable_norms(model: nn.Module) -> Iterator[None]:
             module.register_buffer(ONES_BUFFER, torch.ones(1, width), persistent=False)
             _ONES_OWNER[width] = module
         qwen35_text.l2norm = linear_sum_l2norm
+        qwen35_text.softplus = delegable_softplus
         for module, cls in swapped:
             width = _width(module)
             module.register_buffer(MEAN_BUFFER, torch.full((1, width), 1.0 / width), persistent=False)
             module.__class__ = SWAPS[cls]
         yield
     finally:
-        qwen35_text.l2norm = reference_l2norm
+        qwen35_text.l2norm, qwen35_text.softplus = reference_l2norm, reference_softplus
         for width, module in owners.items():
             _ONES_OWNER.pop(width, None)
             module._buffers.pop(ONES_BUFFER, None)
