@@ -169,7 +169,7 @@ class Worker:
         self._process = WorkerProcess(
             [sys.executable, "-m", "edge_runtime.bench", "--worker"],
             spec,
-            f"bench worker {candidate.label}",
+            f"bench worker for {candidate.label}",
             _reply_error,
             env,
         )

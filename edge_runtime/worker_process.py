@@ -28,7 +28,8 @@ class WorkerDied(RuntimeError):
 
 
 class WorkerProcess:
-    """The parent's end: start `command`, send it `spec`, then request / reply until close()."""
+    """The parent's end: start `command`, send it `spec`, then request / reply until close().
+    `label` names the worker in errors ("bench worker for int4 died: <its last stderr line>")."""
 
     def __init__(
         self,
@@ -68,7 +69,7 @@ class WorkerProcess:
         assert self._proc.stdout is not None
         line = self._proc.stdout.readline()
         if not line:
-            raise WorkerDied(f"worker for {self.label} died: {self.stderr_tail()}")
+            raise WorkerDied(f"{self.label} died: {self.stderr_tail()}")
         reply = json.loads(line)
         if "error" in reply:
             raise self._on_error(reply)

@@ -28,37 +28,32 @@ sys.exit(serve(handle, lambda exc: {{"error": one_line(exc)}} if isinstance(exc,
 """
 
 
-def _worker() -> WorkerProcess:
-    return WorkerProcess(
-        [sys.executable, "-c", ECHO_WORKER], {"spec": 1}, "echo", lambda reply: RuntimeError(reply["error"])
+@pytest.fixture
+def worker():
+    """An echo worker whose spec reply has been read."""
+    process = WorkerProcess(
+        [sys.executable, "-c", ECHO_WORKER],
+        {"spec": 1},
+        "echo worker",
+        lambda reply: RuntimeError(reply["error"]),
     )
-
-
-def test_replies_in_order_and_stdout_noise_stays_out_of_the_protocol():
-    worker = _worker()
     try:
-        assert worker.receive() == {"echo": {"spec": 1}}
-        assert worker.request({"op": "x", "n": 2}) == {"echo": {"op": "x", "n": 2}}
+        assert process.receive() == {"echo": {"spec": 1}}
+        yield process
     finally:
-        worker.close()
+        process.close()
 
 
-def test_an_error_reply_raises_the_callers_exception_and_the_worker_lives_on():
-    worker = _worker()
-    try:
-        worker.receive()
-        with pytest.raises(RuntimeError, match=r"^ValueError: bad request$"):
-            worker.request({"op": "boom"})
-        assert worker.request({"op": "again"}) == {"echo": {"op": "again"}}
-    finally:
-        worker.close()
+def test_replies_in_order_and_stdout_noise_stays_out_of_the_protocol(worker):
+    assert worker.request({"op": "x", "n": 2}) == {"echo": {"op": "x", "n": 2}}
 
 
-def test_a_dead_worker_is_named_with_its_last_stderr_line():
-    worker = _worker()
-    try:
-        worker.receive()
-        with pytest.raises(WorkerDied, match="worker for echo died: worker is going down"):
-            worker.request({"op": "die"})
-    finally:
-        worker.close()
+def test_an_error_reply_raises_the_callers_exception_and_the_worker_lives_on(worker):
+    with pytest.raises(RuntimeError, match=r"^ValueError: bad request$"):
+        worker.request({"op": "boom"})
+    assert worker.request({"op": "again"}) == {"echo": {"op": "again"}}
+
+
+def test_a_dead_worker_is_named_with_its_last_stderr_line(worker):
+    with pytest.raises(WorkerDied, match="^echo worker died: worker is going down$"):
+        worker.request({"op": "die"})

@@ -363,7 +363,7 @@ class Worker:
         self._process = WorkerProcess(
             [sys.executable, str(Path(__file__).resolve()), "--worker"],
             {"kind": system.kind, "path": str(system.path), **spec},
-            system.name,
+            f"worker for {system.name}",
             lambda reply: RuntimeError(reply["error"]),
         )
         self._process.receive()  # ready
