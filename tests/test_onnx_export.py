@@ -131,18 +131,18 @@ def test_large_checkpoint_streams_each_graph_in_a_child_process(
 ):
     """Above ISOLATE_ABOVE_BYTES every graph is lowered, quantized and written by a fresh child
     process from the memory-mapped checkpoint (weights read one at a time from the file, their
-    transposes never folded: export/onnx/mapped.py), appending to the shared weights.bin. The text
-    graphs hold the in-process bundle's bytes (the weights that stay fp32 read through a Transpose
-    node instead of stored transposed); vision's int8 weights are stored [N, K] instead of
-    transposed; parity passes with the int4 gates."""
+    transposes never folded: export/onnx/mapped.py), appending to the shared weights.bin. Every
+    graph holds the in-process bundle's bytes (the weights that stay fp32 read through a Transpose
+    node instead of stored transposed; quantized ones are stored [K, N] either way, quantize.py);
+    parity passes with the int4 gates."""
     monkeypatch.setattr(onnx_bundle, "ISOLATE_ABOVE_BYTES", 0)
     said: list[str] = []
     out = export_bundle(
         ExportRequest(ckpt_dir, tmp_path / "b", "harmonyos", None, "int4", MAX_CONTEXT, CHUNK), said.append
     )
     assert sum("in a child process" in line for line in said) == 5
-    for name in ("token_embedding.onnx", "decoder_prefill.onnx", "decoder_decode.onnx"):
-        assert _weight_blobs(out, name) == _weight_blobs(bundles["int4"], name), name
+    for name in ("vision_16x", "vision_4x", "token_embedding", "decoder_prefill", "decoder_decode"):
+        assert _weight_blobs(out, f"{name}.onnx") == _weight_blobs(bundles["int4"], f"{name}.onnx"), name
     decode = onnx.load(str(out / "decoder_decode.onnx"), load_external_data=False)
     inits = {t.name: t for t in decode.graph.initializer}
     left = [inits[n.input[0]] for n in decode.graph.node if n.op_type == "Transpose" and n.input[0] in inits]
@@ -152,8 +152,8 @@ def test_large_checkpoint_streams_each_graph_in_a_child_process(
 
 
 def test_export_without_decoder_fusions_uses_standard_ops(ckpt_dir, bundles, tmp_path):
-    """`--onnx-fusions none` (runtimes without the recent contrib ops): no decoder contrib op, no
-    in-place state, and the same logits as the fused bundle."""
+    """`--onnx-fusions none` (runtimes without the recent contrib ops): no contrib op in any graph,
+    no in-place state, and the same logits as the fused bundle."""
     out = tmp_path / "plain"
     args = ["export", "--checkpoint", str(ckpt_dir), "--target", "harmonyos", "--quant", "fp32"]
     args += ["--max-context", str(MAX_CONTEXT), "--chunk-size", str(CHUNK), "--onnx-fusions", "none"]
@@ -162,7 +162,7 @@ def test_export_without_decoder_fusions_uses_standard_ops(ckpt_dir, bundles, tmp
     manifest = full["onnx"]
     assert manifest["fusions"] == [] and manifest["in_place_state"] == []
     assert manifest["decode_contrib_ops"] == {}
-    for name in ("decoder_prefill.onnx", "decoder_decode.onnx"):
+    for name in ("vision_16x.onnx", "vision_4x.onnx", "decoder_prefill.onnx", "decoder_decode.onnx"):
         graph = onnx.load(str(out / name), load_external_data=False)
         assert not {n.domain for n in graph.graph.node} - {"", "ai.onnx"}, name
     assert json.loads((bundles["fp32"] / "manifest.json").read_text())["onnx"]["decode_contrib_ops"]
@@ -184,6 +184,39 @@ def test_a_killed_lowering_process_is_one_line(ckpt_dir, tmp_path, monkeypatch):
     with pytest.raises(onnx_bundle.LoweringProcessError, match="lowering vision_16x died"):
         export_bundle(ExportRequest(ckpt_dir, tmp_path / "b", "harmonyos", None, "int4", MAX_CONTEXT, CHUNK))
     assert not (tmp_path / "b").exists()
+
+
+def test_an_interrupted_export_stops_its_lowering_process(ckpt_dir, tmp_path, monkeypatch):
+    """Ctrl-C (SIGTERM raises alike, cli.py) while a child lowers: the child is killed, not waited
+    for (a full-size lowering takes minutes), and nothing is left behind."""
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    monkeypatch.setattr(onnx_bundle, "ISOLATE_ABOVE_BYTES", 0)
+    monkeypatch.setattr(onnx_bundle, "_child_job", _hang)
+    timer = threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGINT))  # a real signal
+    started = time.monotonic()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            export_bundle(
+                ExportRequest(ckpt_dir, tmp_path / "b", "harmonyos", None, "int4", MAX_CONTEXT, CHUNK)
+            )
+    finally:
+        timer.cancel()
+    assert time.monotonic() - started < 60  # the child sleeps 600 s
+    assert not multiprocessing.active_children()
+    assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
+
+
+def _hang(*_args):
+    """Stands in for a long lowering."""
+    import time
+
+    time.sleep(600)
 
 
 def _die(*_args):
@@ -346,4 +379,39 @@ def test_int4_falls_back_to_int8_when_k_does_not_divide():
     q2, s2 = int8_per_channel(w2, 1)
     p1, s1 = int4_blocks(np.ascontiguousarray(w1.T))
     want = (x @ dequant_int4(p1, s1).T) @ (q2.astype(np.float32) * s2)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-3, atol=1e-3)
+
+
+def test_int8_weights_reach_onnxruntimes_fused_matmul(tmp_path):
+    """A Gemm (the vision merger's form) and a Transpose -> MatMul (the streaming export's form) are
+    rewritten so every int8 weight feeds a plain MatMul, which onnxruntime fuses with its
+    DequantizeLinear: no weight is dequantized whole on every call; the product is unchanged."""
+    rng = np.random.default_rng(2)
+    w1 = rng.standard_normal((48, 64)).astype(np.float32)  # Gemm, transB = 1: [N, K]
+    b1 = rng.standard_normal(48).astype(np.float32)
+    w2 = rng.standard_normal((64, 48)).astype(np.float32)  # [N, K] read through Transpose
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1),
+            helper.make_node("Transpose", ["w2"], ["w2t"], perm=[1, 0]),
+            helper.make_node("MatMul", ["h", "w2t"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 64])],
+        [numpy_helper.from_array(w, name) for w, name in ((w1, "w1"), (b1, "b1"), (w2, "w2"))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    assert quantize_model(model, "int8", vision=True).counts == {"int8": 2}
+    ops = sorted(n.op_type for n in model.graph.node)
+    assert ops == ["Add", "DequantizeLinear", "DequantizeLinear", "MatMul", "MatMul"]
+    opts = session_options()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    fused = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert fused.count("MatMulNBits") == 2 and "DequantizeLinear" not in fused, fused
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    q1, s1 = int8_per_channel(w1, 0)
+    q2, s2 = int8_per_channel(w2, 0)
+    want = (x @ (q1 * s1[:, None]).T + b1) @ (q2 * s2[:, None]).T
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-3, atol=1e-3)

@@ -154,6 +154,20 @@ def _in_child(job: GraphJob, store: WeightStore) -> tuple[dict[str, int], onnx.M
             raise LoweringProcessError(
                 f"the process lowering {job.name} died without an answer (out of memory?)"
             ) from None
+        except BaseException:  # Ctrl-C / SIGTERM: leaving the pool would wait for the whole lowering
+            _kill_workers(pool)
+            raise
+
+
+def _kill_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop the pool's processes now (a full-size lowering runs for minutes). Python 3.14 has
+    terminate_workers(); before it, the pool's own process table is the only handle on them."""
+    terminate = getattr(pool, "terminate_workers", None)
+    if terminate is not None:
+        terminate()
+        return
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
 
 
 def accuracy_level(ctx: ExportContext) -> int:

@@ -23,6 +23,7 @@ beta and are a rounding error of the weight bytes.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -196,7 +197,7 @@ def _linear_layout(uses: list) -> tuple[int, int] | None:
             layouts.add((0, 1))
         elif node.op_type == "Gemm" and idx == 1:
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0:
+            if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
                 return None
             layouts.add((1, 0) if attrs.get("transB", 0) else (0, 1))
         else:
@@ -228,14 +229,42 @@ def _is_embedding(uses: list) -> bool:
     return True
 
 
-def _int8_linear(s: _Surgery, name: str, n_axis: int) -> None:
-    """Weight -> DequantizeLinear(int8, per-output-channel scale) under the original name."""
-    q, scale = int8_per_channel(s.array(name), n_axis)
+def _int8_linear(s: _Surgery, name: str, k_axis: int, uses: list, transposes: list) -> None:
+    """Weight -> DequantizeLinear(int8 [K, N], per-output-channel scale) under the original name,
+    read by plain MatMul nodes only: onnxruntime fuses DequantizeLinear + MatMul into one 8-bit
+    `MatMulNBits`, but not a Gemm or a Transpose in between, which would dequantize the whole
+    weight on every call (the vision merger's Gemm did: 172 ms per 448x448 slice, issue 33). So
+    Gemm uses become MatMul (+ Add of the bias) and W [N, K] read through Transpose nodes is stored
+    transposed, its Transposes dropped."""
+    w = s.array(name)
+    q, scale = int8_per_channel(np.ascontiguousarray(w.T if k_axis == 1 else w), 1)
     s.add(name + ".q8", q)
     s.add(name + ".s8", scale)
-    s.prologue.append(helper.make_node("DequantizeLinear", [name + ".q8", name + ".s8"], [name], axis=n_axis))
+    s.prologue.append(helper.make_node("DequantizeLinear", [name + ".q8", name + ".s8"], [name], axis=1))
+    for node, _ in uses:
+        if node.op_type == "Gemm":
+            s.replaced[id(node)] = _matmul_then_bias(
+                node, lambda a, y: helper.make_node("MatMul", [a, name], [y])
+            )
+        else:  # a MatMul, reading W itself or (transposes) the output of W's Transpose
+            node.input[1] = name
+    for node in transposes:
+        s.replaced[id(node)] = []
     s.drop(name)
     s.count("int8")
+
+
+def _matmul_then_bias(
+    node: onnx.NodeProto, matmul: Callable[[str, str], onnx.NodeProto]
+) -> list[onnx.NodeProto]:
+    """A MatMul / Gemm (alpha = beta = 1, no transA) as `matmul(A, out)` then + C for a Gemm bias."""
+    out = node.output[0]
+    has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+    mm_out = out + ".nobias" if has_bias else out
+    new = [matmul(node.input[0], mm_out)]
+    if has_bias:
+        new.append(helper.make_node("Add", [mm_out, node.input[2]], [out]))
+    return new
 
 
 def _int4_linear(s: _Surgery, name: str, k_axis: int, uses: list, accuracy_level: int) -> None:
@@ -247,25 +276,20 @@ def _int4_linear(s: _Surgery, name: str, k_axis: int, uses: list, accuracy_level
     s.add(name + ".q4", packed.reshape(n, k // BLOCK, BLOCK // 2))
     s.add(name + ".s4", scale)
     for node, _ in uses:
-        out = node.output[0]
-        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
-        mm_out = out + ".nobias" if has_bias else out
-        new = [
-            helper.make_node(
+        s.replaced[id(node)] = _matmul_then_bias(
+            node,
+            lambda a, y: helper.make_node(
                 "MatMulNBits",
-                [node.input[0], name + ".q4", name + ".s4"],
-                [mm_out],
+                [a, name + ".q4", name + ".s4"],
+                [y],
                 domain=MS_DOMAIN,
                 K=k,
                 N=n,
                 bits=4,
                 block_size=BLOCK,
                 accuracy_level=accuracy_level,
-            )
-        ]
-        if has_bias:
-            new.append(helper.make_node("Add", [mm_out, node.input[2]], [out]))
-        s.replaced[id(node)] = new
+            ),
+        )
     s.drop(name)
     s.count("int4")
 
@@ -344,7 +368,7 @@ def quantize_model(
                 for node in transposes:  # MatMulNBits reads [N, K] blocks: no transpose left
                     s.replaced[id(node)] = []
             else:
-                _int8_linear(s, name, layout[1])  # dequantized under W's name; transposes stay
+                _int8_linear(s, name, layout[0], uses, transposes)
         elif _is_float_matrix(t) and _is_embedding(uses):
             if quant == "int4" and not vision and t.dims[1] % BLOCK == 0:
                 _int4_embedding(s, name, uses)
