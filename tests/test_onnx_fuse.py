@@ -1,4 +1,4 @@
-"""Fused decoder graphs (export/onnx/fuse.py): contrib ops present, same I/O, same logits as the plain graphs.
+"""Fused graphs (export/onnx/fuse.py): contrib ops present, same I/O, same logits / embeddings as the plain graphs.
 
 Tolerance: 1e-4 absolute on logits and state. The fused kernels reassociate fp32 sums (sequential vs
 chunked delta rule, one-pass RMS norm vs the rsqrt chain, GQA's softmax over the valid prefix vs the
@@ -29,9 +29,15 @@ from edge_runtime.models.qwen35_text import (
     recurrent_delta_rule,
     state_specs,
 )
-from export.graphs import TextDecoderGraph, decoder_example_inputs, decoder_signature
+from export.graphs import (
+    TextDecoderGraph,
+    VisionEncoderGraph,
+    decoder_example_inputs,
+    decoder_signature,
+    vision_position_example,
+)
 from export.onnx.fuse import MS, contrib_op_counts, fused_decoder
-from export.onnx.lower import _export
+from export.onnx.lower import _export, lower_graph
 from export.onnx.quantize import quantize_model
 
 CHUNK = 16
@@ -241,6 +247,32 @@ def test_fused_decoder_leaves_the_model_as_it_was(tiny_checkpoint):
     assert {name: type(m) for name, m in model.named_modules()} == classes
     with pytest.raises(ValueError, match="unknown decoder fusions"), fused_decoder(model, CACHE, ["flash"]):
         pass
+
+
+@pytest.mark.parametrize("mode", ["16x", "4x"])
+def test_fused_vision_attention_matches_plain_and_torch(tiny_checkpoint, mode):
+    """`mha`: every SigLIP attention (the encoder layers' and, in 16x, the window merger's over its
+    2x2 windows as a batch) is one MultiHeadAttention node; the graph's embeddings equal the plain
+    graph's and torch's at lengths other than the traced one (L is dynamic)."""
+    model = load_checkpoint(tiny_checkpoint).model.eval()
+    classes = {name: type(m) for name, m in model.named_modules()}
+    plain = lower_graph(model, f"vision_{mode}", CHUNK, CACHE, False, fusions=())
+    fused = lower_graph(model, f"vision_{mode}", CHUNK, CACHE, False)
+    assert {name: type(m) for name, m in model.named_modules()} == classes
+    layers = len(model.vision_tower.encoder.layers) + (mode == "16x")
+    count = [n.op_type for n in fused.graph.node].count
+    assert count("MultiHeadAttention") == layers and "Softmax" not in [n.op_type for n in fused.graph.node]
+    assert "MultiHeadAttention" not in [n.op_type for n in plain.graph.node]
+    rng = np.random.default_rng(0)
+    for length in (32, 80):
+        feeds = {
+            "patches": rng.standard_normal((length, model.cfg.vision.patch_dim)).astype(np.float32),
+            "position_ids": vision_position_example(model.cfg, mode, length),
+        }
+        got, base = (_session(g).run(None, feeds)[0] for g in (fused, plain))
+        with torch.no_grad():
+            want = VisionEncoderGraph(model, mode)(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+        assert np.abs(got - base).max() < 1e-5 and np.abs(got - want).max() < 1e-4
 
 
 # ---------------------------------------------------------------------------------------------------

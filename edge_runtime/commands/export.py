@@ -43,8 +43,9 @@ INT4_COMPUTE = ("fp32", "int8")  # export/onnx/quantize.py INT4_COMPUTE_LEVELS (
     type=click.Choice(["all", "none"]),
     default="all",
     show_default=True,
-    help="ONNX: decoder contrib ops (LinearAttention, CausalConvWithState, GroupQueryAttention, "
-    "SimplifiedLayerNormalization); none = standard ops, for onnxruntime builds without them.",
+    help="ONNX: contrib ops (decoders: LinearAttention, CausalConvWithState, GroupQueryAttention, "
+    "SimplifiedLayerNormalization; vision: MultiHeadAttention); none = standard ops, for "
+    "onnxruntime builds without them.",
 )
 @click.option(
     "--int4-compute",

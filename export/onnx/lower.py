@@ -37,7 +37,7 @@ from export.graphs import (
     vision_example_inputs,
 )
 
-from .fuse import FUSIONS, fused_decoder
+from .fuse import FUSIONS, fused_decoder, fused_vision
 from .mapped import MappedWeights, optimize_mapped, reference_mapped_weights
 
 VISION_EXAMPLE_L = 64
@@ -138,7 +138,7 @@ def lower_graph(
     mapped: MappedWeights | None = None,
 ) -> onnx.ModelProto:
     """One entry point of a `prepare`d model as an ONNX model. `half`: fp16 weights and activations
-    inside fp32 graph I/O; the KV cache is fp16. `fusions`: the decoder contrib ops (fuse.py).
+    inside fp32 graph I/O; the KV cache is fp16. `fusions`: the contrib ops (fuse.py).
     `mapped`: weights left in the checkpoint's files (`Checkpoint.mapped`; mapped.py)."""
 
     def wrap(graph: torch.nn.Module, n_args: int, n_outs: int) -> torch.nn.Module:
@@ -150,14 +150,15 @@ def lower_graph(
             mode = name.removeprefix("vision_")
             patches, ids = vision_example_inputs(model, mode, VISION_EXAMPLE_L)
             length = Dim("L")
-            return _export(
-                wrap(VisionEncoderGraph(model, mode), 2, 1),
-                (patches, ids),
-                ["patches", "position_ids"],
-                ["embeds"],
-                ({0: length}, {ids.ndim - 1: length}),
-                mapped,
-            )
+            with fused_vision(model, fusions):
+                return _export(
+                    wrap(VisionEncoderGraph(model, mode), 2, 1),
+                    (patches, ids),
+                    ["patches", "position_ids"],
+                    ["embeds"],
+                    ({0: length}, {ids.ndim - 1: length}),
+                    mapped,
+                )
         if name == "token_embedding":
             return _export(
                 wrap(TokenEmbeddingGraph(model), 1, 1),
