@@ -41,10 +41,11 @@ Fusions (`FUSIONS`; every one is on by default and was measured faster or equal,
 
 * `mha` (vision graphs): SigLIP's bidirectional self-attention (scores, softmax, weighted sum and
   the head split / merge transposes around them) -> `com.microsoft.MultiHeadAttention` on the
-  packed [B, T, D] projections; the window merger's 2x2 windows are its batch. The kernel never
-  writes the [H, T, T] score tensor out to memory (64 MB per layer for a 448x448 slice's 1024
-  patches), which is its gain: 0.90x the time of the plain form at T = 1024 and 0.57x at T = 256,
-  16 heads of 72 (MiniCPM-V 4.6's tower; issue 33).
+  packed [B, T, D] projections; the window merger's 2x2 windows are its batch. Its gain is
+  memory, not time: on the full 4.6 tower a 16x 448x448 slice peaks at 1205 MB instead of 1340 MB
+  (the plain form holds [H, T, T] scores and probabilities, 64 MB each per layer at T = 1024) in
+  the same time (7209 / 7197 ms interleaved; the op alone 0.94-0.98x the plain form at T = 1024
+  and 1.04x at T = 256, 16 heads of 72; issue 33).
 
 Measured and left out: `SkipSimplifiedLayerNormalization` (residual Add + norm) is slower on the
 CPU provider than Add + SimplifiedLayerNormalization at every chunk length (1.2x at C = 1, 1.8x at

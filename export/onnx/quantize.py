@@ -230,26 +230,28 @@ def _is_embedding(uses: list) -> bool:
 
 
 def _int8_linear(s: _Surgery, name: str, k_axis: int, uses: list, transposes: list) -> None:
-    """Weight -> DequantizeLinear(int8 [K, N], per-output-channel scale) under the original name,
-    read by plain MatMul nodes only: onnxruntime fuses DequantizeLinear + MatMul into one 8-bit
-    `MatMulNBits`, but not a Gemm or a Transpose in between, which would dequantize the whole
-    weight on every call (the vision merger's Gemm did: 172 ms per 448x448 slice, issue 33). So
-    Gemm uses become MatMul (+ Add of the bias) and W [N, K] read through Transpose nodes is stored
-    transposed, its Transposes dropped."""
+    """Weight -> DequantizeLinear(int8, per-output-channel scale) under the original name.
+
+    A MatMul reads it as [K, N], and onnxruntime fuses DequantizeLinear + MatMul into one 8-bit
+    `MatMulNBits` reading the int8 bytes. W [N, K] read through Transpose nodes (the streaming
+    export) is stored transposed and its Transposes dropped, so it fuses too instead of being
+    dequantized and transposed whole on every call. A Gemm keeps W as it is: onnxruntime runs it as
+    DequantizeLinear + fp32 Gemm, which measured faster than the fused form for the vision
+    merger's Gemms (a 16x 448x448 slice took 6576 ms as is and 7197 ms with them rewritten to
+    fused MatMuls, interleaved on the full preset; fp32 GEMM outruns 8-bit MatMulNBits at many
+    rows on these CPUs: tools/bench_matmul_kernels.py, issue 33)."""
     w = s.array(name)
-    q, scale = int8_per_channel(np.ascontiguousarray(w.T if k_axis == 1 else w), 1)
+    gemm_layout = k_axis == 1 and not transposes  # Gemm(transB=1) reads W [N, K] itself
+    n_axis = 0 if gemm_layout else 1
+    q, scale = int8_per_channel(np.ascontiguousarray(w if gemm_layout or k_axis == 0 else w.T), n_axis)
     s.add(name + ".q8", q)
     s.add(name + ".s8", scale)
-    s.prologue.append(helper.make_node("DequantizeLinear", [name + ".q8", name + ".s8"], [name], axis=1))
-    for node, _ in uses:
-        if node.op_type == "Gemm":
-            s.replaced[id(node)] = _matmul_then_bias(
-                node, lambda a, y: helper.make_node("MatMul", [a, name], [y])
-            )
-        else:  # a MatMul, reading W itself or (transposes) the output of W's Transpose
-            node.input[1] = name
+    s.prologue.append(helper.make_node("DequantizeLinear", [name + ".q8", name + ".s8"], [name], axis=n_axis))
     for node in transposes:
         s.replaced[id(node)] = []
+    for node, _ in uses:
+        if transposes:  # the MatMuls read W's Transpose outputs: now W itself, stored [K, N]
+            node.input[1] = name
     s.drop(name)
     s.count("int8")
 
