@@ -234,8 +234,9 @@ def _int8_linear(s: _Surgery, name: str, k_axis: int, uses: list, transposes: li
 
     A MatMul reads it as [K, N], and onnxruntime fuses DequantizeLinear + MatMul into one 8-bit
     `MatMulNBits` reading the int8 bytes. W [N, K] read through Transpose nodes (the streaming
-    export) is stored transposed and its Transposes dropped, so it fuses too instead of being
-    dequantized and transposed whole on every call. A Gemm keeps W as it is: onnxruntime runs it as
+    export) is stored transposed and its Transposes dropped, so it fuses too (onnxruntime runs
+    DequantizeLinear -> Transpose -> MatMul as a whole-weight DequantizeLinear on every call plus
+    an fp32 FusedMatMul; not timed at full size). A Gemm keeps W as it is: onnxruntime runs it as
     DequantizeLinear + fp32 Gemm, which measured faster than the fused form for the vision
     merger's Gemms (a 16x 448x448 slice took 6576 ms as is and 7197 ms with them rewritten to
     fused MatMuls, interleaved on the full preset; fp32 GEMM outruns 8-bit MatMulNBits at many
