@@ -260,8 +260,8 @@ def test_fused_vision_attention_matches_plain_and_torch(tiny_checkpoint, mode):
     fused = lower_graph(model, f"vision_{mode}", CHUNK, CACHE, False)
     assert {name: type(m) for name, m in model.named_modules()} == classes
     layers = len(model.vision_tower.encoder.layers) + (mode == "16x")
-    count = [n.op_type for n in fused.graph.node].count
-    assert count("MultiHeadAttention") == layers and "Softmax" not in [n.op_type for n in fused.graph.node]
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("MultiHeadAttention") == layers and "Softmax" not in ops
     assert "MultiHeadAttention" not in [n.op_type for n in plain.graph.node]
     rng = np.random.default_rng(0)
     for length in (32, 80):

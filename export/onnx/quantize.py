@@ -23,7 +23,6 @@ beta and are a rounding error of the weight bytes.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -229,45 +228,29 @@ def _is_embedding(uses: list) -> bool:
     return True
 
 
-def _int8_linear(s: _Surgery, name: str, k_axis: int, uses: list, transposes: list) -> None:
+def _int8_linear(s: _Surgery, name: str, n_axis: int, transposed_readers: list) -> None:
     """Weight -> DequantizeLinear(int8, per-output-channel scale) under the original name.
 
     A MatMul reads it as [K, N], and onnxruntime fuses DequantizeLinear + MatMul into one 8-bit
     `MatMulNBits` reading the int8 bytes. W [N, K] read through Transpose nodes (the streaming
-    export) is stored transposed and its Transposes dropped, so it fuses too (onnxruntime runs
-    DequantizeLinear -> Transpose -> MatMul as a whole-weight DequantizeLinear on every call plus
-    an fp32 FusedMatMul; not timed at full size). A Gemm keeps W as it is: onnxruntime runs it as
-    DequantizeLinear + fp32 Gemm, which measured faster than the fused form for the vision
-    merger's Gemms (a 16x 448x448 slice took 6576 ms as is and 7197 ms with them rewritten to
-    fused MatMuls, interleaved on the full preset; fp32 GEMM outruns 8-bit MatMulNBits at many
-    rows on these CPUs: tools/bench_matmul_kernels.py, issue 33)."""
+    export; `transposed_readers` are their MatMuls) is stored transposed and read directly, so it
+    fuses too (onnxruntime runs DequantizeLinear -> Transpose -> MatMul as a whole-weight
+    DequantizeLinear on every call plus an fp32 FusedMatMul; not timed at full size). A Gemm keeps
+    W as it is: onnxruntime runs it as DequantizeLinear + fp32 Gemm, which measured faster than the
+    fused form for the vision merger's Gemms (a 16x 448x448 slice took 6576 ms as is and 7197 ms
+    with them rewritten to fused MatMuls, interleaved on the full preset; fp32 GEMM outruns 8-bit
+    MatMulNBits at many rows on these CPUs: tools/bench_matmul_kernels.py, issue 33)."""
     w = s.array(name)
-    gemm_layout = k_axis == 1 and not transposes  # Gemm(transB=1) reads W [N, K] itself
-    n_axis = 0 if gemm_layout else 1
-    q, scale = int8_per_channel(np.ascontiguousarray(w if gemm_layout or k_axis == 0 else w.T), n_axis)
+    if transposed_readers:
+        w, n_axis = w.T, 1
+    q, scale = int8_per_channel(np.ascontiguousarray(w), n_axis)
     s.add(name + ".q8", q)
     s.add(name + ".s8", scale)
     s.prologue.append(helper.make_node("DequantizeLinear", [name + ".q8", name + ".s8"], [name], axis=n_axis))
-    for node in transposes:
-        s.replaced[id(node)] = []
-    for node, _ in uses:
-        if transposes:  # the MatMuls read W's Transpose outputs: now W itself, stored [K, N]
-            node.input[1] = name
+    for node, _ in transposed_readers:
+        node.input[1] = name
     s.drop(name)
     s.count("int8")
-
-
-def _matmul_then_bias(
-    node: onnx.NodeProto, matmul: Callable[[str, str], onnx.NodeProto]
-) -> list[onnx.NodeProto]:
-    """A MatMul / Gemm (alpha = beta = 1, no transA) as `matmul(A, out)` then + C for a Gemm bias."""
-    out = node.output[0]
-    has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
-    mm_out = out + ".nobias" if has_bias else out
-    new = [matmul(node.input[0], mm_out)]
-    if has_bias:
-        new.append(helper.make_node("Add", [mm_out, node.input[2]], [out]))
-    return new
 
 
 def _int4_linear(s: _Surgery, name: str, k_axis: int, uses: list, accuracy_level: int) -> None:
@@ -279,20 +262,25 @@ def _int4_linear(s: _Surgery, name: str, k_axis: int, uses: list, accuracy_level
     s.add(name + ".q4", packed.reshape(n, k // BLOCK, BLOCK // 2))
     s.add(name + ".s4", scale)
     for node, _ in uses:
-        s.replaced[id(node)] = _matmul_then_bias(
-            node,
-            lambda a, y: helper.make_node(
+        out = node.output[0]
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        mm_out = out + ".nobias" if has_bias else out
+        new = [
+            helper.make_node(
                 "MatMulNBits",
-                [a, name + ".q4", name + ".s4"],
-                [y],
+                [node.input[0], name + ".q4", name + ".s4"],
+                [mm_out],
                 domain=MS_DOMAIN,
                 K=k,
                 N=n,
                 bits=4,
                 block_size=BLOCK,
                 accuracy_level=accuracy_level,
-            ),
-        )
+            )
+        ]
+        if has_bias:
+            new.append(helper.make_node("Add", [mm_out, node.input[2]], [out]))
+        s.replaced[id(node)] = new
     s.drop(name)
     s.count("int4")
 
@@ -368,10 +356,10 @@ def quantize_model(
             k_dim = t.dims[layout[0]]
             if quant == "int4" and not vision and k_dim % BLOCK == 0:
                 _int4_linear(s, name, layout[0], uses, accuracy_level)
-                for node in transposes:  # MatMulNBits reads [N, K] blocks: no transpose left
-                    s.replaced[id(node)] = []
             else:
-                _int8_linear(s, name, layout[0], uses, transposes)
+                _int8_linear(s, name, layout[1], uses if transposes else [])
+            for node in transposes:  # both read W itself now: no transpose left
+                s.replaced[id(node)] = []
         elif _is_float_matrix(t) and _is_embedding(uses):
             if quant == "int4" and not vision and t.dims[1] % BLOCK == 0:
                 _int4_embedding(s, name, uses)
