@@ -79,6 +79,7 @@ class ExportContext:
     max_undelegated: float | None = None  # formats with a delegate: the share of ops it may leave behind
     onnx_fusions: bool = True  # ONNX: decoder contrib ops (export/onnx/fuse.py)
     int4_compute: str | None = None  # ONNX int4: MatMulNBits compute, "fp32" or "int8"; None: default
+    vision_quant: str | None = None  # ONNX int4: the vision linears, "int8" or "int4"; None: default
 
     @property
     def family(self) -> Family:
@@ -109,6 +110,7 @@ class ExportRequest:
     max_undelegated: float | None = None  # None: the format's default
     onnx_fusions: bool = True  # ONNX: decoder contrib ops; False = standard ops only
     int4_compute: str | None = None  # ONNX int4: "fp32" or "int8" MatMulNBits compute; None: default
+    vision_quant: str | None = None  # ONNX int4: "int8" or "int4" vision linears; None: default (int8)
 
 
 @contextlib.contextmanager
@@ -174,6 +176,13 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> P
         )
     if request.int4_compute not in (None, "fp32", "int8"):
         raise InputError(f"unknown --int4-compute {request.int4_compute!r}; choose fp32 or int8")
+    if request.vision_quant not in (None, "int8", "int4"):
+        raise InputError(f"unknown --vision-quant {request.vision_quant!r}; choose int8 or int4")
+    if request.vision_quant == "int4" and (fmt != "onnx" or request.quantization != "int4"):
+        raise InputError(
+            f"--vision-quant int4 needs an ONNX bundle (target harmonyos) with --quant int4; "
+            f"this export is format {fmt}, --quant {request.quantization}"
+        )
     if request.chunk_size < 1 or request.max_context < request.chunk_size:
         raise InputError(
             f"need 1 <= chunk size ({request.chunk_size}) <= max context ({request.max_context})"
@@ -201,7 +210,7 @@ def export_bundle(request: ExportRequest, progress: Progress | None = None) -> P
         ctx = ExportContext(
             request.checkpoint, config, raw, tmp, request.target, fmt, request.quantization,
             max_context, request.chunk_size, say, request.max_undelegated, request.onnx_fusions,
-            request.int4_compute,
+            request.int4_compute, request.vision_quant,
         )  # fmt: skip
         say(f"exporting graphs (format {fmt}, {request.quantization})")
         graph_set: GraphSet = module.export_graphs(ctx)

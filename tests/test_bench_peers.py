@@ -66,11 +66,14 @@ def test_summary_ratios_targets_and_a_failed_peer(tmp_path):
         _system(bp.GENAI, "genai", [180, 175, 170], [28, 27, 26], 450_000_000),
         _system(bp.LLAMA[0], "llama", [165, 170, 160], [19, 20, 18], 420_000_000),
         bp.System(bp.LLAMA[1], "llama", error="build: cmake configure failed (exit 1): no compiler"),
+        bp.System(bp.OURS_INT4_VISION, "ours", text=False),  # vision only: no decode figures
     ]
     rounds = [{"round": i, "counted": i > 1, "busy_before": 0.01, "bandwidth_gbs": 20.0} for i in range(1, 5)]
     vision = {
         "ours_16x": [{"ttft_ms": 300.0, "vision_slice_ms": [100.0], "n_slices": 1}] * 3,
         "ours_4x": [{"ttft_ms": 500.0, "vision_slice_ms": [90.0], "n_slices": 1}] * 3,
+        "ours_int4_vision_16x": [{"ttft_ms": 240.0, "vision_slice_ms": [70.0], "n_slices": 1}] * 3,
+        "ours_int4_vision_4x": [{"ttft_ms": 480.0, "vision_slice_ms": [66.0], "n_slices": 1}] * 3,
         "llama_cpp_mmproj": [],
     }
     measured = {"rounds": rounds, "vision": vision, "vision_errors": {"llama_cpp_mmproj": "no mmproj line"}}
@@ -85,6 +88,8 @@ def test_summary_ratios_targets_and_a_failed_peer(tmp_path):
     assert r["onnx_vs_genai_decode_ratio"] == pytest.approx(21 / 27)
     assert r["ttft_16x_over_4x"] == pytest.approx(0.6)
     assert r["vision_slice_ratio_vs_llama_cpp"] is None  # its peer failed: no ratio, not a made-up one
+    assert r["int4_vision_slice_ratio_vs_llama_cpp"] is None
+    assert r["int4_vision_ttft_16x_over_4x"] == pytest.approx(0.5)
     # decode / (bandwidth / bytes per token): 30 tok/s over 20e9 / 5e8 = 40 tok/s
     assert report["systems"][bp.OURS[1]]["decode_fraction_of_bound"] == pytest.approx(0.75)
     met = {c["ratio"]: c["met"] for c in report["targets"]}
@@ -94,6 +99,8 @@ def test_summary_ratios_targets_and_a_failed_peer(tmp_path):
     text = bp.to_markdown(report)
     assert f"| {bp.LLAMA[1]} | failed: build: cmake configure failed" in text
     assert "llama.cpp mmproj f16, 16x | failed: no mmproj line" in text
+    assert "| ours onnx, int4 vision, 16x | 70 | 240 |" in text
+    assert f"| {bp.OURS_INT4_VISION} |" not in text  # not in the decode table: it ran no text rounds
     json.loads(json.dumps(report))  # the JSON report is plain data
 
 
@@ -119,3 +126,29 @@ def test_our_worker_measures_a_tiny_onnx_bundle(kind, tiny_checkpoint, tmp_path)
     finally:
         worker.close()
     assert bp.weight_bytes_per_token(system) > 0
+
+
+def test_the_int4_vision_system_is_exported_with_its_option_and_measured_on_vision_only(
+    tiny_checkpoint, tmp_path
+):
+    """prepare() exports `ours onnx int4, int4 vision` with `--vision-quant int4` (and reuses it while
+    nothing changed); a round times its vision graphs in both modes and never its text."""
+    settings = bp.Settings(tiny_checkpoint, tmp_path, rounds=1, warmup=0, threads=1, prompt_tokens=160,
+                           decode_tokens=2, idle_max=1.0)  # fmt: skip
+    others = [bp.OURS[0], bp.OURS[1], bp.GENAI, *bp.LLAMA]
+    said: list[str] = []
+    systems = bp.prepare(settings, said.append, skip=others)
+    vision_system = next(x for x in systems if x.name == bp.OURS_INT4_VISION)
+    assert vision_system.error is None and not vision_system.text
+    assert vision_system.build["command"].endswith("--vision-quant int4")
+    manifest = json.loads((vision_system.path / "manifest.json").read_text())
+    assert manifest["onnx"]["vision_quantization"] == "int4"
+    assert all(x.error == "skipped (--skip)" for x in systems if x.name in others)
+    said.clear()
+    bp.prepare(settings, said.append, skip=others)
+    assert not any("exporting" in line for line in said), said  # stamped: reused
+    measured = bp.run_rounds(settings, systems, bp.vision_image(tmp_path), None, said.append)
+    assert vision_system.runs == []  # no text rounds
+    assert len(measured["vision"]["ours_int4_vision_16x"]) == 1
+    assert len(measured["vision"]["ours_int4_vision_4x"]) == 1
+    assert measured["vision"]["ours_16x"] == [] and measured["vision_errors"] == {}, measured["vision_errors"]

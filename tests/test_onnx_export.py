@@ -111,7 +111,52 @@ def test_weights_stored_once(bundles):
     assert size["int4"] < size["int8"] < size["fp16"] < size["fp32"]
     int4 = json.loads((bundles["int4"] / "manifest.json").read_text())["onnx"]["quantized_weights"]
     assert int4["decoder_decode"].get("int4", 0) > 0 and int4["token_embedding"] == {"int4-embedding": 1}
-    assert "int4" not in int4["vision_16x"]  # vision stays int8
+    assert "int4" not in int4["vision_16x"]  # vision stays int8 by default
+
+
+def test_int4_vision_weights_on_request(
+    ckpt_dir, lowered, bundles, reference, two_mode_cases, tmp_path, monkeypatch
+):
+    """`--vision-quant int4`: the vision graphs' linears become MatMulNBits (the SigLIP MLP's K = 136
+    padded), the text graphs keep the default bundle's bytes, the bundle shrinks, the manifest says
+    so, and parity passes the int4 gates (vision cosine >= 0.98 among them)."""
+    monkeypatch.setattr(
+        onnx_bundle,
+        "lower_graph",
+        lambda _model, name, _chunk, _cache, half, *_rest: onnx.load_from_string(lowered[half][name]),
+    )
+    request = ExportRequest(
+        ckpt_dir, tmp_path / "b", "harmonyos", None, "int4", MAX_CONTEXT, CHUNK, vision_quant="int4"
+    )
+    out = export_bundle(request)
+    manifest = json.loads((out / "manifest.json").read_text())["onnx"]
+    assert manifest["vision_quantization"] == "int4"
+    for mode in ("vision_16x", "vision_4x"):
+        assert set(manifest["quantized_weights"][mode]) == {"int4", "int8-embedding"}, mode
+        ops = [n.op_type for n in onnx.load(str(out / f"{mode}.onnx"), load_external_data=False).graph.node]
+        assert "MatMulNBits" in ops and "DequantizeLinear" not in ops, mode
+    for name in ("token_embedding", "decoder_prefill", "decoder_decode"):
+        assert _weight_blobs(out, f"{name}.onnx") == _weight_blobs(bundles["int4"], f"{name}.onnx"), name
+    assert (out / "weights.bin").stat().st_size < (bundles["int4"] / "weights.bin").stat().st_size
+    default = json.loads((bundles["int4"] / "manifest.json").read_text())["onnx"]
+    assert default["vision_quantization"] == "int8"
+    report = compare(reference, open_bundle_session(out, threads=1), two_mode_cases, "int4", n_steps=STEPS)
+    assert report.passed, "\n".join(report.summary_lines())
+    assert report.stages["vision"]["min_cosine"] >= 0.98
+
+
+@pytest.mark.parametrize(
+    "target, quant",
+    [("harmonyos", "int8"), ("android", "8da4w"), ("ios", "int4")],
+    ids=["int8", "et", "coreml"],
+)
+def test_int4_vision_is_refused_where_it_does_not_exist(ckpt_dir, tmp_path, capsys, target, quant):
+    """One line naming the option, before any work, and no bundle left behind."""
+    args = ["export", "--checkpoint", str(ckpt_dir), "--target", target, "--quant", quant]
+    assert main([*args, "--vision-quant", "int4", "--out", str(tmp_path / "b")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--vision-quant int4 needs" in err[0], err
+    assert not (tmp_path / "b").exists()
 
 
 def _weight_blobs(root, name: str) -> set[bytes]:
@@ -355,8 +400,10 @@ def test_int4_packing_matches_onnxruntime():
     assert (searched <= plain + 1e-6).all() and searched.sum() < plain.sum()
 
 
-def test_int4_falls_back_to_int8_when_k_does_not_divide():
-    """A K = 136 linear (the tiny SigLIP MLP width) gets per-channel int8, the K = 64 one MatMulNBits."""
+def test_int4_pads_k_to_whole_blocks():
+    """A K = 136 linear (the tiny SigLIP MLP width; full SigLIP's is 4304) is zero-padded to 160 and
+    read by MatMulNBits with K = 136, exactly the product of its dequantized blocks' first 136
+    columns."""
     rng = np.random.default_rng(1)
     w1 = rng.standard_normal((64, 136)).astype(np.float32)
     w2 = rng.standard_normal((136, 64)).astype(np.float32)
@@ -370,16 +417,43 @@ def test_int4_falls_back_to_int8_when_k_does_not_divide():
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     # fp32 compute (accuracy_level 0), so the graph is exactly the dequantized weights' product
     stats = quantize_model(model, "int4", vision=False, accuracy_level=0)
-    assert stats.counts == {"int4": 1, "int8": 1}
-    ops = [n.op_type for n in model.graph.node]
-    assert "MatMulNBits" in ops and "DequantizeLinear" in ops
+    assert stats.counts == {"int4": 2}
+    ks = [next(a.i for a in n.attribute if a.name == "K") for n in model.graph.node]
+    assert ks == [64, 136]
     x = rng.standard_normal((2, 64)).astype(np.float32)
-    opts = session_options()  # the backend's: the fused 8-bit matmul keeps fp32 activations
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    q2, s2 = int8_per_channel(w2, 1)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    padded = np.concatenate([w2.T, np.zeros((64, 24), np.float32)], axis=1)
     p1, s1 = int4_blocks(np.ascontiguousarray(w1.T))
-    want = (x @ dequant_int4(p1, s1).T) @ (q2.astype(np.float32) * s2)
+    p2, s2 = int4_blocks(padded)
+    want = (x @ dequant_int4(p1, s1).T) @ dequant_int4(p2, s2)[:, :136].T
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], want, rtol=1e-3, atol=1e-3)
+
+
+def test_vision_linears_take_int4_only_when_asked():
+    """In an int4 export a vision graph keeps int8 linears unless `vision_quant="int4"`; its
+    position table stays int8 either way."""
+    rng = np.random.default_rng(3)
+
+    def graph():
+        nodes = [
+            helper.make_node("Gather", ["table", "ids"], ["e"]),
+            helper.make_node("MatMul", ["e", "w"], ["y"]),
+        ]
+        inits = [
+            numpy_helper.from_array(rng.standard_normal((16, 64)).astype(np.float32), "table"),
+            numpy_helper.from_array(rng.standard_normal((64, 48)).astype(np.float32), "w"),
+        ]
+        inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, [3])]
+        outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 48])]
+        return helper.make_model(
+            helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", 18)]
+        )
+
+    assert quantize_model(graph(), "int4", vision=True).counts == {"int8": 1, "int8-embedding": 1}
+    stats = quantize_model(graph(), "int4", vision=True, vision_quant="int4")
+    assert stats.counts == {"int4": 1, "int8-embedding": 1}
+    with pytest.raises(ValueError, match="vision quantization"):
+        quantize_model(graph(), "int4", vision=True, vision_quant="int2")
 
 
 def test_int8_weights_reach_onnxruntimes_fused_matmul(tmp_path):

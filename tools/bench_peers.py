@@ -10,6 +10,7 @@ context capacity (prompt + decode + depth, as llama-bench sizes its own):
 |---|---|---|
 | ours onnx int4 | `minicpmv-edge export --target harmonyos --quant int4` | the shared generation loop |
 | ours executorch 8da4w | `minicpmv-edge export --target android --quant 8da4w` | the shared generation loop |
+| ours onnx int4, int4 vision | the same with `--vision-quant int4` | vision and TTFT only (its text weights are the first row's) |
 | onnxruntime-genai int4 | its model builder, CPU defaults (accuracy level 4) | `append_tokens` / `generate_next_token` |
 | llama.cpp Q4_0, Q4_K_M | `convert_hf_to_gguf.py` + `llama-quantize` | `llama-bench` (pp N; tg M at depth N) |
 
@@ -62,6 +63,15 @@ def shown_path(path: Path) -> str:
 
 PROMPT_TEXT = "The keeper climbed the stairs, lit the lamp and watched the waves break on the rocks. "
 OURS = ("ours onnx int4", "ours executorch 8da4w")
+OURS_INT4_VISION = "ours onnx int4, int4 vision"
+# how each of our systems is exported: target, quantization, --vision-quant (None: the default)
+OUR_BUILDS = {
+    OURS[0]: ("harmonyos", "int4", None),
+    OURS[1]: ("android", "8da4w", None),
+    OURS_INT4_VISION: ("harmonyos", "int4", "int4"),
+}
+# the vision figures of our ONNX systems, by key prefix in the report's "vision" table
+VISION_KEYS = {OURS[0]: "ours", OURS_INT4_VISION: "ours_int4_vision"}
 GENAI = "onnxruntime-genai int4"
 LLAMA = ("llama.cpp Q4_0", "llama.cpp Q4_K_M")
 VISION_SIDE = 448
@@ -97,6 +107,7 @@ class System:
     kind: str  # ours | genai | llama
     path: Path | None = None
     build: dict[str, Any] = field(default_factory=dict)
+    text: bool = True  # False: measured on vision / TTFT only
     error: str | None = None
     runs: list[dict[str, float]] = field(default_factory=list)
     weight_bytes_per_token: int | None = None
@@ -109,33 +120,33 @@ class System:
 
 def prepare(s: Settings, say: Progress, skip: Sequence[str] = ()) -> list[System]:
     """Every system's model, built or reused; a skipped one keeps its place with the reason as its error."""
-    systems = (
-        [System(n, "ours") for n in OURS] + [System(GENAI, "genai")] + [System(n, "llama") for n in LLAMA]
-    )
+    ours = [System(n, "ours", text=n in OURS) for n in OUR_BUILDS]
+    genai = System(GENAI, "genai")
+    systems = ours + [genai] + [System(n, "llama") for n in LLAMA]
     for system in systems:
         if system.name in skip:
             system.error = "skipped (--skip)"
     fp = fingerprint
-    for system, (target, quant) in zip(
-        systems[:2], (("harmonyos", "int4"), ("android", "8da4w")), strict=True
-    ):
-        system.path = s.work / f"ours-{target}-{quant}"
+    for system in ours:
+        target, quant, vision_quant = OUR_BUILDS[system.name]
+        suffix = "" if vision_quant is None else f"-vision-{vision_quant}"
+        system.path = s.work / f"ours-{target}-{quant}{suffix}"
         if system.error is None:
             stamp = {
                 "step": "export",
                 "target": target,
                 "quant": quant,
                 "ctx": s.max_context,
+                **({} if vision_quant is None else {"vision_quant": vision_quant}),
                 **_export_defaults(),
             }
-            system.build = _guard(system, say, lambda t=target, q=quant, p=system.path, f=stamp: {**reuse_or_make(
-                p, fp(s.checkpoint, f), "manifest.json", lambda: _export(s, t, q, p, say)
+            system.build = _guard(system, say, lambda t=target, q=quant, v=vision_quant, p=system.path, f=stamp: {**reuse_or_make(
+                p, fp(s.checkpoint, f), "manifest.json", lambda: _export(s, t, q, v, p, say)
             ), **{k: f[k] for k in ("int4_compute", "export_source_sha256")}})  # fmt: skip
-    genai = systems[2]
     genai.path = s.work / "genai-int4"
     if genai.error is None:
         genai.build = _guard(genai, say, lambda: _prepare_genai(s, genai.path, say))
-    llama_systems = [x for x in systems[3:] if x.error is None]
+    llama_systems = [x for x in systems if x.kind == "llama" and x.error is None]
     llama_tree: llama_cpp_peer.LlamaCpp | None = None
     if llama_systems:
         try:
@@ -186,14 +197,20 @@ def _export_defaults() -> dict[str, Any]:
     return {"int4_compute": DEFAULT_INT4_COMPUTE, "export_source_sha256": digest.hexdigest()[:16]}
 
 
-def _export(s: Settings, target: str, quant: str, out: Path, say: Progress) -> dict[str, Any]:
+def _export(
+    s: Settings, target: str, quant: str, vision_quant: str | None, out: Path, say: Progress
+) -> dict[str, Any]:
     from export.pipeline import ExportRequest, export_bundle
 
-    say(f"exporting ours: {target} {quant} -> {out}")
-    request = ExportRequest(s.checkpoint, out, target, quantization=quant, max_context=s.max_context)
-    export_bundle(request, progress=lambda m: say(f"export {quant}: {m}"))
+    option = "" if vision_quant is None else f" --vision-quant {vision_quant}"
+    say(f"exporting ours: {target} {quant}{option} -> {out}")
+    request = ExportRequest(
+        s.checkpoint, out, target, quantization=quant, max_context=s.max_context, vision_quant=vision_quant
+    )
+    export_bundle(request, progress=lambda m: say(f"export {quant}{option}: {m}"))
     return {
         "command": f"minicpmv-edge export --target {target} --quant {quant} --max-context {s.max_context}"
+        + option
     }
 
 
@@ -426,7 +443,8 @@ def run_rounds(s: Settings, systems: list[System], image: Path, llama: Any, say:
         if system.error is None and system.kind in ("ours", "genai"):
             system.worker = _guard(system, say, lambda x=system: Worker(x, spec))
     mmproj = s.work / "gguf" / "mmproj-f16.gguf"
-    vision: dict[str, list[Any]] = {"ours_16x": [], "ours_4x": [], "llama_cpp_mmproj": []}
+    vision: dict[str, list[Any]] = {f"{p}_{m}": [] for p in VISION_KEYS.values() for m in ("16x", "4x")}
+    vision["llama_cpp_mmproj"] = []
     vision_errors: dict[str, str] = {}
     rounds: list[dict[str, Any]] = []
     try:
@@ -438,7 +456,7 @@ def run_rounds(s: Settings, systems: list[System], image: Path, llama: Any, say:
                 {"round": r + 1, "counted": counted, "busy_before": busy, "bandwidth_gbs": bandwidth.gbs}
             )
             for system in systems:
-                if system.error is not None:
+                if system.error is not None or not system.text:
                     continue
                 try:
                     if system.kind == "llama":
@@ -475,16 +493,16 @@ def _vision_round(
     counted: bool,
     say: Progress,
 ) -> None:
-    onnx = next(x for x in systems if x.name == OURS[0])
-    for mode in ("16x", "4x"):
-        key = f"ours_{mode}"
-        if onnx.error is None and key not in errors:
-            try:
-                out = onnx.worker.reply_to({"op": "vision", "image": str(image), "mode": mode})
-                if counted:
-                    vision[key].append(out)
-            except RuntimeError as exc:
-                errors[key] = str(exc)
+    for onnx in (x for x in systems if x.name in VISION_KEYS):
+        for mode in ("16x", "4x"):
+            key = f"{VISION_KEYS[onnx.name]}_{mode}"
+            if onnx.error is None and key not in errors:
+                try:
+                    out = onnx.worker.reply_to({"op": "vision", "image": str(image), "mode": mode})
+                    if counted:
+                        vision[key].append(out)
+                except RuntimeError as exc:
+                    errors[key] = str(exc)
     q4 = next(x for x in systems if x.name == LLAMA[0])
     if llama is not None and q4.error is None and "llama_cpp_mmproj" not in errors:
         try:
@@ -547,6 +565,15 @@ def summarize(s: Settings, systems: list[System], measured: dict[str, Any], mach
         "vision_slice_ratio_vs_llama_cpp": _div(
             vision.get("ours_16x", {}).get("slice_ms"), vision.get("llama_cpp_mmproj", {}).get("slice_ms")
         ),
+        # the opt-in 4-bit vision weights (export --vision-quant int4): the same slice, the same peer
+        "int4_vision_slice_ratio_vs_llama_cpp": _div(
+            vision.get("ours_int4_vision_16x", {}).get("slice_ms"),
+            vision.get("llama_cpp_mmproj", {}).get("slice_ms"),
+        ),
+        "int4_vision_ttft_16x_over_4x": _div(
+            vision.get("ours_int4_vision_16x", {}).get("ttft_ms"),
+            vision.get("ours_int4_vision_4x", {}).get("ttft_ms"),
+        ),
     }
     targets = [
         ("decode_ratio_vs_best_peer", ">=", 1.2),
@@ -555,6 +582,8 @@ def summarize(s: Settings, systems: list[System], measured: dict[str, Any], mach
         ("onnx_vs_genai_decode_ratio", ">=", 1.0),
         ("ttft_16x_over_4x", "<=", 0.5),
         ("vision_slice_ratio_vs_llama_cpp", "<=", 1.0),
+        ("int4_vision_ttft_16x_over_4x", "<=", 0.5),
+        ("int4_vision_slice_ratio_vs_llama_cpp", "<=", 1.0),
     ]
     checks = [
         {"ratio": k, "target": f"{op} {t}", "value": ratios[k],
@@ -635,6 +664,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     v = report["vision"]
     lines += ["", "| vision, one 448x448 slice | slice ms (median) | TTFT ms (median) |", "|---|---|---|"]
     for key, label in (("ours_16x", "ours onnx, 16x"), ("ours_4x", "ours onnx, 4x"),
+                       ("ours_int4_vision_16x", "ours onnx, int4 vision, 16x"),
+                       ("ours_int4_vision_4x", "ours onnx, int4 vision, 4x"),
                        ("llama_cpp_mmproj", "llama.cpp mmproj f16, 16x")):  # fmt: skip
         if key in v:
             ttft = v[key].get("ttft_ms")
@@ -730,7 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         "--bundle", action="append", default=[], type=Path, help="More of our bundles to run alongside."
     )
     parser.add_argument(
-        "--skip", action="append", default=[], choices=[*OURS, GENAI, *LLAMA],
+        "--skip", action="append", default=[], choices=[*OUR_BUILDS, GENAI, *LLAMA],
         help="Leave a system out of this run (the report says so).",
     )  # fmt: skip
     parser.add_argument(
@@ -754,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         for bundle in args.bundle:
             extra = System(f"ours {bundle.name}", "ours", bundle, {"given": str(bundle)})
             extra.weight_bytes_per_token = _guard(extra, log, lambda x=extra: weight_bytes_per_token(x))
-            systems.insert(len(OURS), extra)
+            systems.insert(len(OUR_BUILDS), extra)
         if args.prepare_only:
             for system in systems:
                 log(f"{system.name}: {'ready' if system.error is None else system.error}")

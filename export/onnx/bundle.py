@@ -23,7 +23,14 @@ from ..pipeline import ExportContext, GraphSet, state_entries
 from .check import check_graphs
 from .fuse import FUSIONS, contrib_op_counts
 from .lower import describe, graph_names, kv_dtype, lower_graph, prepare, release_vision
-from .quantize import BLOCK, DEFAULT_INT4_COMPUTE, INT4_COMPUTE_LEVELS, QuantStats, quantize_model
+from .quantize import (
+    BLOCK,
+    DEFAULT_INT4_COMPUTE,
+    DEFAULT_VISION_QUANT,
+    INT4_COMPUTE_LEVELS,
+    QuantStats,
+    quantize_model,
+)
 from .store import WEIGHTS_FILE, WeightStore, write_graph
 
 
@@ -112,6 +119,7 @@ class GraphJob:
     fusions: tuple[str, ...] = FUSIONS
     mapped: bool = False  # weights stay in the memory-mapped checkpoint until quantized (mapped.py)
     accuracy_level: int = INT4_COMPUTE_LEVELS[DEFAULT_INT4_COMPUTE]  # int4: MatMulNBits' accuracy_level
+    vision_quant: str = DEFAULT_VISION_QUANT  # int4 exports: the vision graphs' linears, int8 or int4
 
 
 def run_graph_job(
@@ -129,7 +137,11 @@ def run_graph_job(
         release_vision(model)
     graph = lower_graph(model, job.name, job.chunk, job.cache_len, half, job.fusions, mapped)
     result = quantize_model(
-        graph, job.quantization, vision=job.name.startswith("vision"), accuracy_level=job.accuracy_level
+        graph,
+        job.quantization,
+        vision=job.name.startswith("vision"),
+        accuracy_level=job.accuracy_level,
+        vision_quant=job.vision_quant,
     )
     write_graph(graph, job.graph_path, store)
     return result.counts, graph
@@ -175,6 +187,12 @@ def accuracy_level(ctx: ExportContext) -> int:
     return INT4_COMPUTE_LEVELS[ctx.int4_compute or DEFAULT_INT4_COMPUTE]
 
 
+def vision_scheme(ctx: ExportContext) -> str:
+    """The vision linears' scheme (manifest): `export --vision-quant` in int4 exports, else the
+    export's own."""
+    return (ctx.vision_quant or DEFAULT_VISION_QUANT) if ctx.quantization == "int4" else ctx.quantization
+
+
 def lower_all(
     ctx: ExportContext, cache_len: int
 ) -> tuple[dict[str, dict[str, int]], dict[str, onnx.ModelProto], WeightStore]:
@@ -200,6 +218,7 @@ def lower_all(
                 fusions,
                 mapped=isolate and ctx.quantization != "fp16",
                 accuracy_level=accuracy_level(ctx),
+                vision_quant=ctx.vision_quant or DEFAULT_VISION_QUANT,
             )
             say(describe(name, ctx.chunk_size, cache_len) + (" in a child process" if isolate else ""))
             if isolate:
@@ -244,6 +263,7 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
             "in_place_state": in_place_state([written["decoder_prefill"], written["decoder_decode"]]),
             "int4_block_size": BLOCK,
             "matmulnbits_accuracy_level": accuracy_level(ctx),
+            "vision_quantization": vision_scheme(ctx),
             "quantized_weights": stats,
         }
     }

@@ -10,10 +10,12 @@ the same bytes and share them in the weight file. Schemes, per weight role:
   initializer, zero point 0); embedding tables per-row int8, gathered as int8 and scaled after the
   gather, so the table is never dequantized whole.
 * int4: text linear layers block-wise 4-bit (`MatMulNBits`, block 32, symmetric, zero point 8,
-  accuracy_level 4 = int8 activations by default, 0 = fp32 with `export --int4-compute fp32`);
-  a layer whose input width K is not a multiple of 32 falls back to int8 per-channel. The token
+  accuracy_level 4 = int8 activations by default, 0 = fp32 with `export --int4-compute fp32`). The token
   embedding uses `GatherBlockQuantized` with the same packing, so a tied head shares its bytes.
-  Vision graphs use int8 (DESIGN.md: vision stays int8 unless parity allows int4).
+  K that is not a multiple of 32 is zero-padded to the next block (MatMulNBits reads K from its
+  attribute and the packed blocks past it as padding). Vision graphs keep int8 linears by default
+  (DESIGN.md: vision stays int8 unless parity allows int4); `export --vision-quant int4` gives them
+  the same 4-bit blocks.
 
 Untouched everywhere: 1-D tensors (norm weights, biases, A_log, dt_bias), DeltaNet state, and the
 DeltaNet gate projections (in_proj_a / in_proj_b: output width < MIN_QUANT_N), which feed decay and
@@ -43,6 +45,10 @@ MIN_QUANT_N = 32  # narrower outputs (DeltaNet decay / beta projections) stay fp
 INT4_COMPUTE_LEVELS = {"fp32": 0, "int8": 4}
 DEFAULT_INT4_COMPUTE = "int8"
 ACCURACY_LEVEL = INT4_COMPUTE_LEVELS[DEFAULT_INT4_COMPUTE]  # the default level
+# The vision linears of an int4 export (`export --vision-quant`). int8 by default: see
+# docs/history.md (2026-12-08, session 25) for what 4-bit vision weights measured.
+VISION_QUANTS = ("int8", "int4")
+DEFAULT_VISION_QUANT = "int8"
 MS_DOMAIN = "com.microsoft"
 _LINEAR_OPS = ("MatMul", "Gemm")
 
@@ -254,12 +260,16 @@ def _int8_linear(s: _Surgery, name: str, n_axis: int, transposed_readers: list) 
 
 
 def _int4_linear(s: _Surgery, name: str, k_axis: int, uses: list, accuracy_level: int) -> None:
-    """MatMul / Gemm -> MatMulNBits (+ Add for a Gemm bias) reading the 4-bit blocks."""
+    """MatMul / Gemm -> MatMulNBits (+ Add for a Gemm bias) reading the 4-bit blocks; K is
+    zero-padded to whole blocks (a SigLIP MLP's 4304 to 4320)."""
     w = s.array(name)
     w_nk = w.T if k_axis == 0 else w
     n, k = w_nk.shape
+    padded = -(-k // BLOCK) * BLOCK
+    if padded != k:
+        w_nk = np.concatenate([w_nk, np.zeros((n, padded - k), w_nk.dtype)], axis=1)
     packed, scale = int4_blocks(np.ascontiguousarray(w_nk))
-    s.add(name + ".q4", packed.reshape(n, k // BLOCK, BLOCK // 2))
+    s.add(name + ".q4", packed.reshape(n, padded // BLOCK, BLOCK // 2))
     s.add(name + ".s4", scale)
     for node, _ in uses:
         out = node.output[0]
@@ -326,12 +336,19 @@ def _int4_embedding(s: _Surgery, name: str, uses: list) -> None:
 
 
 def quantize_model(
-    model: onnx.ModelProto, quant: str, vision: bool, accuracy_level: int = ACCURACY_LEVEL
+    model: onnx.ModelProto,
+    quant: str,
+    vision: bool,
+    accuracy_level: int = ACCURACY_LEVEL,
+    vision_quant: str = DEFAULT_VISION_QUANT,
 ) -> QuantStats:
     """Rewrite one lowered graph in place for `quant` (fp32 leaves it as is); int4's MatMulNBits
-    nodes get `accuracy_level` (INT4_COMPUTE_LEVELS)."""
+    nodes get `accuracy_level` (INT4_COMPUTE_LEVELS). In an int4 export, a vision graph's linears
+    take `vision_quant` (VISION_QUANTS); its position table stays int8."""
     if quant not in QUANTIZATIONS:
         raise ValueError(f"unknown ONNX quantization {quant!r}")
+    if vision_quant not in VISION_QUANTS:
+        raise ValueError(f"unknown vision quantization {vision_quant!r}")
     if accuracy_level not in INT4_COMPUTE_LEVELS.values():
         raise ValueError(f"unsupported MatMulNBits accuracy_level {accuracy_level!r}")
     if quant == "fp32":
@@ -353,8 +370,7 @@ def quantize_model(
         if layout and n_dim < MIN_QUANT_N:
             continue  # DeltaNet decay / beta projections stay fp32
         if layout:
-            k_dim = t.dims[layout[0]]
-            if quant == "int4" and not vision and k_dim % BLOCK == 0:
+            if quant == "int4" and (not vision or vision_quant == "int4"):
                 _int4_linear(s, name, layout[0], uses, accuracy_level)
             else:
                 _int8_linear(s, name, layout[1], uses if transposes else [])
