@@ -117,8 +117,8 @@ def test_weights_stored_once(bundles):
 def test_int4_vision_weights_on_request(
     ckpt_dir, lowered, bundles, reference, two_mode_cases, tmp_path, monkeypatch
 ):
-    """`--vision-quant int4`: the vision graphs' linears become MatMulNBits (the SigLIP MLP's K = 136
-    padded), the text graphs keep the default bundle's bytes, the bundle shrinks, the manifest says
+    """`--vision-quant int4`: the vision graphs' linears become MatMulNBits computing in fp32 (the
+    SigLIP MLP's K = 136 padded), the text graphs keep the default bundle's bytes, the bundle shrinks, the manifest says
     so, and parity passes the int4 gates (vision cosine >= 0.98 among them)."""
     monkeypatch.setattr(
         onnx_bundle,
@@ -130,16 +130,21 @@ def test_int4_vision_weights_on_request(
     )
     out = export_bundle(request)
     manifest = json.loads((out / "manifest.json").read_text())["onnx"]
-    assert manifest["vision_quantization"] == "int4"
+    assert manifest["vision_quantization"] == "int4" and manifest["vision_matmulnbits_accuracy_level"] == 0
     for mode in ("vision_16x", "vision_4x"):
         assert set(manifest["quantized_weights"][mode]) == {"int4", "int8-embedding"}, mode
-        ops = [n.op_type for n in onnx.load(str(out / f"{mode}.onnx"), load_external_data=False).graph.node]
+        nodes = onnx.load(str(out / f"{mode}.onnx"), load_external_data=False).graph.node
+        ops = [n.op_type for n in nodes]
         assert "MatMulNBits" in ops and "DequantizeLinear" not in ops, mode
+        levels = {
+            helper.get_attribute_value(a) for n in nodes for a in n.attribute if a.name == "accuracy_level"
+        }
+        assert levels == {0}, mode  # fp32 compute, while the text graphs keep the default int8
     for name in ("token_embedding", "decoder_prefill", "decoder_decode"):
         assert _weight_blobs(out, f"{name}.onnx") == _weight_blobs(bundles["int4"], f"{name}.onnx"), name
     assert (out / "weights.bin").stat().st_size < (bundles["int4"] / "weights.bin").stat().st_size
     default = json.loads((bundles["int4"] / "manifest.json").read_text())["onnx"]
-    assert default["vision_quantization"] == "int8"
+    assert default["vision_quantization"] == "int8" and default["vision_matmulnbits_accuracy_level"] is None
     report = compare(reference, open_bundle_session(out, threads=1), two_mode_cases, "int4", n_steps=STEPS)
     assert report.passed, "\n".join(report.summary_lines())
     assert report.stages["vision"]["min_cosine"] >= 0.98

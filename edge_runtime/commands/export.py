@@ -60,8 +60,8 @@ INT4_COMPUTE = ("fp32", "int8")  # export/onnx/quantize.py INT4_COMPUTE_LEVELS (
     type=click.Choice(["int8", "int4"]),
     default=None,
     help="ONNX int4: the vision tower's linear weights. int8 per channel (default) or the decoder's "
-    "4-bit blocks (half the vision bytes, faster on CPUs; parity's vision cosine gate applies). "
-    "Other formats and quantizations reject int4.",
+    "4-bit blocks computed in fp32 (half the vision bytes, faster on CPUs, a little less exact; "
+    "parity's vision cosine gate applies). Other formats and quantizations reject int4.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary instead of the path.")
 def export(

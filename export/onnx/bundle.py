@@ -28,6 +28,7 @@ from .quantize import (
     DEFAULT_INT4_COMPUTE,
     DEFAULT_VISION_QUANT,
     INT4_COMPUTE_LEVELS,
+    VISION_INT4_ACCURACY_LEVEL,
     QuantStats,
     quantize_model,
 )
@@ -264,6 +265,10 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
             "int4_block_size": BLOCK,
             "matmulnbits_accuracy_level": accuracy_level(ctx),
             "vision_quantization": vision_scheme(ctx),
+            # the vision graphs' MatMulNBits compute, where they have 4-bit weights (else null)
+            "vision_matmulnbits_accuracy_level": (
+                VISION_INT4_ACCURACY_LEVEL if vision_scheme(ctx) == "int4" else None
+            ),
             "quantized_weights": stats,
         }
     }

@@ -49,6 +49,12 @@ ACCURACY_LEVEL = INT4_COMPUTE_LEVELS[DEFAULT_INT4_COMPUTE]  # the default level
 # docs/history.md (2026-12-08, session 25) for what 4-bit vision weights measured.
 VISION_QUANTS = ("int8", "int4")
 DEFAULT_VISION_QUANT = "int8"
+# 4-bit vision linears compute in fp32 whatever `--int4-compute` says: the vision tower is where
+# 4-bit weights cost measurable accuracy (docs/history.md), so its activations stay exact; and at a
+# slice's 1024 rows onnxruntime's fp32-compute kernel ran a full-size 16x slice in 0.88x the time of
+# the int8-activation one on these AVX2 CPUs (session 25; CPUs with int8 dot-product instructions
+# may rank them the other way, unmeasured).
+VISION_INT4_ACCURACY_LEVEL = 0
 MS_DOMAIN = "com.microsoft"
 _LINEAR_OPS = ("MatMul", "Gemm")
 
@@ -344,7 +350,8 @@ def quantize_model(
 ) -> QuantStats:
     """Rewrite one lowered graph in place for `quant` (fp32 leaves it as is); int4's MatMulNBits
     nodes get `accuracy_level` (INT4_COMPUTE_LEVELS). In an int4 export, a vision graph's linears
-    take `vision_quant` (VISION_QUANTS); its position table stays int8."""
+    take `vision_quant` (VISION_QUANTS), 4-bit ones at VISION_INT4_ACCURACY_LEVEL; its position
+    table stays int8."""
     if quant not in QUANTIZATIONS:
         raise ValueError(f"unknown ONNX quantization {quant!r}")
     if vision_quant not in VISION_QUANTS:
@@ -371,7 +378,8 @@ def quantize_model(
             continue  # DeltaNet decay / beta projections stay fp32
         if layout:
             if quant == "int4" and (not vision or vision_quant == "int4"):
-                _int4_linear(s, name, layout[0], uses, accuracy_level)
+                level = VISION_INT4_ACCURACY_LEVEL if vision else accuracy_level
+                _int4_linear(s, name, layout[0], uses, level)
             else:
                 _int8_linear(s, name, layout[1], uses if transposes else [])
             for node in transposes:  # both read W itself now: no transpose left
