@@ -238,35 +238,55 @@ def test_a_killed_lowering_process_is_one_line(ckpt_dir, tmp_path, monkeypatch):
 
 def test_an_interrupted_export_stops_its_lowering_process(ckpt_dir, tmp_path, monkeypatch):
     """Ctrl-C (SIGTERM raises alike, cli.py) while a child lowers: the child is killed, not waited
-    for (a full-size lowering takes minutes), and nothing is left behind."""
+    for (a full-size lowering takes minutes), and nothing is left behind. The signal is sent once
+    the child runs its job (a fixed delay could land while a loaded machine is still spawning it)."""
     import multiprocessing
     import os
     import signal
     import threading
     import time
 
+    started_file = tmp_path / "child-started"
+    monkeypatch.setenv(HANG_STARTED_ENV, str(started_file))  # the spawned child inherits it
     monkeypatch.setattr(onnx_bundle, "ISOLATE_ABOVE_BYTES", 0)
     monkeypatch.setattr(onnx_bundle, "_child_job", _hang)
-    timer = threading.Timer(5.0, os.kill, (os.getpid(), signal.SIGINT))  # a real signal
-    started = time.monotonic()
-    timer.start()
+    sent: list[float] = []
+    stop = threading.Event()
+
+    def interrupt_when_the_child_runs() -> None:
+        while not stop.wait(0.1):
+            if started_file.exists():
+                sent.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGINT)  # a real signal
+                return
+
+    thread = threading.Thread(target=interrupt_when_the_child_runs, daemon=True)
+    thread.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             export_bundle(
                 ExportRequest(ckpt_dir, tmp_path / "b", "harmonyos", None, "int4", MAX_CONTEXT, CHUNK)
             )
     finally:
-        timer.cancel()
-    assert time.monotonic() - started < 60  # the child sleeps 600 s
+        stop.set()
+        thread.join()
+    assert sent and time.monotonic() - sent[0] < 60  # the child would sleep HANG_S
     assert not multiprocessing.active_children()
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob(".b.*"))
 
 
-def _hang(*_args):
-    """Stands in for a long lowering."""
-    import time
+HANG_STARTED_ENV = "MINICPMV_EDGE_TEST_HANG_STARTED"
+HANG_S = 300
 
-    time.sleep(600)
+
+def _hang(*_args):
+    """Stands in for a long lowering; says it started by creating the file $HANG_STARTED_ENV names."""
+    import os
+    import time
+    from pathlib import Path
+
+    Path(os.environ[HANG_STARTED_ENV]).touch()
+    time.sleep(HANG_S)
 
 
 def _die(*_args):
