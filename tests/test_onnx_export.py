@@ -56,17 +56,22 @@ def lowered(ckpt_dir):
     return out
 
 
+def _export_from_lowered(mp: pytest.MonkeyPatch, lowered) -> None:
+    """Exports under `mp` take their graphs from the `lowered` fixture instead of tracing again."""
+    mp.setattr(
+        onnx_bundle,
+        "lower_graph",
+        lambda _model, name, _chunk, _cache, half, *_rest: onnx.load_from_string(lowered[half][name]),
+    )
+
+
 @pytest.fixture(scope="module")
 def bundles(ckpt_dir, lowered, tmp_path_factory):
     register_exporter("onnx", "export.onnx")
     root = tmp_path_factory.mktemp("bundles")
     out = {}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(
-            onnx_bundle,
-            "lower_graph",
-            lambda _model, name, _chunk, _cache, half, *_rest: onnx.load_from_string(lowered[half][name]),
-        )
+        _export_from_lowered(mp, lowered)
         for quant in QUANTS:
             request = ExportRequest(ckpt_dir, root / quant, "harmonyos", None, quant, MAX_CONTEXT, CHUNK)
             out[quant] = export_bundle(request)
@@ -118,13 +123,10 @@ def test_int4_vision_weights_on_request(
     ckpt_dir, lowered, bundles, reference, two_mode_cases, tmp_path, monkeypatch
 ):
     """`--vision-quant int4`: the vision graphs' linears become MatMulNBits computing in fp32 (the
-    SigLIP MLP's K = 136 padded), the text graphs keep the default bundle's bytes, the bundle shrinks, the manifest says
-    so, and parity passes the int4 gates (vision cosine >= 0.98 among them)."""
-    monkeypatch.setattr(
-        onnx_bundle,
-        "lower_graph",
-        lambda _model, name, _chunk, _cache, half, *_rest: onnx.load_from_string(lowered[half][name]),
-    )
+    SigLIP MLP's K = 136 padded), the text graphs keep the default bundle's bytes, the bundle
+    shrinks, the manifest says so, and parity passes the int4 gates (vision cosine >= 0.98 among
+    them)."""
+    _export_from_lowered(monkeypatch, lowered)
     request = ExportRequest(
         ckpt_dir, tmp_path / "b", "harmonyos", None, "int4", MAX_CONTEXT, CHUNK, vision_quant="int4"
     )

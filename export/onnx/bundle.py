@@ -249,6 +249,7 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
     )
     check_graphs(out, FILES, ctx.config, ctx.chunk_size, state, say)
     say(f"onnx export done in {time.perf_counter() - t0:.1f} s")
+    vision = vision_scheme(ctx)
     extra = {
         "onnx": {
             "weights_file": WEIGHTS_FILE,
@@ -264,11 +265,9 @@ def export_onnx(ctx: ExportContext) -> GraphSet:
             "in_place_state": in_place_state([written["decoder_prefill"], written["decoder_decode"]]),
             "int4_block_size": BLOCK,
             "matmulnbits_accuracy_level": accuracy_level(ctx),
-            "vision_quantization": vision_scheme(ctx),
+            "vision_quantization": vision,
             # the vision graphs' MatMulNBits compute, where they have 4-bit weights (else null)
-            "vision_matmulnbits_accuracy_level": (
-                VISION_INT4_ACCURACY_LEVEL if vision_scheme(ctx) == "int4" else None
-            ),
+            "vision_matmulnbits_accuracy_level": VISION_INT4_ACCURACY_LEVEL if vision == "int4" else None,
             "quantized_weights": stats,
         }
     }
